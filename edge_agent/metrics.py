@@ -1,0 +1,113 @@
+"""Prometheus metrics of the agent and the HTTP endpoint that serves them (loopback by default)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from edge_agent.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:9464"
+
+STAGES = ("preprocess", "vision", "prefix", "question_prefill", "decode", "total")
+"""Inference stages timed in `edge_agent_stage_seconds{stage}`; `total` is one frame end to end."""
+
+# From 1 ms (preprocessing a frame) to 60 s (a whole frame on a slow box), about 2.5x apart.
+STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+
+
+class Metrics:
+    """Every metric the agent exports, in a registry of its own so that several can coexist (tests)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.frames = Counter("edge_agent_frames", "Frames read from the camera.", registry=self.registry)
+        self.scene_changes = Counter(
+            "edge_agent_scene_changes", "Frames the scene gate found different enough to encode.",
+            registry=self.registry,
+        )
+        self.inferences = Counter(
+            "edge_agent_inferences", "Frames run through the model.", registry=self.registry
+        )
+        self.answers_published = Counter(
+            "edge_agent_answers_published", "Answers handed to MQTT for publishing.", registry=self.registry
+        )
+        self.ask_requests = Counter(
+            "edge_agent_ask_requests", "Ad-hoc questions received over MQTT, by outcome.", ["result"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "edge_agent_stage_seconds", "Time spent per inference stage, in seconds.", ["stage"],
+            buckets=STAGE_BUCKETS_S, registry=self.registry,
+        )
+        self.camera_up = Gauge(
+            "edge_agent_camera_up", "1 while the camera delivers frames, else 0.", registry=self.registry
+        )
+        self.mqtt_connected = Gauge(
+            "edge_agent_mqtt_connected", "1 while connected to the MQTT broker, else 0.", registry=self.registry
+        )
+        self.mqtt_queue_depth = Gauge(
+            "edge_agent_mqtt_queue_depth", "Messages waiting to be sent to the broker.", registry=self.registry
+        )
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_stages(self, seconds_by_stage: Mapping[str, float]) -> None:
+        """Record one frame's stage timings, e.g. `{"vision": 0.9, "decode": 1.0, "total": 3.1}`."""
+        unknown = set(seconds_by_stage) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown inference stages {sorted(unknown)}; known: {', '.join(STAGES)}")
+        for stage, seconds in seconds_by_stage.items():
+            self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def serve(self, listen: str = DEFAULT_LISTEN) -> int:
+        """Serve the metrics over HTTP at `listen` ("host:port", "[v6]:port"); return the bound port.
+
+        Port 0 picks a free port. A non-loopback address is allowed but logged: the endpoint has no
+        authentication, and the unit's IPAddressAllow= must open it too.
+        """
+        host, port = parse_listen(listen)
+        if not is_loopback(host):
+            log.warning("metrics.listen %s is reachable from the network: the endpoint has no authentication", listen)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise UserError(f"metrics.listen {listen!r}: cannot listen there ({error.strerror or error})") from error
+        return self._server.server_port
+
+    def stop(self) -> None:
+        """Stop the HTTP endpoint, if it is running, and release its port."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server = self._thread = None
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6 address]:port" into a host and a port number; UserError when malformed."""
+    host, colon, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or int(port) > 65535 or ("[" in host or "]" in host):
+        raise UserError(f"metrics.listen {listen!r}: expected host:port such as {DEFAULT_LISTEN} or [::1]:9464")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1); a host name is taken as not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
