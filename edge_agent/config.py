@@ -1,0 +1,534 @@
+"""The one validated schema behind config.yaml: frozen dataclasses, each field documented and checked.
+
+Validation is generic: `parse_config` walks the dataclass type hints (str, int, float, bool, Optional,
+Literal, unions of scalars, tuples and nested dataclasses), so adding a setting is one line:
+
+    fps: float = setting(1.0, "Maximum frames sampled per second.", check=positive)
+
+Every problem becomes one `UserError` line naming the dotted key path and the reason, e.g.
+`config.yaml: questions[2].type: must be one of yes_no, choice, number, text, got 'multi'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import socket
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+
+from edge_agent.errors import UserError
+
+REQUIRED: Any = dataclasses.MISSING
+"""Default of a setting the user must give."""
+
+Check = Callable[[Any], Optional[str]]
+"""A rule on one value: returns the reason it is invalid, or None when it is fine."""
+
+
+class InvalidValue(UserError):
+    """A setting that breaks a rule; `key` is relative to the section that noticed (e.g. `options`)."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+    def under(self, path: str) -> InvalidValue:
+        """The same problem, with `path` (the section's own key path) in front of the key."""
+        return InvalidValue(_join(path, self.key), self.reason)
+
+
+def setting(default: Any, doc: str, *, check: Check | None = None) -> Any:
+    """A documented field; `check` runs on every non-null value when the section is built."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
+
+
+def setting_from(factory: Callable[[], Any], doc: str, *, check: Check | None = None) -> Any:
+    """A documented field whose default is computed (a nested section, the host name)."""
+    return dataclasses.field(default_factory=factory, metadata={"doc": doc, "check": check})
+
+
+# Rules on single values --------------------------------------------------------------------------
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be a positive number"
+
+
+def zero_or_more(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or a positive number"
+
+
+def fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
+
+
+def port_number(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a port number between 1 and 65535"
+
+
+def not_blank(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def matches(pattern: str, reason: str) -> Check:
+    """A rule that the whole (ASCII) string matches `pattern`."""
+    compiled = re.compile(pattern, re.ASCII)
+    return lambda value: None if compiled.fullmatch(value) else reason
+
+
+topic_safe = matches(r"[A-Za-z0-9_-]+", "must contain only letters, digits, '_' and '-'")
+topic_levels = matches(
+    r"[^/#+\s]+(/[^/#+\s]+)*",
+    "must be MQTT topic levels separated by '/', without wildcards, spaces or empty levels",
+)
+_DEVICE = r"[A-Z]+(\.[0-9]+)?"
+device_name = matches(
+    rf"{_DEVICE}(:{_DEVICE}(,{_DEVICE})*)?",
+    "must be an OpenVINO device name such as CPU, GPU, GPU.1, NPU or AUTO:GPU,CPU",
+)
+
+
+def camera_source(value: str | int) -> str | None:
+    if isinstance(value, int):
+        return None if value >= 0 else "must be a V4L2 device index (0 or more) or a path/URL"
+    return not_blank(value)
+
+
+def split_host_port(text: str) -> tuple[str, int] | None:
+    """`host:port` or `[ipv6]:port` -> (host, port), port 0 meaning any free port; None if malformed."""
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or "[" in host or "]" in host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+def listen_address(value: str) -> str | None:
+    if not value or split_host_port(value):
+        return None
+    return "must be host:port (e.g. 127.0.0.1:9464), or empty to disable"
+
+
+# Secrets -----------------------------------------------------------------------------------------
+
+
+def read_secret(path: str, key: str) -> str:
+    """The stripped content of a secret file; errors name `key` and the file, never the content.
+
+    A relative path is looked up in `$CREDENTIALS_DIRECTORY` when systemd provides one
+    (`LoadCredential=`), otherwise relative to the working directory.
+    """
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    resolved = Path(credentials, path) if credentials and not os.path.isabs(path) else Path(path)
+    try:
+        secret = resolved.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise UserError(f"{key}: cannot read {resolved}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{key}: {resolved} is not UTF-8 text") from None
+    if not secret:
+        raise UserError(f"{key}: {resolved} is empty")
+    return secret
+
+
+# The schema --------------------------------------------------------------------------------------
+
+
+class Settings:
+    """Base of every section: checks each field when built, then the section's cross-field rules."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            check, value = field.metadata["check"], getattr(self, field.name)
+            reason = check(value) if check and value is not None else None
+            if reason:
+                raise InvalidValue(field.name, reason)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Rules that involve several fields; raise `InvalidValue` naming the offending key."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Question(Settings):
+    """A standing question asked about the camera image, answered with a typed value."""
+
+    id: str = setting(
+        REQUIRED, "Unique name used in MQTT topics and Home Assistant ids (letters, digits, '_', '-').",
+        check=topic_safe,
+    )
+    question: str = setting(REQUIRED, "The question, in plain language.", check=not_blank)
+    type: Literal["yes_no", "choice", "number", "text"] = setting(
+        REQUIRED, "Answer type (yes_no, choice, number or text): decides prompt, parsing and entity."
+    )
+    options: tuple[str, ...] = setting(
+        (), "The allowed answers of a choice question (at least 2, unique); only for type choice."
+    )
+    every: float = setting(
+        30.0, "Seconds between answers (interval), or the minimum gap between answers (change).",
+        check=positive,
+    )
+    trigger: Literal["interval", "change"] = setting(
+        "interval",
+        "interval: ask every `every` seconds; change: only after the scene changed, at most once per `every`.",
+    )
+    max_new_tokens: Optional[int] = setting(
+        None, "Answer length limit in tokens; null = model.max_new_tokens.", check=positive
+    )
+    device_class: Optional[str] = setting(
+        None, "Home Assistant device_class of the entity (e.g. door, occupancy); null = none."
+    )
+    instruction: Optional[str] = setting(
+        None, "Replaces the type's answer-format instruction after the question; \"\" = none."
+    )
+
+    def check_together(self) -> None:
+        if self.type != "choice":
+            if self.options:
+                raise InvalidValue("options", f"only allowed when type is choice (type is {self.type})")
+            return
+        if len(self.options) < 2:
+            raise InvalidValue("options", "must list at least 2 options when type is choice")
+        folded = [option.strip().casefold() for option in self.options]
+        if "" in folded:
+            raise InvalidValue(f"options[{folded.index('')}]", "must not be empty")
+        duplicate = first_duplicate(folded)
+        if duplicate is not None:
+            raise InvalidValue(f"options[{duplicate}]", f"duplicate option {self.options[duplicate]!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CameraSettings(Settings):
+    """Where frames come from and how a failing source is retried."""
+
+    source: str | int = setting(
+        0, "V4L2 index, /dev/videoN, rtsp/http(s) URL, video file, image file or directory of images.",
+        check=camera_source,
+    )
+    loop: bool = setting(False, "Restart a video file or image directory at its end instead of stopping.")
+    fps: float = setting(1.0, "Maximum frames sampled per second.", check=positive)
+    open_timeout_s: float = setting(10.0, "Seconds to wait for the source to open.", check=positive)
+    read_timeout_s: float = setting(5.0, "Seconds to wait for one frame before a read fails.", check=positive)
+    stale_after_s: float = setting(
+        15.0, "Seconds without a new frame before the source is reopened.", check=positive
+    )
+    backoff_initial_s: float = setting(
+        1.0, "First wait in seconds before reopening a failed source.", check=positive
+    )
+    backoff_max_s: float = setting(
+        30.0, "Longest wait in seconds between reopen attempts (doubling).", check=positive
+    )
+
+    def check_together(self) -> None:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise InvalidValue("backoff_initial_s", f"must not exceed backoff_max_s ({self.backoff_max_s})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSettings(Settings):
+    """The exported vision-language model and the devices it runs on."""
+
+    path: str = setting(
+        REQUIRED, "Directory of the exported OpenVINO model (edge-agent model export).", check=not_blank
+    )
+    device: str = setting(
+        "CPU", "OpenVINO device for both submodels: CPU, GPU, GPU.1, NPU, AUTO, ...", check=device_name
+    )
+    vision_device: Optional[str] = setting(
+        None, "Device for the vision encoder only; null = device.", check=device_name
+    )
+    language_device: Optional[str] = setting(
+        None, "Device for the language model only; null = device.", check=device_name
+    )
+    cache_dir: Optional[str] = setting(
+        None,
+        "Directory where OpenVINO caches compiled models for faster starts; null = no cache.",
+        check=not_blank,
+    )
+    max_new_tokens: int = setting(
+        16, "Default answer length limit in tokens for each question.", check=positive
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MqttSettings(Settings):
+    """The broker connection, topics and Home Assistant discovery."""
+
+    host: str = setting("localhost", "Broker host name or IP address.", check=not_blank)
+    port: int = setting(1883, "Broker TCP port (usually 1883, or 8883 with TLS).", check=port_number)
+    protocol: Literal["5", "3.1.1"] = setting("5", "MQTT protocol version: 5 or 3.1.1.")
+    base_topic: str = setting(
+        "edge-agent", "Topic prefix: topics are <base_topic>/<agent_id>/...", check=topic_levels
+    )
+    qos: Literal[0, 1, 2] = setting(1, "QoS of published answers: 0, 1 or 2.")
+    tls_ca_file: Optional[str] = setting(
+        None, "CA certificate file (PEM); enables TLS with certificate verification; null = plain TCP.",
+        check=not_blank,
+    )
+    tls_insecure: bool = setting(
+        False, "Skip the broker host name check (TLS only; for tests, not production)."
+    )
+    username: Optional[str] = setting(None, "User name; null = anonymous.")
+    password_file: Optional[str] = setting(
+        None, "File holding the password; relative paths resolve in $CREDENTIALS_DIRECTORY under systemd.",
+        check=not_blank,
+    )
+    client_id: Optional[str] = setting(None, "MQTT client id; null = edge-agent-<agent_id>.", check=not_blank)
+    keepalive_s: int = setting(60, "Seconds between keepalive pings.", check=positive)
+    queue_limit: int = setting(
+        100, "Most answers kept while disconnected (oldest dropped first).", check=positive
+    )
+    heartbeat_s: float = setting(
+        0.0, "Republish unchanged states this often in seconds; 0 = only on change.", check=zero_or_more
+    )
+    discovery: bool = setting(True, "Publish Home Assistant discovery configs for every question.")
+    discovery_prefix: str = setting(
+        "homeassistant", "Home Assistant discovery topic prefix.", check=topic_levels
+    )
+
+    def check_together(self) -> None:
+        if self.tls_insecure and not self.tls_ca_file:
+            raise InvalidValue("tls_insecure", "only applies with TLS: set tls_ca_file too")
+        if self.password_file and not self.username:
+            raise InvalidValue("password_file", "needs username too")
+
+    def password(self) -> str | None:
+        """The broker password read from `password_file`, or None without one."""
+        return read_secret(self.password_file, "mqtt.password_file") if self.password_file else None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SceneGateSettings(Settings):
+    """When a frame counts as a new scene worth encoding again."""
+
+    threshold: float = setting(
+        0.02, "Mean absolute difference (0..1) of downscaled grayscale frames that counts as a change.",
+        check=fraction,
+    )
+    size: int = setting(64, "Side in pixels of the downscaled grayscale comparison image.", check=positive)
+    max_unchanged_s: float = setting(
+        300.0, "Encode at least this often in seconds even without a change; 0 = never.", check=zero_or_more
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MetricsSettings(Settings):
+    """The Prometheus metrics endpoint."""
+
+    listen: Optional[str] = setting(
+        "127.0.0.1:9464",
+        "host:port of the Prometheus endpoint; empty or null disables it.",
+        check=listen_address,
+    )
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when metrics are disabled."""
+        return split_host_port(self.listen) if self.listen else None
+
+
+def host_agent_id() -> str:
+    """The host name made topic-safe, so boxes sharing a broker differ without configuration."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0], flags=re.ASCII).strip("-")
+    return name or "edge-agent"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(Settings):
+    """Everything the agent reads from config.yaml."""
+
+    agent_id: str = setting_from(
+        host_agent_id,
+        "Name of this box in topics and Home Assistant ids (letters, digits, '_', '-'); default: host name.",
+        check=topic_safe,
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = setting(
+        "info", "Log verbosity: debug, info, warning or error."
+    )
+    camera: CameraSettings = setting_from(CameraSettings, "The camera or video source.")
+    model: ModelSettings = setting(REQUIRED, "The vision-language model and its devices.")
+    mqtt: MqttSettings = setting_from(MqttSettings, "The MQTT broker and Home Assistant discovery.")
+    scene_gate: SceneGateSettings = setting_from(SceneGateSettings, "Skipping frames that show nothing new.")
+    questions: tuple[Question, ...] = setting((), "The standing questions answered about each new scene.")
+    metrics: MetricsSettings = setting_from(MetricsSettings, "The Prometheus metrics endpoint.")
+
+    def check_together(self) -> None:
+        ids = [question.id for question in self.questions]
+        duplicate = first_duplicate(ids)
+        if duplicate is not None:
+            first = ids.index(ids[duplicate])
+            reason = f"duplicate id {ids[duplicate]!r} (also questions[{first}])"
+            raise InvalidValue(f"questions[{duplicate}].id", reason)
+
+
+def first_duplicate(items: list) -> int | None:
+    """Index of the first item equal to an earlier one, or None when all differ."""
+    seen = set()
+    for index, item in enumerate(items):
+        if item in seen:
+            return index
+        seen.add(item)
+    return None
+
+
+# Loading -----------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a YAML config file; every problem is one `UserError` line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"{path}: cannot read config file: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: config file is not UTF-8 text") from None
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: {_yaml_problem(error)}") from None
+    return parse_config(mapping, source=str(path))
+
+
+def parse_config(mapping: Any, source: str = "config.yaml") -> Config:
+    """Validate an already loaded mapping; `source` prefixes error messages."""
+    try:
+        return _parse_section(Config, mapping, "")
+    except InvalidValue as error:
+        raise UserError(f"{source}: {error}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"invalid YAML{where}: {problem}"
+
+
+def _parse_section(cls: type, value: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping; a missing or empty section means all defaults."""
+    value = {} if value is None else value
+    if not isinstance(value, dict):
+        raise InvalidValue(path, f"must be a mapping of settings, got {_show(value)}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields:
+            raise InvalidValue(path, _unknown_key(key, list(fields)))
+    hints = typing.get_type_hints(cls)
+    arguments = {}
+    for name, field in fields.items():
+        key_path = _join(path, name)
+        if name in value:
+            arguments[name] = _convert(value[name], hints[name], key_path)
+        elif dataclasses.is_dataclass(hints[name]):
+            arguments[name] = _parse_section(hints[name], {}, key_path)
+        elif field.default is REQUIRED and field.default_factory is REQUIRED:
+            raise InvalidValue(key_path, "missing required key")
+    try:
+        return cls(**arguments)
+    except InvalidValue as error:
+        raise error.under(path) from None
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _parse_section(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return _literal(value, typing.get_args(hint), path)
+    if origin in (Union, types.UnionType):
+        return _union(value, typing.get_args(hint), path)
+    if origin is tuple:
+        return _sequence(value, typing.get_args(hint)[0], path)
+    return _scalar(value, hint, path)
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+_SCALARS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    str: ("a string", lambda value: isinstance(value, str)),
+    bool: ("true or false", lambda value: isinstance(value, bool)),
+    int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    float: ("a number", _finite_number),
+}
+"""Per scalar type: how errors describe it, and which loaded YAML values it accepts."""
+
+
+def _scalar(value: Any, hint: type, path: str) -> Any:
+    description, accepts = _SCALARS[hint]
+    if not accepts(value):
+        raise InvalidValue(path, f"must be {description}, got {_show(value)}")
+    return hint(value)
+
+
+def _literal(value: Any, choices: tuple, path: str) -> Any:
+    """One of `choices`; a number also matches a text choice with the same spelling (protocol: 5)."""
+    for choice in choices:
+        if type(value) is type(choice) and value == choice:
+            return choice
+        if isinstance(choice, str) and type(value) in (int, float) and str(value) == choice:
+            return choice
+    names = ", ".join(str(choice) for choice in choices)
+    raise InvalidValue(path, f"must be one of {names}, got {_show(value)}")
+
+
+def _union(value: Any, members: tuple, path: str) -> Any:
+    if value is None and type(None) in members:
+        return None
+    candidates = [member for member in members if member is not type(None)]
+    if len(candidates) == 1:
+        return _convert(value, candidates[0], path)
+    for member in candidates:
+        try:
+            return _convert(value, member, path)
+        except InvalidValue:
+            continue
+    names = " or ".join(_SCALARS[member][0] for member in candidates)
+    raise InvalidValue(path, f"must be {names}, got {_show(value)}")
+
+
+def _sequence(value: Any, item_hint: Any, path: str) -> tuple:
+    if not isinstance(value, list):
+        raise InvalidValue(path, f"must be a list, got {_show(value)}")
+    return tuple(_convert(item, item_hint, f"{path}[{index}]") for index, item in enumerate(value))
+
+
+def _unknown_key(key: Any, names: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "expected one of " + ", ".join(names)
+    return f"unknown key {_show(key)} ({hint})"
+
+
+def _show(value: Any) -> str:
+    """A short description of a loaded YAML value for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _join(path: str, key: str) -> str:
+    if not path:
+        return key
+    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
