@@ -1,0 +1,169 @@
+"""Standing questions: the prompt for each answer type, typed parsing of the model's raw answer, the
+Home Assistant state string, and which questions are due on a frame."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+from edge_agent.config import Question
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+"""LLaVA-1.5's short-answer instruction, appended verbatim to the VQAv2, GQA and OCR-VQA questions of its
+instruction data (llava_v1_5_mix665k) and used by its yes/no (POPE) and VQA evaluations: the model was
+tuned to answer "Yes", "2" or "Red" after it, which is what the parsers below expect."""
+
+ONE_OF_THE_OPTIONS = "Answer with one of the options."
+"""LLaVA-1.5's multiple-choice data letters the options and asks "Answer with the option's letter from
+the given choices directly.". A letter would have to be mapped back, and a wrong letter is a confident
+wrong answer; the option text itself can be checked against the list, so options are listed verbatim
+(one per line, in the same layout) and the answer is asked for as one of them."""
+
+INSTRUCTIONS: dict[str, str] = {
+    "yes_no": SHORT_ANSWER,
+    "choice": ONE_OF_THE_OPTIONS,
+    "number": SHORT_ANSWER,
+    "text": SHORT_ANSWER,
+}
+"""The answer-format instruction appended to each question, by question type."""
+
+MAX_STATE_LENGTH = 255
+"""Home Assistant rejects sensor states longer than this."""
+
+_NUMBER_WORDS = {
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+        " sixteen seventeen eighteen nineteen twenty".split()
+    )
+} | {"none": 0, "no": 0}
+"""Number words a counting answer may use; "no"/"none" answer "how many ..." with zero."""
+
+_YES_NO = {"yes": True, "y": True, "true": True, "no": False, "n": False, "false": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class TypedAnswer:
+    """The model's answer to one question: the typed `value` (None when unparseable) and the raw text."""
+
+    value: bool | int | str | None
+    raw: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the raw text gave a value; an unparseable answer is reported as unknown, never guessed."""
+        return self.value is not None
+
+
+def build_prompt(question: Question) -> str:
+    """The user text sent with the image: the question, the options of a choice, then the instruction.
+
+    The question's own `instruction` replaces the type's; an empty one leaves the instruction out.
+    """
+    instruction = INSTRUCTIONS[question.type] if question.instruction is None else question.instruction
+    lines = [question.question.strip(), *question.options, instruction]
+    return "\n".join(line for line in lines if line)
+
+
+def parse_answer(question: Question, raw_text: str) -> TypedAnswer:
+    """Turn the model's raw text into the question's type; anything ambiguous stays unknown."""
+    parsers = {"yes_no": _yes_no, "choice": _choice, "number": _number, "text": _text}
+    return TypedAnswer(parsers[question.type](question, raw_text), raw_text)
+
+
+def state_string(question: Question, typed: TypedAnswer) -> str:
+    """The plain state for Home Assistant: ON/OFF, the option, the integer or the (capped) text."""
+    if not typed.ok:
+        return "unknown"
+    if question.type == "yes_no":
+        return "ON" if typed.value else "OFF"
+    return str(typed.value)[:MAX_STATE_LENGTH]
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words and numbers, punctuation dropped ("Yes, 2.5!" -> ["yes", "2.5"])."""
+    return re.findall(r"[0-9]+(?:[.,][0-9]+)*|[^\W\d_]+", text.casefold())
+
+
+def _yes_no(question: Question, text: str) -> bool | None:
+    """The first word decides: "Yes, the door is open." -> True."""
+    words = _words(text)
+    return _YES_NO.get(words[0]) if words else None
+
+
+def _choice(question: Question, text: str) -> str | None:
+    """The one option the answer names as whole words, else the one option the answer begins.
+
+    Words are compared case-insensitively without punctuation. An option inside a longer named option
+    ("open" in "half open") does not count; more than one candidate means unknown.
+    """
+    answer = " ".join(_words(text))
+    options = {option: " ".join(_words(option)) for option in question.options}
+    named = [option for option, words in options.items() if _contains_words(answer, words)]
+    named = [
+        option for option in named
+        if not any(other != option and _contains_words(options[other], options[option]) for other in named)
+    ]
+    begun = [option for option, words in options.items() if answer and words.startswith(answer)]
+    candidates = named or begun
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _contains_words(text: str, words: str) -> bool:
+    return f" {words} " in f" {text} "
+
+
+def _number(question: Question, text: str) -> int | None:
+    """The count the answer states in digits or words; none, several different or a fraction -> unknown."""
+    values = set()
+    for word in _words(text):
+        if word[0].isdigit():
+            if not word.isdigit():
+                return None
+            values.add(int(word))
+        elif word in _NUMBER_WORDS:
+            values.add(_NUMBER_WORDS[word])
+    return values.pop() if len(values) == 1 else None
+
+
+def _text(question: Question, text: str) -> str | None:
+    return text.strip() or None
+
+
+class Schedule:
+    """Which standing questions are due on a frame.
+
+    A question never answered is due at once, so the first frame answers everything. After that an
+    `interval` question is due `every` seconds after its last answer; a `change` question is due when
+    the scene changed since its last answer and at least `every` seconds have passed, so a burst of
+    changes yields one answer per `every` and the last change of a burst is still answered.
+    """
+
+    def __init__(self, questions: Iterable[Question]):
+        self._questions = tuple(questions)
+        self._answered_at: dict[str, float] = {}
+        self._changed_since_answer: set[str] = set()
+
+    def due(self, now: float, scene_changed: bool) -> list[Question]:
+        """The questions to answer on the frame seen at `now` (seconds, monotonic clock).
+
+        Records `scene_changed` for the change-triggered questions that are not yet due.
+        """
+        if scene_changed:
+            self._changed_since_answer.update(question.id for question in self._questions)
+        return [question for question in self._questions if self._is_due(question, now)]
+
+    def mark_answered(self, question_id: str, now: float) -> None:
+        """Record that the question was answered on the frame seen at `now`."""
+        self._answered_at[question_id] = now
+        self._changed_since_answer.discard(question_id)
+
+    def _is_due(self, question: Question, now: float) -> bool:
+        answered_at = self._answered_at.get(question.id)
+        if answered_at is None:
+            return True
+        waited = now - answered_at >= question.every
+        if question.trigger == "interval":
+            return waited
+        return waited and question.id in self._changed_since_answer
