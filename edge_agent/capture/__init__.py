@@ -1,0 +1,7 @@
+"""Capture: OpenCV sources, a reader thread that keeps only the newest frame, and the scene gate."""
+
+from edge_agent.capture.gate import GateSettings, SceneGate
+from edge_agent.capture.reader import CameraReader, Frame
+from edge_agent.capture.sources import CaptureSettings, validate_source
+
+__all__ = ["CameraReader", "CaptureSettings", "Frame", "GateSettings", "SceneGate", "validate_source"]
