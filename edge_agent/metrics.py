@@ -8,7 +8,7 @@ import threading
 from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from edge_agent.errors import UserError
 
@@ -24,10 +24,15 @@ STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class Metrics:
-    """Every metric the agent exports, in a registry of its own so that several can coexist (tests)."""
+    """Every metric the agent exports, in a registry of its own so that several can coexist (tests).
+
+    Besides the agent's own metrics, the registry carries the standard `process_*` metrics (resident
+    memory, CPU seconds, open files): a vision-language model's memory use is the first thing to watch.
+    """
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         self.frames = Counter("edge_agent_frames", "Frames read from the camera.", registry=self.registry)
         self.scene_changes = Counter(
             "edge_agent_scene_changes", "Frames the scene gate found different enough to encode.",

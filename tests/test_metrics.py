@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import urllib.request
 
@@ -57,6 +58,11 @@ def test_the_endpoint_shows_observed_values(metrics):
     assert 'edge_agent_stage_seconds_bucket{le="5.0",stage="total"} 1.0' in lines
     assert 'edge_agent_stage_seconds_bucket{le="60.0",stage="total"} 1.0' in lines
     assert 'edge_agent_stage_seconds_count{stage="total"} 2.0' in lines
+
+
+def test_the_endpoint_reports_the_processes_memory(metrics):
+    resident = re.search(r"^process_resident_memory_bytes (\S+)$", scrape(metrics.serve("127.0.0.1:0")), re.M)
+    assert float(resident.group(1)) > 1e6
 
 
 def test_stage_buckets_span_one_millisecond_to_one_minute(metrics):
