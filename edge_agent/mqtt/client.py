@@ -1,0 +1,445 @@
+"""The agent's MQTT link (paho-mqtt 2.x): availability, answers, discovery and ask requests.
+
+`AgentLink` is the service's only view of MQTT. paho's network thread (`loop_start`) owns the socket
+and reconnects with backoff; `AgentLink` keeps what must survive a reconnect: the latest answer of
+every question, a bounded queue of answers made while offline, the entities to announce. On every
+connect it publishes `online`, the discovery configs, the queued answers, and the latest answer of
+every other question, because the broker may have lost its retained messages.
+
+Nothing here blocks the caller: publishing hands the message to paho's queue. The paho callbacks
+only update state and publish; an exception in one is logged (it would kill paho's thread).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.errors import UserError
+from edge_agent.mqtt.ask import AskRequest, BadRequest, ReplyAddress, parse_ask, reply_message, request_message
+from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, status_topic
+from edge_agent.mqtt.topics import (
+    OFFLINE,
+    ONLINE,
+    AgentTopics,
+    AnswerMessage,
+    answer_payload,
+    check_id,
+    state_payload,
+)
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+STOP_TIMEOUT_S = 2.0
+"""How long `stop()` waits for the broker to acknowledge `offline`."""
+
+__all__ = ["AgentLink", "AnswerMessage", "EntitySpec", "MqttSettings", "ask_remote", "new_client"]
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """How to reach the broker and what to publish (the `mqtt` section of the config)."""
+
+    host: str = "localhost"
+    """Broker host name or address."""
+    port: int = 1883
+    """Broker TCP port (usually 1883, or 8883 with TLS)."""
+    protocol: str = "5"
+    """MQTT protocol version: `5` or `3.1.1` (for brokers without MQTT 5)."""
+    base_topic: str = "edge-agent"
+    """First topic level(s) of everything this agent publishes."""
+    qos: int = 1
+    """QoS (0, 1 or 2) of answers, states and replies."""
+    tls_ca_file: str | None = None
+    """PEM file of the CA that signed the broker's certificate; TLS is on when set."""
+    tls_insecure: bool = False
+    """With TLS, skip the check that the certificate names `host` (self-signed test brokers only)."""
+    username: str | None = None
+    """Broker user name, or None for anonymous access."""
+    password: str | None = field(default=None, repr=False)
+    """Broker password (already read from its file by the caller); never logged."""
+    client_id: str = ""
+    """MQTT client id; empty means `edge-agent-<agent id>`."""
+    keepalive_s: int = 60
+    """Seconds between keepalive pings; the broker declares the agent dead after 1.5 times this."""
+    queue_limit: int = 1000
+    """Answers kept while the broker is unreachable; beyond this the oldest is dropped (and counted)."""
+    heartbeat_s: float = 300.0
+    """Seconds after which an unchanged answer is published again; 0 publishes only changes."""
+    discovery: bool = True
+    """Announce one Home Assistant entity per question."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix (its MQTT integration setting)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.protocol in PROTOCOLS, "mqtt.protocol must be '5' or '3.1.1'"),
+            (self.qos in (0, 1, 2), "mqtt.qos must be 0, 1 or 2"),
+            (1 <= self.port <= 65535, "mqtt.port must be from 1 to 65535"),
+            (self.keepalive_s >= 1, "mqtt.keepalive_s must be at least 1"),
+            (self.queue_limit >= 1, "mqtt.queue_limit must be at least 1"),
+            (self.heartbeat_s >= 0, "mqtt.heartbeat_s must not be negative"),
+            (
+                bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "+#"),
+                "mqtt.discovery_prefix must be non-empty, without '+' or '#'",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def new_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
+    """A paho client with the protocol, credentials and TLS of `settings`, not yet connected."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[settings.protocol]
+    )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls_ca_file:
+        try:
+            client.tls_set(ca_certs=settings.tls_ca_file)
+        except OSError as error:
+            raise UserError(f"mqtt.tls_ca_file {settings.tls_ca_file}: {error}") from None
+        client.tls_insecure_set(settings.tls_insecure)
+    return client
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """Log an exception from a paho callback instead of letting it kill paho's network thread."""
+
+    @functools.wraps(callback)
+    def guarded(*args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("error in MQTT callback %s", callback.__name__)
+
+    return guarded
+
+
+class AgentLink:
+    """Publishes one agent's availability, answers and entities, and receives its ask requests.
+
+    `on_ask` is called on paho's network thread: it must only enqueue the request (the service
+    answers it on its own thread and calls `reply`).
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        agent_id: str,
+        on_ask: Callable[[AskRequest], None] | None = None,
+        model_name: str = "",
+    ):
+        self._settings = settings
+        self._topics = AgentTopics(settings.base_topic, agent_id)
+        self._on_ask = on_ask
+        self._model_name = model_name
+        self._lock = threading.Lock()
+        self._connected = False
+        self._stopping = False
+        self._latest: dict[str, AnswerMessage] = {}
+        self._last_sent: dict[str, tuple[AnswerMessage, float]] = {}
+        self._pending: deque[AnswerMessage] = deque()
+        self._dropped = 0
+        self._dropped_offline = 0
+        self._camera_online: bool | None = None
+        self._entities: dict[str, EntitySpec] | None = None
+        self._announced: set[str] = set()
+        self._handlers = {
+            self._topics.ask: self._handle_ask,
+            status_topic(settings.discovery_prefix): self._handle_ha_status,
+            self._topics.discovery: self._handle_announced,
+        }
+        self._client = self._build_client(settings.client_id or f"edge-agent-{agent_id}")
+
+    def _build_client(self, client_id: str) -> mqtt.Client:
+        client = new_client(self._settings, client_id)
+        client.will_set(self._topics.availability, OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client.on_connect = _guarded(self._on_connect)
+        client.on_connect_fail = _guarded(self._on_connect_fail)
+        client.on_disconnect = _guarded(self._on_disconnect)
+        client.on_message = _guarded(self._on_message)
+        return client
+
+    # --- the service's side -------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def queued(self) -> int:
+        """Answers waiting for the broker (a metric)."""
+        return len(self._pending)
+
+    @property
+    def dropped(self) -> int:
+        """Answers dropped because the queue was full, since start (a metric)."""
+        return self._dropped
+
+    def start(self) -> None:
+        """Connect in the background; while the broker is unreachable paho retries with backoff."""
+        self._client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive_s)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Publish `offline`, disconnect cleanly (so the last will is not sent) and stop paho's thread."""
+        self._stopping = True
+        if self._connected:
+            info = self._client.publish(self._topics.availability, OFFLINE, qos=1, retain=True)
+            try:
+                info.wait_for_publish(STOP_TIMEOUT_S)
+            except RuntimeError:
+                logger.warning("MQTT: could not publish 'offline' before disconnecting")
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def set_entities(self, entities: list[EntitySpec]) -> None:
+        """Announce these entities (and only these) to Home Assistant, now or on the next connect.
+
+        Entities announced earlier, by this run or a previous one (remembered in the retained
+        `<base>/<agent>/discovery` topic), whose question is gone get an empty retained config.
+        """
+        for entity in entities:
+            check_id("question id", entity.question_id)
+        prefix = self._settings.discovery_prefix
+        with self._lock:
+            self._entities = {config_topic(prefix, self._topics.agent_id, e): e for e in entities}
+            if self._connected:
+                self._announce()
+
+    def publish_answer(self, msg: AnswerMessage) -> None:
+        """Publish `msg` if its value changed or the heartbeat is due; queue it while offline."""
+        with self._lock:
+            self._latest[msg.question_id] = msg
+            now = time.monotonic()
+            if not self._is_due(msg, now):
+                return
+            self._last_sent[msg.question_id] = (msg, now)
+            if self._connected:
+                self._send_answer(msg)
+            else:
+                self._enqueue(msg)
+
+    def publish_camera(self, online: bool) -> None:
+        """Publish whether frames are arriving (retained, and again after every reconnect)."""
+        with self._lock:
+            self._camera_online = online
+            if self._connected:
+                self._send_camera()
+
+    def reply(self, request: AskRequest, payload: dict) -> None:
+        """Send the answer to an ask request to its reply address."""
+        self._send_reply(request.reply, payload)
+
+    # --- decisions and sends (called with the lock held) --------------------------------------
+
+    def _is_due(self, msg: AnswerMessage, now: float) -> bool:
+        if msg.question_id not in self._last_sent:
+            return True
+        previous, sent_at = self._last_sent[msg.question_id]
+        changed = (previous.value, previous.state) != (msg.value, msg.state)
+        heartbeat = self._settings.heartbeat_s
+        return changed or (heartbeat > 0 and now - sent_at >= heartbeat)
+
+    def _enqueue(self, msg: AnswerMessage) -> None:
+        if len(self._pending) >= self._settings.queue_limit:
+            self._pending.popleft()
+            self._dropped += 1
+            self._dropped_offline += 1
+            if self._dropped_offline == 1:
+                logger.warning(
+                    "MQTT offline and %d answers queued: dropping the oldest from now on",
+                    self._settings.queue_limit,
+                )
+        self._pending.append(msg)
+
+    def _publish(self, topic: str, payload: bytes | str, retain: bool = True) -> None:
+        self._client.publish(topic, payload, qos=self._settings.qos, retain=retain)
+
+    def _send_answer(self, msg: AnswerMessage) -> None:
+        self._publish(self._topics.answers(msg.question_id), answer_payload(msg))
+        self._publish(self._topics.state(msg.question_id), state_payload(msg))
+
+    def _send_camera(self) -> None:
+        self._publish(self._topics.camera, ONLINE if self._camera_online else OFFLINE)
+
+    def _send_reply(self, reply: ReplyAddress, payload: dict) -> None:
+        body, properties = reply_message(reply, payload)
+        self._client.publish(
+            reply.topic, body, qos=self._settings.qos, retain=False, properties=properties
+        )
+
+    def _announce(self) -> None:
+        """Publish every entity's config, empty the configs of gone ones, and remember the set."""
+        if not self._settings.discovery or self._entities is None:
+            return
+        for topic, entity in self._entities.items():
+            self._publish(topic, config_payload(entity, self._topics, self._model_name))
+        self._forget_gone_entities()
+        self._publish(self._topics.discovery, json.dumps(sorted(self._entities)))
+
+    def _forget_gone_entities(self) -> None:
+        for topic in sorted(self._announced - self._entities.keys()):
+            logger.info("MQTT discovery: removing %s (its question is gone)", topic)
+            self._publish(topic, b"")
+        self._announced = set(self._entities)
+
+    def _resend_all(self) -> None:
+        """After a (re)connect: queued answers in order, then the latest answer of every other question."""
+        flushed = {}
+        while self._pending:
+            msg = self._pending.popleft()
+            self._send_answer(msg)
+            flushed[msg.question_id] = msg
+        for question_id, msg in self._latest.items():
+            if flushed.get(question_id) is not msg:
+                self._send_answer(msg)
+        if self._camera_online is not None:
+            self._send_camera()
+
+    # --- paho callbacks (network thread) ------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            logger.error(
+                "MQTT broker %s:%d refused the connection: %s",
+                self._settings.host, self._settings.port, reason_code,
+            )
+            return
+        self._subscribe()
+        with self._lock:
+            self._connected = True
+            if self._dropped_offline:
+                logger.warning("MQTT: %d answers were dropped while offline", self._dropped_offline)
+                self._dropped_offline = 0
+            logger.info(
+                "MQTT connected to %s:%d, sending %d queued answers",
+                self._settings.host, self._settings.port, len(self._pending),
+            )
+            self._publish(self._topics.availability, ONLINE)
+            self._announce()
+            self._resend_all()
+
+    def _subscribe(self) -> None:
+        topics = []
+        if self._on_ask is not None:
+            topics.append(self._topics.ask)
+        if self._settings.discovery:
+            topics += [status_topic(self._settings.discovery_prefix), self._topics.discovery]
+        if topics:
+            self._client.subscribe([(topic, self._settings.qos) for topic in topics])
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        logger.warning(
+            "MQTT broker %s:%d unreachable, retrying", self._settings.host, self._settings.port
+        )
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            self._connected = False
+        if not self._stopping:
+            logger.warning("MQTT connection lost (%s), reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        handler = self._handlers.get(message.topic)
+        if handler is not None:
+            handler(message)
+
+    def _handle_ask(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            request = parse_ask(message.payload, getattr(message, "properties", None))
+        except BadRequest as error:
+            logger.warning("MQTT: rejected an ask request: %s", error.reason)
+            if error.reply is not None:
+                self._send_reply(error.reply, {"error": error.reason})
+            return
+        self._on_ask(request)
+
+    def _handle_ha_status(self, message: mqtt.MQTTMessage) -> None:
+        if message.payload == ONLINE.encode():
+            logger.info("Home Assistant came online: sending discovery and states again")
+            with self._lock:
+                self._announce()
+                self._resend_all()
+
+    def _handle_announced(self, message: mqtt.MQTTMessage) -> None:
+        """The retained list of announced config topics (from a previous run, or our own echo)."""
+        try:
+            announced = set(json.loads(message.payload or b"[]"))
+        except (ValueError, TypeError):
+            logger.warning("MQTT: ignoring an invalid list on %s", message.topic)
+            return
+        with self._lock:
+            self._announced |= announced
+            if self._entities is None:
+                return
+            self._forget_gone_entities()
+            if announced != set(self._entities):
+                self._publish(self._topics.discovery, json.dumps(sorted(self._entities)))
+
+
+def ask_remote(
+    settings: MqttSettings, agent_id: str, question: str, timeout_s: float
+) -> dict:
+    """Ask a running agent a question over MQTT and return its JSON reply (`edge-agent ask`)."""
+    topics = AgentTopics(settings.base_topic, agent_id)
+    reply_topic = f"{topics.ask}/reply/{uuid.uuid4().hex}"
+    client = new_client(settings, f"edge-agent-ask-{uuid.uuid4().hex[:12]}")
+    ready: queue.Queue[str | None] = queue.Queue()
+    replies: queue.Queue[bytes] = queue.Queue()
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            ready.put(f"the broker refused the connection: {reason_code}")
+        else:
+            client.subscribe(reply_topic, qos=1)
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *args: ready.put(None)
+    client.on_message = lambda client, userdata, message: replies.put(message.payload)
+    broker = f"MQTT broker {settings.host}:{settings.port}"
+    try:
+        client.connect(settings.host, settings.port, settings.keepalive_s)
+    except OSError as error:
+        raise UserError(f"cannot reach {broker}: {error.strerror or error}") from None
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        _wait_until_subscribed(ready, broker, timeout_s)
+        payload, properties = request_message(question, reply_topic)
+        client.publish(topics.ask, payload, qos=settings.qos, properties=properties)
+        try:
+            answer = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise UserError(f"no agent answered on {topics.ask} within {timeout_s:g} s") from None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return json.loads(answer)
+
+
+def _wait_until_subscribed(ready: queue.Queue, broker: str, timeout_s: float) -> None:
+    try:
+        problem = ready.get(timeout=timeout_s)
+    except queue.Empty:
+        raise UserError(f"{broker} did not accept the connection within {timeout_s:g} s") from None
+    if problem is not None:
+        raise UserError(f"{broker}: {problem}")

@@ -1,0 +1,91 @@
+"""Home Assistant MQTT discovery: one entity per standing question.
+
+A yes/no question becomes a `binary_sensor`, every other type a `sensor`. Each config is published
+retained on `<discovery_prefix>/<component>/<agent>_<question_id>/config`; an empty retained config
+removes the entity. Home Assistant publishes `online` on `<discovery_prefix>/status` when it starts,
+and the agent then sends every config again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from edge_agent import __version__
+from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics
+
+BINARY_TYPES = frozenset({"yes_no"})
+"""Question types shown as a binary sensor (state `ON`/`OFF`)."""
+NUMERIC_TYPES = frozenset({"number"})
+"""Question types whose state is a measurement Home Assistant can graph."""
+
+_UNKNOWN_AS_NONE = "{{ 'None' if value == 'unknown' else value }}"
+"""Home Assistant reads the payload `None` as "unknown"; our plain state says `unknown`."""
+
+
+@dataclass(frozen=True)
+class EntitySpec:
+    """What Home Assistant needs to know about one question."""
+
+    question_id: str
+    """The configured question's id."""
+    name: str
+    """The entity's display name."""
+    type: str
+    """The question type (`yes_no`, `number`, ...): picks the component."""
+    device_class: str | None
+    """A Home Assistant device class (`occupancy`, `door`, ...), or None."""
+    options: tuple[str, ...] = ()
+    """For a question with fixed options: the possible states (an `enum` sensor)."""
+
+
+def component(entity: EntitySpec) -> str:
+    """The Home Assistant component of the entity."""
+    return "binary_sensor" if entity.type in BINARY_TYPES else "sensor"
+
+
+def status_topic(prefix: str) -> str:
+    """Where Home Assistant announces that it (re)started."""
+    return f"{prefix}/status"
+
+
+def config_topic(prefix: str, agent_id: str, entity: EntitySpec) -> str:
+    return f"{prefix}/{component(entity)}/{agent_id}_{entity.question_id}/config"
+
+
+def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> bytes:
+    """The retained discovery config of one entity."""
+    agent_id = topics.agent_id
+    config: dict[str, object] = {
+        "name": entity.name,
+        "unique_id": f"edge_agent_{agent_id}_{entity.question_id}",
+        "state_topic": topics.state(entity.question_id),
+        "value_template": _UNKNOWN_AS_NONE,
+        "json_attributes_topic": topics.answers(entity.question_id),
+        "availability_topic": topics.availability,
+        "payload_available": ONLINE,
+        "payload_not_available": OFFLINE,
+        "device": {
+            "identifiers": [f"edge_agent_{agent_id}"],
+            "name": f"edge-agent {agent_id}",
+            "model": model_name,
+            "manufacturer": "edge-agent",
+            "sw_version": __version__,
+        },
+        "origin": {"name": "edge-agent", "sw": __version__},
+    }
+    config.update(_component_fields(entity))
+    return json.dumps(config).encode()
+
+
+def _component_fields(entity: EntitySpec) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    if component(entity) == "binary_sensor":
+        fields.update(payload_on="ON", payload_off="OFF")
+    elif entity.options:
+        fields.update(device_class="enum", options=list(entity.options))
+    elif entity.type in NUMERIC_TYPES:
+        fields.update(state_class="measurement")
+    if entity.device_class:
+        fields["device_class"] = entity.device_class
+    return fields

@@ -1,0 +1,123 @@
+"""The MQTT topics of one agent and the payloads published on them.
+
+`<base>` is `mqtt.base_topic` (default `edge-agent`), `<agent>` the agent id:
+
+| topic | retained | payload |
+| --- | --- | --- |
+| `<base>/<agent>/availability` | yes | `online` / `offline`; `offline` is also the last will |
+| `<base>/<agent>/camera` | yes | `online` / `offline`: whether frames are arriving |
+| `<base>/<agent>/answers/<question_id>` | yes | JSON `{question_id, question, type, value, raw, frame_ts, answered_ts, latency_ms, model, scene_changed}` (timestamps in Unix seconds) |
+| `<base>/<agent>/state/<question_id>` | yes | plain state for Home Assistant: `ON`/`OFF` (yes/no), the option, the integer, the text (at most 255 characters) or `unknown` |
+| `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
+| `<base>/<agent>/discovery` | yes | JSON list of the Home Assistant config topics this agent announced |
+
+Answers and states use the configured QoS (default 1). An answer is published when its value changes
+and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is the agent's memory of what it
+announced: after a restart it removes the entities of questions that are no longer configured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+
+from edge_agent.errors import UserError
+
+ONLINE = "online"
+OFFLINE = "offline"
+MAX_STATE_CHARS = 255
+"""Home Assistant rejects sensor states longer than this."""
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+_WILDCARDS = ("+", "#")
+
+
+@dataclass(frozen=True)
+class AnswerMessage:
+    """One answer to one question, as the service hands it to the MQTT link."""
+
+    question_id: str
+    """The configured question's id (a topic level and part of the entity id)."""
+    question: str
+    """The question text asked of the model."""
+    type: str
+    """The question type (`yes_no`, `number`, ...), as configured."""
+    value: object
+    """The typed answer (bool, int, str or None when the raw answer could not be parsed)."""
+    raw: str
+    """The model's raw text."""
+    state: str
+    """The plain Home Assistant state (`ON`/`OFF`, the option, the integer, the text or `unknown`)."""
+    frame_ts: float
+    """When the frame was captured, Unix seconds."""
+    answered_ts: float
+    """When the answer was ready, Unix seconds."""
+    latency_ms: float
+    """Milliseconds from frame capture to answer."""
+    model: str
+    """The model that answered (directory or display name)."""
+    scene_changed: bool
+    """Whether the scene gate saw a change since the previous answered frame."""
+
+
+def answer_payload(msg: AnswerMessage) -> bytes:
+    """The JSON published on the answers topic: every field except the plain state."""
+    fields = asdict(msg)
+    del fields["state"]
+    return json.dumps(fields, default=str).encode()
+
+
+def state_payload(msg: AnswerMessage) -> bytes:
+    """The plain state, cut to the length Home Assistant accepts."""
+    return msg.state[:MAX_STATE_CHARS].encode()
+
+
+def check_id(key: str, value: str) -> str:
+    """Return `value` if it can be a topic level and part of a Home Assistant object id."""
+    if not _ID_PATTERN.fullmatch(value):
+        raise UserError(f"{key} {value!r} must use only letters, digits, '_' and '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class AgentTopics:
+    """The topic names of one agent under a base topic."""
+
+    base: str
+    """The base topic (`mqtt.base_topic`), without a trailing slash."""
+    agent_id: str
+    """The agent id: one topic level."""
+
+    def __post_init__(self) -> None:
+        check_id("agent id", self.agent_id)
+        if not self.base or any(w in self.base for w in _WILDCARDS) or self.base.endswith("/"):
+            raise UserError(
+                f"mqtt.base_topic {self.base!r} must be non-empty, without '+', '#' or a trailing '/'"
+            )
+
+    @property
+    def root(self) -> str:
+        return f"{self.base}/{self.agent_id}"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.root}/availability"
+
+    @property
+    def camera(self) -> str:
+        return f"{self.root}/camera"
+
+    @property
+    def ask(self) -> str:
+        return f"{self.root}/ask"
+
+    @property
+    def discovery(self) -> str:
+        return f"{self.root}/discovery"
+
+    def answers(self, question_id: str) -> str:
+        return f"{self.root}/answers/{question_id}"
+
+    def state(self, question_id: str) -> str:
+        return f"{self.root}/state/{question_id}"
