@@ -95,7 +95,7 @@ def test_watchdog_variables_meant_for_another_process_are_ignored(monkeypatch):
 
 def test_watchdog_pings_while_every_loop_progresses(watchdog, notify_socket):
     with progressing(watchdog, "capture"), progressing(watchdog, "inference"):
-        assert pings_after_settling(notify_socket) >= 3
+        assert pings_after_settling(notify_socket) >= 2
 
 
 def test_watchdog_withholds_pings_while_a_loop_stalls_and_resumes_when_it_progresses(watchdog, notify_socket):
@@ -103,13 +103,13 @@ def test_watchdog_withholds_pings_while_a_loop_stalls_and_resumes_when_it_progre
         assert pings_after_settling(notify_socket) == 0
         assert watchdog.stalled() == ["inference"]
         with progressing(watchdog, "inference"):
-            assert pings_after_settling(notify_socket) >= 3
+            assert pings_after_settling(notify_socket) >= 2
 
 
 def test_watchdog_keeps_pinging_while_a_loop_is_idle(watchdog, notify_socket):
     watchdog.idle("inference")
     with progressing(watchdog, "capture"):
-        assert pings_after_settling(notify_socket) >= 3
+        assert pings_after_settling(notify_socket) >= 2
 
 
 def test_an_inference_call_that_never_returns_stops_the_pings_but_waiting_for_a_scene_does_not(
@@ -126,7 +126,7 @@ def test_an_inference_call_that_never_returns_stops_the_pings_but_waiting_for_a_
     with progressing(watchdog, "capture"):
         hung = threading.Thread(target=inference_loop, daemon=True)
         hung.start()
-        assert pings_after_settling(notify_socket) >= 3
+        assert pings_after_settling(notify_socket) >= 2
         scene_changed.set()
         assert pings_after_settling(notify_socket) == 0
     never.set()
