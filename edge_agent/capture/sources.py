@@ -1,4 +1,4 @@
-"""Frame sources: turn the configured `capture.source` string into something that yields raw images.
+"""Frame sources: turn the configured `camera.source` string into something that yields raw images.
 
 Every kind of source behaves like a camera: `grab()` blocks about as long as a camera would before its next
 frame (a video file is paced by its own FPS, an image or a directory of images by `fps`), and `retrieve()`
@@ -70,18 +70,11 @@ class CaptureSettings:
     """Upper bound, in seconds, of the wait between reopen attempts."""
 
     def __post_init__(self) -> None:
-        for name in ("fps", "open_timeout_s", "read_timeout_s", "stale_after_s", "backoff_initial_s"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"capture.{name}: must be greater than 0, got {getattr(self, name)!r}")
+        # Ranges of single fields are checked by the config schema; this rule ties two fields together.
         if self.stale_after_s <= 1.0 / self.fps:
             raise UserError(
-                f"capture.stale_after_s: must be longer than one frame interval at capture.fps "
+                f"camera.stale_after_s: must be longer than one frame interval at camera.fps "
                 f"({1.0 / self.fps:g} s), got {self.stale_after_s}"
-            )
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise UserError(
-                f"capture.backoff_max_s: must be at least capture.backoff_initial_s "
-                f"({self.backoff_initial_s}), got {self.backoff_max_s}"
             )
 
 
@@ -143,7 +136,7 @@ def validate_source(settings: CaptureSettings) -> None:
     """Raise `UserError` if `settings.source` cannot name a usable source on this machine."""
     source = settings.source.strip()
     if not source:
-        raise UserError("capture.source: is empty; give a device index, /dev/videoN, a URL, a file or a folder")
+        raise UserError("camera.source: is empty; give a device index, /dev/videoN, a URL, a file or a folder")
     if "://" in source:
         _validate_url(source)
     elif source.isdigit() or DEVICE_PATH.fullmatch(source):
@@ -155,26 +148,26 @@ def validate_source(settings: CaptureSettings) -> None:
 def _validate_url(url: str) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in STREAM_SCHEMES:
-        raise UserError(f"capture.source: {url!r} has scheme {parts.scheme!r}; use one of {', '.join(STREAM_SCHEMES)}")
+        raise UserError(f"camera.source: {url!r} has scheme {parts.scheme!r}; use one of {', '.join(STREAM_SCHEMES)}")
     if not parts.hostname:
-        raise UserError(f"capture.source: {url!r} names no host")
+        raise UserError(f"camera.source: {url!r} names no host")
 
 
 def _validate_device(source: str) -> None:
     path = pathlib.Path(device_path(source))
     if not path.exists():
-        raise UserError(f"capture.source: camera device {path} does not exist (is the camera plugged in?)")
+        raise UserError(f"camera.source: camera device {path} does not exist (is the camera plugged in?)")
     if not path.is_char_device():
-        raise UserError(f"capture.source: {path} is not a camera device")
+        raise UserError(f"camera.source: {path} is not a camera device")
 
 
 def _validate_path(path: pathlib.Path) -> None:
     if not path.exists():
-        raise UserError(f"capture.source: {path} does not exist")
+        raise UserError(f"camera.source: {path} does not exist")
     if path.is_dir() and not image_files(path):
-        raise UserError(f"capture.source: folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"camera.source: folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if not os.access(path, os.R_OK):
-        raise UserError(f"capture.source: {path} is not readable by this user")
+        raise UserError(f"camera.source: {path} is not readable by this user")
 
 
 def device_path(source: str) -> str:

@@ -1,0 +1,72 @@
+"""The scene gate: decides whether a frame differs enough from the last encoded one to be worth encoding.
+
+Encoding a frame with the vision model costs about a second; comparing two thumbnails costs well under a millisecond.
+The gate compares a small, grayscale, blurred thumbnail of each frame with the thumbnail of the last frame
+the service *accepted* (encoded), so slow drift accumulates against that reference instead of hiding in
+small frame-to-frame steps.
+
+Lighting: the comparison is on raw brightness, so switching a light on or off counts as a change (the
+answers may well depend on it), while small exposure drift stays under a sensible threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Kernel of the blur applied to the thumbnail: it evens out sensor noise and one-pixel jitter.
+BLUR_KERNEL = (3, 3)
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """When a frame counts as changed."""
+
+    threshold: float
+    """Mean absolute difference of the thumbnails, as a fraction of full brightness (0..1), above which a
+    frame counts as changed; 0.02 ignores sensor noise but notices a person entering a room."""
+    size: int
+    """Side, in pixels, of the square grayscale thumbnail compared (larger notices smaller objects)."""
+    max_unchanged_s: float
+    """Seconds after which a frame counts as changed even if it looks the same, so answers are refreshed;
+    0 means never."""
+
+
+class SceneGate:
+    """Remembers the last accepted frame and says whether a new frame differs from it."""
+
+    def __init__(self, settings: GateSettings) -> None:
+        self._settings = settings
+        self._reference: np.ndarray | None = None
+        self._reference_ts = 0.0
+
+    def changed(self, image: np.ndarray, ts: float | None = None) -> bool:
+        """Whether `image` (BGR, taken at wall-clock `ts`, default now) should be encoded again."""
+        if self._reference is None:
+            return True
+        if self._settings.max_unchanged_s > 0:
+            age = (time.time() if ts is None else ts) - self._reference_ts
+            if age >= self._settings.max_unchanged_s:
+                return True
+        return self.difference(image) > self._settings.threshold
+
+    def difference(self, image: np.ndarray) -> float:
+        """Mean absolute difference between `image` and the reference, as a fraction of full brightness."""
+        if self._reference is None:
+            return 1.0
+        return float(cv2.absdiff(self._thumbnail(image), self._reference).mean()) / 255.0
+
+    def accept(self, image: np.ndarray, ts: float) -> None:
+        """Make `image` (taken at wall-clock `ts`) the reference: the service encoded it."""
+        self._reference = self._thumbnail(image)
+        self._reference_ts = ts
+
+    def _thumbnail(self, image: np.ndarray) -> np.ndarray:
+        side = self._settings.size
+        small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+        return cv2.GaussianBlur(gray, BLUR_KERNEL, 0)
+
