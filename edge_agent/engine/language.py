@@ -1,0 +1,79 @@
+"""The stateful language model: one KV cache holding a frame's shared prefix, forked into one row per question.
+
+The exported graph keeps its KV cache in OpenVINO state variables and gathers cache rows by `beam_idx`
+before every step. That is all we need to share a prefix:
+- prefill the prefix once, batch 1;
+- prefill N question suffixes as one batch with `beam_idx = [0] * N`: the gather copies the prefix row into
+  N rows. Suffixes are left-padded; the padding is masked out;
+- decode with `beam_idx` = the rows still generating, so finished rows drop out of the batch.
+Positions a later round must not see (the previous round's questions and answers, padding) stay in the
+cache but are masked out in `attention_mask`, so a context answers any number of rounds without
+re-prefilling; `garbage` tells the caller when it is cheaper to start again from the prefix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+
+
+class LanguageSession:
+    """One infer request of the language model and the bookkeeping of what its KV cache holds."""
+
+    def __init__(self, compiled: ov.CompiledModel):
+        self._request = compiled.create_infer_request()
+        self.prefix_len = 0
+        self.kv_len = 0
+        self._mask = np.zeros((0, 0), dtype=np.int64)  # per current row: which cache positions it attends to
+        self._next_position = np.zeros(0, dtype=np.int64)  # per current row: position id of its next token
+
+    @property
+    def garbage(self) -> int:
+        """Cache positions past the prefix left over from earlier rounds."""
+        return self.kv_len - self.prefix_len
+
+    def prefill_prefix(self, embeds: np.ndarray) -> None:
+        """Start from an empty cache and fill it with the shared prefix ([1, P, hidden])."""
+        self._request.reset_state()
+        length = embeds.shape[1]
+        self._run(embeds, np.ones((1, length), dtype=np.int64), np.arange(length, dtype=np.int64)[None],
+                  beam_idx=np.zeros(1, dtype=np.int32))
+        self.prefix_len = self.kv_len = length
+
+    def prefill_questions(self, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Fork the prefix into one row per question and prefill the left-padded suffixes [N, S, hidden].
+
+        Returns the next-token logits of every row [N, vocab].
+        """
+        rows, width = embeds.shape[:2]
+        lengths = np.asarray(lengths, dtype=np.int64)
+        mask = np.zeros((rows, self.kv_len + width), dtype=np.int64)
+        mask[:, :self.prefix_len] = 1
+        column = np.arange(width)[None, :]
+        real = column >= (width - lengths)[:, None]  # left padding
+        mask[:, self.kv_len:] = real
+        positions = np.where(real, self.prefix_len + column - (width - lengths)[:, None], 1)
+        logits = self._run(embeds, mask, positions, beam_idx=np.zeros(rows, dtype=np.int32))
+        self._next_position = self.prefix_len + lengths
+        return logits
+
+    def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """One decode step for the current `rows` (indices into the last batch), embeds [len(rows), 1, hidden]."""
+        rows = np.asarray(rows, dtype=np.int32)
+        self._mask = self._mask[rows]
+        self._next_position = self._next_position[rows]
+        mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        logits = self._run(embeds, mask, self._next_position[:, None], beam_idx=rows)
+        self._next_position = self._next_position + 1
+        return logits
+
+    def _run(self, embeds, mask, positions, beam_idx) -> np.ndarray:
+        self._request.infer({
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "attention_mask": mask,
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+            "beam_idx": beam_idx,
+        })
+        self._mask = mask
+        self.kv_len = mask.shape[1]
+        return self._request.get_tensor("logits").data[:, -1, :].copy()
