@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edge_agent.capture import CameraReader, CaptureSettings, Frame, validate_source
+from edge_agent.capture.reader import to_bgr
 from edge_agent.errors import UserError
 from tests.support.videos import solid, write_video
 
@@ -159,6 +160,28 @@ def test_gray_16_bit_and_transparent_images_become_8_bit_bgr(run_reader, tmp_pat
 
     assert frame.image.dtype == np.uint8 and frame.image.shape == (120, 160, 3)
     assert tuple(frame.image[0, 0]) == expected_bgr
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [np.zeros((0, 0, 3), np.uint8), np.zeros((120, 160, 2), np.uint8), np.zeros((120, 160, 3), np.float32)],
+    ids=["empty", "two-channel", "float"],
+)
+def test_frames_no_camera_produces_are_refused_rather_than_passed_on(odd):
+    assert to_bgr(odd) is None
+
+
+def test_a_failing_status_callback_does_not_stop_capture(one_second_video, caplog):
+    def broken_callback(online: bool) -> None:
+        raise RuntimeError("subscriber bug")
+
+    reader = CameraReader(settings(one_second_video), on_status=broken_callback)
+    reader.start()
+    try:
+        assert len(collect(reader, 3)) == 3
+    finally:
+        reader.stop()
+    assert "on_status(True) callback failed" in caplog.text
 
 
 def test_an_image_folder_plays_in_sorted_order_skipping_files_that_are_not_complete_images(
