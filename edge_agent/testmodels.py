@@ -14,7 +14,7 @@ import random
 from typing import Iterator
 
 from edge_agent.errors import UserError
-from edge_agent.export import prepare_output_dir
+from edge_agent.export import staged_output_dir
 
 ARCHS = ("llava", "llava_next")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
@@ -117,13 +117,11 @@ def build_test_model(out_dir, arch: str = "llava", preset: str = "tiny", seed: i
     if preset not in PRESETS:
         raise UserError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESETS)}")
     shapes = PRESETS[preset]
-    out = prepare_output_dir(out_dir, overwrite)
-    tokenizer = train_tokenizer(shapes, seed)
-    processor = _processor(arch, shapes, tokenizer)
-    model = _random_model(arch, shapes, tokenizer, seed)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    with staged_output_dir(out_dir, overwrite) as staging:
+        tokenizer = train_tokenizer(shapes, seed)
+        _processor(arch, shapes, tokenizer).save_pretrained(staging)
+        _random_model(arch, shapes, tokenizer, seed).save_pretrained(staging)
+    return pathlib.Path(out_dir)
 
 
 def train_tokenizer(shapes: Shapes, seed: int):
