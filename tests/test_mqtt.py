@@ -179,6 +179,20 @@ def test_after_the_broker_lost_its_retained_messages_the_link_publishes_them_aga
     assert watcher.next("homeassistant/binary_sensor/kitchen_door_open/config").payload
 
 
+def test_answers_made_around_a_broker_restart_arrive_after_it(make_broker, make_link, subscriber):
+    broker = make_broker(persistence=True)
+    link = make_link(broker)
+    link.publish_answer(answer(value=True, state="ON"))
+    subscriber(broker, DOOR_STATE).next(DOOR_STATE)
+
+    broker.restart()
+    link.publish_answer(answer(value=False, state="OFF"))
+
+    watcher = subscriber(broker, DOOR_STATE)
+    assert watcher.next(DOOR_STATE).payload == b"ON", "kept by the broker across its restart"
+    assert watcher.next(DOOR_STATE).payload == b"OFF"
+
+
 def test_the_camera_status_is_retained(broker, make_link, subscriber):
     link = make_link(broker)
     link.publish_camera(False)

@@ -82,21 +82,13 @@ def parse_ask(payload: bytes, properties: Properties | None) -> AskRequest:
         raise BadRequest(error.reason, reply) from None
 
 
-def request_message(
-    question: str, reply_topic: str, max_new_tokens: int | None = None
-) -> tuple[bytes, Properties]:
+def request_message(question: str, reply_topic: str) -> tuple[bytes, Properties]:
     """The requester's side: a request payload and its MQTT 5 properties, with a fresh correlation id.
 
     Both the properties and the JSON fallback fields are set, so an agent on either protocol answers.
     """
     correlation_id = uuid.uuid4().hex
-    fields: dict[str, object] = {
-        "question": question,
-        "reply_to": reply_topic,
-        "correlation_id": correlation_id,
-    }
-    if max_new_tokens is not None:
-        fields["max_new_tokens"] = max_new_tokens
+    fields = {"question": question, "reply_to": reply_topic, "correlation_id": correlation_id}
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = reply_topic
     properties.CorrelationData = correlation_id.encode()

@@ -27,7 +27,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.errors import UserError
-from edge_agent.mqtt.ask import AskRequest, BadRequest, ReplyAddress, parse_ask, reply_message, request_message
+from edge_agent.mqtt.ask import (
+    AskRequest,
+    BadRequest,
+    ReplyAddress,
+    parse_ask,
+    reply_message,
+    request_message,
+)
 from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, status_topic
 from edge_agent.mqtt.topics import (
     OFFLINE,

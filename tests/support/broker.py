@@ -48,7 +48,9 @@ def wait_until(condition, timeout: float = WAIT_TIMEOUT_S, what: str = "conditio
         time.sleep(0.02)
 
 
-def answer(question_id: str = "door_open", value: object = True, state: str = "ON", **fields) -> AnswerMessage:
+def answer(
+    question_id: str = "door_open", value: object = True, state: str = "ON", **fields
+) -> AnswerMessage:
     """An answer as the service would publish it; override any field by keyword."""
     defaults = dict(
         question_id=question_id,
@@ -213,10 +215,11 @@ def subscriber():
 def make_link():
     links: list[AgentLink] = []
 
-    def make(broker: Broker, agent_id: str = "kitchen", on_ask=None, connected: bool = True, **settings) -> AgentLink:
-        link = AgentLink(
-            MqttSettings(host=broker.host, port=broker.port, **settings), agent_id, on_ask, model_name="tiny-llava"
-        )
+    def make(
+        broker: Broker, agent_id: str = "kitchen", on_ask=None, connected: bool = True, **settings
+    ) -> AgentLink:
+        settings = MqttSettings(host=broker.host, port=broker.port, **settings)
+        link = AgentLink(settings, agent_id, on_ask, model_name="tiny-llava")
         links.append(link)
         link.start()
         if connected:
