@@ -1,0 +1,123 @@
+"""The engine answers exactly as Hugging Face transformers does, while encoding each frame only once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.engine import Engine
+
+QUESTIONS = ["Is the door open?", "How many people are in the room?", "What color is the cup on the counter?"]
+FRAME_SIZES = [(48, 64), (64, 48), (100, 37), (31, 90), (32, 32), (240, 320)]
+MAX_NEW_TOKENS = 10
+
+
+def random_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A BGR frame with structure (gradients and blocks), not only noise, so resizing matters."""
+    rng = np.random.default_rng(seed + height * 1000 + width)
+    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    frame[: height // 2, : width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_fp32) -> Engine:
+    return Engine.load(tiny_llava_fp32, inference_precision="f32")
+
+
+@pytest.fixture(scope="module")
+def llava_next(tiny_llava_next_fp32) -> Engine:
+    return Engine.load(tiny_llava_next_fp32, inference_precision="f32")
+
+
+@pytest.fixture(params=["llava", "llava_next"])
+def engine_and_reference(request):
+    return request.getfixturevalue(request.param), request.getfixturevalue(f"hf_{request.param}")
+
+
+@pytest.mark.parametrize("size", FRAME_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_batched_answers_equal_transformers_greedy_generate(engine_and_reference, size):
+    engine, reference = engine_and_reference
+    frame = random_frame(*size)
+    answers = engine.answer(engine.encode(frame), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    for question, answer in zip(QUESTIONS, answers):
+        assert answer.token_ids == reference.answer_ids(frame, question, MAX_NEW_TOKENS), question
+        assert answer.text == engine.tokenizer.decode(answer.token_ids)
+
+
+def test_answers_differ_between_frames_and_questions(llava):
+    """Guards the parity test against a degenerate model that says the same thing whatever it sees."""
+    first = llava.answer(llava.encode(random_frame(48, 64, seed=1)), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    second = llava.answer(llava.encode(random_frame(48, 64, seed=2)), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    assert len({tuple(a.token_ids) for a in first}) > 1
+    assert [a.token_ids for a in first] != [a.token_ids for a in second]
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_many_questions_on_one_context_equal_each_alone(request, arch):
+    engine = request.getfixturevalue(arch)
+    context = engine.encode(random_frame(64, 48))
+    together = engine.answer(context, QUESTIONS * 2, max_new_tokens=MAX_NEW_TOKENS)
+    alone = [engine.answer(context, [q], max_new_tokens=MAX_NEW_TOKENS)[0] for q in QUESTIONS * 2]
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+
+
+def test_a_context_serves_many_rounds_and_restarts_from_its_prefix(llava, monkeypatch):
+    context = llava.encode(random_frame(48, 64))
+    restarts = []
+    prefill = context.session.prefill_prefix
+    monkeypatch.setattr(context.session, "prefill_prefix", lambda embeds: restarts.append(1) or prefill(embeds))
+    first = [a.token_ids for a in llava.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    assert not restarts  # a fresh context answers straight from its prefix
+    for _ in range(4):  # later rounds mask out earlier ones until the leftovers outgrow the prefix
+        again = [a.token_ids for a in llava.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+        assert again == first
+    assert restarts
+
+
+def test_encode_runs_the_vision_encoder_once_and_answer_never(llava, monkeypatch):
+    calls = []
+    vision = llava._vision
+    monkeypatch.setattr(llava, "_vision", lambda *args: calls.append(1) or vision(*args))
+    context = llava.encode(random_frame(48, 64))
+    llava.answer(context, QUESTIONS, max_new_tokens=4)
+    llava.answer(context, QUESTIONS[:1], max_new_tokens=4)
+    assert len(calls) == 1
+
+
+def test_rows_stop_independently(llava):
+    context = llava.encode(random_frame(48, 64))
+    limits = [1, 5, 3]
+    answers = llava.answer(context, QUESTIONS, max_new_tokens=limits, ignore_eos=True)
+    assert [len(a.token_ids) for a in answers] == limits
+    full = llava.answer(context, QUESTIONS, max_new_tokens=5, ignore_eos=True)
+    assert [a.token_ids for a in answers] == [f.token_ids[:n] for f, n in zip(full, limits)]
+
+
+def test_an_answer_stops_at_the_end_of_sequence_token(llava):
+    """Steer a row into EOS by asking until one answer ends early; it must then be shorter than the limit."""
+    eos = llava.model.stop_token_ids[0]
+    for seed in range(40):
+        context = llava.encode(random_frame(32, 32, seed=seed))
+        long = llava.answer(context, QUESTIONS, max_new_tokens=24, ignore_eos=True)
+        for question, answer in zip(QUESTIONS, long):
+            if eos in answer.token_ids:
+                stopped = llava.answer(context, [question], max_new_tokens=24)[0]
+                assert stopped.token_ids == answer.token_ids[:answer.token_ids.index(eos)]
+                return
+    pytest.skip("no sampled frame made the random model emit its end-of-sequence token")
+
+
+def test_every_answer_reports_its_stage_timings(llava):
+    context = llava.encode(random_frame(48, 64))
+    answer = llava.answer(context, QUESTIONS[:2], max_new_tokens=3)[0]
+    timings = answer.timings.as_dict()
+    assert set(timings) == {"preprocess", "vision", "prefix", "question_prefill", "decode"}
+    assert all(value > 0 for value in timings.values())
+
+
+def test_int4_and_int8_exports_load_and_answer(tiny_llava_int4, tiny_llava_int8):
+    for model in (tiny_llava_int4, tiny_llava_int8):
+        engine = Engine.load(model)
+        answers = engine.answer(engine.encode(random_frame(48, 64)), QUESTIONS, max_new_tokens=4)
+        assert all(a.token_ids for a in answers)
