@@ -266,17 +266,17 @@ def _hub_config_file(repo_id: str, offline_reason: str | None) -> str:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
+    try:  # LocalEntryNotFoundError is an EntryNotFoundError: catch it first
         return hf_hub_download(repo_id, "config.json", local_files_only=offline_reason is not None,
                                etag_timeout=HUB_TIMEOUT_S)
     except RepositoryNotFoundError:
         raise UserError(f"{repo_id}: no such model on the Hugging Face Hub, or it needs a login") from None
-    except EntryNotFoundError:
-        raise UserError(f"{repo_id}: the Hub repository has no config.json; is it a transformers model?") from None
     except LocalEntryNotFoundError:
         raise UserError(f"cannot download {repo_id}: no network access to the Hugging Face Hub "
                         f"({offline_reason or 'timed out'}); download it elsewhere and pass the local directory"
                         ) from None
+    except EntryNotFoundError:
+        raise UserError(f"{repo_id}: the Hub repository has no config.json; is it a transformers model?") from None
 
 
 def _export_float(source: _Source, out: pathlib.Path, dtype: str) -> pathlib.Path:
