@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_ask(commands)
     _add_model(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -145,7 +146,7 @@ def _read_image(path: str):
 
 
 def _ask_agent(args, questions: list[str]) -> list[dict]:
-    from .mqtt.ask import ask_remote
+    from .mqtt import ask_remote
     from .service import mqtt_settings
     config = _optional_config(args.config, required=True)
     settings = mqtt_settings(config)
@@ -154,6 +155,32 @@ def _ask_agent(args, questions: list[str]) -> list[dict]:
         reply = ask_remote(settings, config.agent_id, question, timeout_s=args.timeout)
         results.append({"question": question, **reply})
     return results
+
+
+# -- bench ----------------------------------------------------------------------------------------------
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser("bench", help="measure per-stage latency, memory and start-up time of a model "
+                                "on synthetic 640x480 frames")
+    bench.add_argument("--model", required=True, help="exported model directory")
+    bench.add_argument("--questions", type=_positive_int, default=4, help="questions per frame (default: %(default)s)")
+    bench.add_argument("--new-tokens", type=_positive_int, default=16,
+                       help="tokens per answer, end-of-sequence ignored (default: %(default)s)")
+    bench.add_argument("--frames", type=_positive_int, default=5,
+                       help="frames measured after one warm-up frame (default: %(default)s)")
+    bench.add_argument("--device", default="CPU", help="OpenVINO device (default: %(default)s)")
+    bench.add_argument("--cache-dir", type=Path, help="compiled-model cache directory (start-up runs use a "
+                       "fresh temporary subdirectory of it)")
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench.set_defaults(command=_bench)
+
+
+def _bench(args) -> int:
+    from .bench import BenchSettings, format_report, run_bench
+    report = run_bench(BenchSettings(model=Path(args.model), questions=args.questions, new_tokens=args.new_tokens,
+                                     frames=args.frames, device=args.device, cache_dir=args.cache_dir))
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
 
 
 # -- model ----------------------------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""The agent loop: camera frame -> scene gate -> engine -> typed answers -> MQTT.
+
+One thread does all inference, so the engine is never used concurrently: it takes the newest frame, asks
+the scene gate whether anything changed, and answers the standing questions that are due. A changed
+scene is encoded once (vision encoder + prompt prefix) and every due question is answered on that one
+frame context as a batch; on an unchanged scene nothing is encoded: a due question reuses the answer it
+already has for the current context, or is answered on the cached context. Ad hoc questions from MQTT
+are queued by the network thread and answered here, on the current frame context, between frames.
+
+`frame_ts` of an answer is the capture time of the newest frame known to show the answered scene (the
+frame encoded, or a later frame the gate found unchanged), never an older frame re-labelled as new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import signal
+import threading
+import time
+
+
+from . import systemd
+from .capture import CameraReader, CaptureSettings, GateSettings, SceneGate, validate_source
+from .capture.reader import Frame
+from .config import Config, Question
+from .engine import Answer, Engine, FrameContext
+from .errors import UserError
+from .metrics import Metrics
+from .mqtt import AgentLink, AnswerMessage, EntitySpec, MqttSettings
+from .mqtt.ask import AskRequest
+from .questions import Schedule, build_prompt, parse_answer, state_string
+
+log = logging.getLogger(__name__)
+
+ASK_QUEUE_LIMIT = 16
+"""Ad hoc questions waiting to be answered; more are refused with a `busy` reply."""
+FRAME_WAIT_S = 0.2
+"""How long the loop waits for a new frame before it looks at pending ad hoc questions again."""
+
+
+def mqtt_settings(config: Config) -> MqttSettings:
+    """The MQTT link's settings from the config (the password is read from its file here)."""
+    section = config.mqtt
+    return MqttSettings(
+        host=section.host, port=section.port, protocol=section.protocol, base_topic=section.base_topic,
+        qos=section.qos, tls_ca_file=section.tls_ca_file, tls_insecure=section.tls_insecure,
+        username=section.username, password=section.password(),
+        client_id=section.client_id or f"edge-agent-{config.agent_id}", keepalive_s=section.keepalive_s,
+        queue_limit=section.queue_limit, heartbeat_s=section.heartbeat_s, discovery=section.discovery,
+        discovery_prefix=section.discovery_prefix,
+    )
+
+
+def capture_settings(config: Config) -> CaptureSettings:
+    camera = config.camera
+    return CaptureSettings(source=str(camera.source), loop=camera.loop, fps=camera.fps,
+                           open_timeout_s=camera.open_timeout_s, read_timeout_s=camera.read_timeout_s,
+                           stale_after_s=camera.stale_after_s, backoff_initial_s=camera.backoff_initial_s,
+                           backoff_max_s=camera.backoff_max_s)
+
+
+def gate_settings(config: Config) -> GateSettings:
+    gate = config.scene_gate
+    return GateSettings(threshold=gate.threshold, size=gate.size, max_unchanged_s=gate.max_unchanged_s)
+
+
+def load_engine(config: Config) -> Engine:
+    model = config.model
+    return Engine.load(model.path, device=model.device, vision_device=model.vision_device,
+                       language_device=model.language_device, cache_dir=model.cache_dir)
+
+
+@dataclasses.dataclass
+class Scene:
+    """The frame context answers are computed on, and the answers it already gave."""
+
+    context: FrameContext
+    frame_ts: float  # newest frame known to show this scene
+    answers: dict[str, AnswerMessage] = dataclasses.field(default_factory=dict)
+
+
+class Agent:
+    """Wires capture, gate, engine, questions and MQTT; `run()` blocks until `stop()`."""
+
+    def __init__(self, config: Config, engine: Engine | None = None):
+        self.config = config
+        self.metrics = Metrics()
+        self.watchdog = systemd.Watchdog.from_environment()
+        self._engine = engine
+        self._stopped = threading.Event()
+        self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
+        self._schedule = Schedule(config.questions)
+        self._gate = SceneGate(gate_settings(config))
+        self._scene: Scene | None = None
+        self._last_seq = -1
+        self._link: AgentLink | None = None
+        self._reader: CameraReader | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the source, load the model, connect, and start reading frames."""
+        settings = capture_settings(self.config)
+        validate_source(settings)
+        systemd.status("loading model")
+        if self._engine is None:
+            self._engine = load_engine(self.config)
+        if self.config.metrics.listen:
+            self.metrics.serve(self.config.metrics.listen)
+        self._link = AgentLink(mqtt_settings(self.config), self.config.agent_id, on_ask=self._enqueue_ask,
+                               model_name=self._engine.name)
+        self._link.start()
+        self._link.set_entities([entity_spec(q) for q in self.config.questions])
+        self._reader = CameraReader(settings, on_status=self._on_camera_status)
+        self._reader.start()
+        for loop in ("capture", "inference"):
+            self.watchdog.register(loop)
+        self.watchdog.start()
+        systemd.ready()
+        systemd.status(f"answering {len(self.config.questions)} questions")
+        log.info("agent %s started: model %s, %d questions", self.config.agent_id, self._engine.name,
+                 len(self.config.questions))
+
+    def run(self) -> None:
+        """The inference loop, until `stop()`."""
+        while not self._stopped.is_set():
+            self.step()
+
+    def stop(self) -> None:
+        """Ask the loop to finish; `shutdown()` then releases everything."""
+        self._stopped.set()
+
+    def shutdown(self) -> None:
+        systemd.stopping()
+        self.watchdog.stop()
+        if self._reader is not None:
+            self._reader.stop()
+        if self._link is not None:
+            self._link.stop()
+        self.metrics.stop()
+        log.info("agent %s stopped", self.config.agent_id)
+
+    # -- one turn of the loop ----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Answer pending ad hoc questions, then the standing questions due on the newest frame."""
+        self.watchdog.idle("inference")
+        frame = self._reader.latest(after_seq=self._last_seq, timeout=FRAME_WAIT_S)
+        self.watchdog.progress("inference")
+        self._report_capture_health(frame)
+        self._answer_pending_asks()
+        if frame is not None:
+            self._last_seq = frame.seq
+            self._handle_frame(frame)
+        self._update_link_metrics()
+
+    def _handle_frame(self, frame: Frame) -> None:
+        self.metrics.frames.inc()
+        changed = self._scene is None or self._gate.changed(frame.image, frame.ts)
+        due = self._schedule.due(time.monotonic(), changed)
+        if changed and due:
+            self._encode(frame)
+        elif self._scene is not None:
+            self._scene.frame_ts = frame.ts
+        if due and self._scene is not None:
+            self._answer_standing(due, scene_changed=changed)
+
+    def _encode(self, frame: Frame) -> None:
+        context = self._engine.encode(frame.image)
+        self._gate.accept(frame.image, frame.ts)
+        self._scene = Scene(context=context, frame_ts=frame.ts)
+        self.metrics.scene_changes.inc()
+        timings = context.timings
+        self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000,
+                                     "prefix": timings.prefix_ms / 1000})
+
+    def _answer_standing(self, due: list[Question], scene_changed: bool) -> None:
+        scene = self._scene
+        fresh = [q for q in due if q.id not in scene.answers]
+        if fresh:
+            for question, answer in zip(fresh, self._ask_engine(scene.context, fresh)):
+                scene.answers[question.id] = self._message(question, answer, scene, scene_changed)
+        now = time.monotonic()
+        for question in due:
+            message = dataclasses.replace(scene.answers[question.id], frame_ts=scene.frame_ts,
+                                          scene_changed=scene_changed)
+            self._link.publish_answer(message)
+            self.metrics.answers_published.inc()
+            self._schedule.mark_answered(question.id, now)
+
+    def _ask_engine(self, context: FrameContext, questions: list[Question]) -> list[Answer]:
+        default = self.config.model.max_new_tokens
+        started = time.perf_counter()
+        answers = self._engine.answer(context, [build_prompt(q) for q in questions],
+                                      max_new_tokens=[q.max_new_tokens or default for q in questions])
+        self.metrics.inferences.inc()
+        timings = answers[0].timings
+        self.metrics.observe_stages({"question_prefill": timings.question_prefill_ms / 1000,
+                                     "decode": timings.decode_ms / 1000,
+                                     "total": time.perf_counter() - started})
+        return answers
+
+    def _message(self, question: Question, answer: Answer, scene: Scene, scene_changed: bool) -> AnswerMessage:
+        typed = parse_answer(question, answer.text)
+        if not typed.ok:
+            log.info("question %s: could not parse %r as %s; publishing unknown", question.id, answer.text,
+                     question.type)
+        answered = time.time()
+        return AnswerMessage(
+            question_id=question.id, question=question.question, type=question.type, value=typed.value,
+            raw=answer.text, state=state_string(question, typed), frame_ts=scene.frame_ts, answered_ts=answered,
+            latency_ms=round((answered - scene.frame_ts) * 1000.0, 1), model=self._engine.name,
+            scene_changed=scene_changed,
+        )
+
+    # -- ad hoc questions --------------------------------------------------------------------------------
+
+    def _enqueue_ask(self, request: AskRequest) -> None:
+        """Runs on the MQTT network thread: only enqueue (or refuse when full)."""
+        try:
+            self._asks.put_nowait(request)
+        except queue.Full:
+            self.metrics.ask_requests.labels(result="busy").inc()
+            self._link.reply(request, {"error": "busy: too many questions waiting, try again later"})
+
+    def _answer_pending_asks(self) -> None:
+        while True:
+            try:
+                request = self._asks.get_nowait()
+            except queue.Empty:
+                return
+            self._answer_ask(request)
+
+    def _answer_ask(self, request: AskRequest) -> None:
+        if self._scene is None:
+            self.metrics.ask_requests.labels(result="no_frame").inc()
+            self._link.reply(request, {"error": "no camera frame yet"})
+            return
+        try:
+            question = ad_hoc_question(request)
+        except UserError as error:
+            self.metrics.ask_requests.labels(result="invalid").inc()
+            self._link.reply(request, {"error": str(error)})
+            return
+        limit = request.max_new_tokens or self.config.model.max_new_tokens
+        started = time.perf_counter()
+        answer = self._engine.answer(self._scene.context, [build_prompt(question)], max_new_tokens=limit)[0]
+        typed = parse_answer(question, answer.text)
+        self.metrics.ask_requests.labels(result="answered").inc()
+        self._link.reply(request, {
+            "question": request.question, "answer": answer.text, "type": question.type, "value": typed.value,
+            "frame_ts": self._scene.frame_ts, "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
+            "model": self._engine.name,
+        })
+
+    # -- health ------------------------------------------------------------------------------------------
+
+    def _on_camera_status(self, online: bool) -> None:
+        self.metrics.camera_up.set(1 if online else 0)
+        if self._link is not None:
+            self._link.publish_camera(online)
+        log.warning("camera %s", "online" if online else "offline")
+
+    def _report_capture_health(self, frame: Frame | None) -> None:
+        """The capture loop is healthy while frames arrive, or while it is (re)opening an offline source."""
+        if frame is not None:
+            self.watchdog.progress("capture")
+        elif not self._reader.online:
+            self.watchdog.idle("capture")
+
+    def _update_link_metrics(self) -> None:
+        self.metrics.mqtt_connected.set(1 if self._link.connected else 0)
+        self.metrics.mqtt_queue_depth.set(self._link.queued)
+
+
+def entity_spec(question: Question) -> EntitySpec:
+    return EntitySpec(question_id=question.id, name=question.question, type=question.type,
+                      device_class=question.device_class, options=tuple(question.options or ()))
+
+
+def ad_hoc_question(request: AskRequest) -> Question:
+    """An ask request as a question: typed when the request names a type, free text otherwise."""
+    return Question(id="ask", question=request.question, type=request.type or "text",
+                    options=tuple(request.options))
+
+
+def run_agent(config: Config) -> int:
+    """`edge-agent run`: start the agent and run it until SIGTERM or SIGINT."""
+    agent = Agent(config)
+
+    def request_stop(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        agent.start()
+        agent.run()
+    finally:
+        agent.shutdown()
+    return 0

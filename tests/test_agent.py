@@ -1,0 +1,192 @@
+"""The agent end to end: a real video file, the tiny model, and a real mosquitto with a subscriber."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from edge_agent.config import parse_config
+from edge_agent.service import Agent
+from tests.support.broker import wait_until
+from tests.support.videos import pattern
+
+AGENT = "kiosk-test"
+QUESTIONS = [
+    {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "every": 0.5, "device_class": "door"},
+    {"id": "people", "question": "How many people are in the room?", "type": "number", "every": 0.5},
+    {"id": "cup", "question": "What colour is the cup?", "type": "choice", "options": ["red", "blue", "green"],
+     "every": 0.5},
+    {"id": "scene", "question": "Describe the room.", "type": "text", "every": 0.5, "trigger": "change"},
+]
+
+
+def write_video(path, frames: list[np.ndarray], fps: float = 10):
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def static_video(tmp_path_factory):
+    """Three seconds of one unchanging scene."""
+    return write_video(tmp_path_factory.mktemp("video") / "static.mp4", [pattern(3)] * 30)
+
+
+@pytest.fixture(scope="module")
+def moving_video(tmp_path_factory):
+    """A square that jumps to a new place every half second."""
+    frames = [pattern(index // 5 * 9) for index in range(40)]
+    return write_video(tmp_path_factory.mktemp("video") / "moving.mp4", frames)
+
+
+def agent_config(model, broker, video, **overrides) -> dict:
+    config = {
+        "agent_id": AGENT,
+        "camera": {"source": str(video), "loop": True, "fps": 5},
+        "model": {"path": str(model), "max_new_tokens": 4},
+        "mqtt": {"host": broker.host, "port": broker.port},
+        "questions": QUESTIONS,
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    for section, values in overrides.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    return config
+
+
+class RunningAgent:
+    """An Agent on its own thread, stopped and shut down on exit."""
+
+    def __init__(self, config: dict, engine=None):
+        self.agent = Agent(parse_config(config), engine=engine)
+        self._thread = threading.Thread(target=self.agent.run, daemon=True)
+
+    def __enter__(self) -> Agent:
+        self.agent.start()
+        self._thread.start()
+        return self.agent
+
+    def __exit__(self, *exc_info):
+        self.agent.stop()
+        self._thread.join(timeout=30)
+        self.agent.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llava_int8):
+    from edge_agent.engine import Engine
+    return Engine.load(tiny_llava_int8)
+
+
+def topic(*levels: str) -> str:
+    return "/".join(("edge-agent", AGENT) + levels)
+
+
+def test_the_agent_publishes_an_answer_for_every_standing_question(tiny_llava_int8, tiny_engine, broker,
+                                                                     subscriber, moving_video):
+    listener = subscriber(broker, "edge-agent/#", "homeassistant/#")
+    with RunningAgent(agent_config(tiny_llava_int8, broker, moving_video), engine=tiny_engine):
+        for question in QUESTIONS:
+            message = listener.next(topic("answers", question["id"]), timeout=60)
+            payload = json.loads(message.payload)
+            assert message.retain
+            assert set(payload) == {"question_id", "question", "type", "value", "raw", "frame_ts", "answered_ts",
+                                    "latency_ms", "model", "scene_changed"}
+            assert payload["question_id"] == question["id"] and payload["type"] == question["type"]
+            assert payload["model"] == tiny_llava_int8.name
+            assert payload["answered_ts"] >= payload["frame_ts"] > time.time() - 120
+            state = listener.next(topic("state", question["id"])).payload.decode()
+            assert state == "unknown" if payload["value"] is None else state
+        assert listener.next(topic("availability")).payload == b"online"
+        door = json.loads(listener.next(f"homeassistant/binary_sensor/{AGENT}_door_open/config").payload)
+        assert door["state_topic"] == topic("state", "door_open") and door["device_class"] == "door"
+        assert listener.next(f"homeassistant/sensor/{AGENT}_people/config")
+    wait_until(lambda: listener.on(topic("availability"))[-1].payload == b"offline", what="offline on stop")
+
+
+def test_an_unchanged_scene_is_encoded_once_however_many_frames_arrive(tiny_llava_int8, tiny_engine, broker,
+                                                                        static_video):
+    with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=tiny_engine) as agent:
+        wait_until(lambda: agent.metrics.frames._value.get() >= 12, timeout=30, what="12 frames")
+    assert agent.metrics.scene_changes._value.get() == 1
+    assert agent.metrics.inferences._value.get() == 1
+
+
+def test_a_changing_scene_is_encoded_again_and_change_questions_follow_it(tiny_llava_int8, tiny_engine, broker,
+                                                                          subscriber, moving_video):
+    listener = subscriber(broker, topic("answers", "scene"))
+    with RunningAgent(agent_config(tiny_llava_int8, broker, moving_video), engine=tiny_engine) as agent:
+        wait_until(lambda: agent.metrics.scene_changes._value.get() >= 3, timeout=30, what="3 scene changes")
+    assert agent.metrics.inferences._value.get() >= 3
+    assert all(json.loads(m.payload)["scene_changed"] for m in listener.on(topic("answers", "scene")))
+
+
+def write_config(tmp_path, config: dict):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_edge_agent_ask_without_an_image_asks_the_running_agent(tiny_llava_int8, tiny_engine, broker,
+                                                                 moving_video, tmp_path):
+    config = agent_config(tiny_llava_int8, broker, moving_video)
+    config_file = write_config(tmp_path, config)
+    with RunningAgent(config, engine=tiny_engine) as agent:
+        wait_until(lambda: agent.metrics.inferences._value.get() >= 1, timeout=30, what="a first answer")
+        result = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "Is anyone at the counter?", "--config",
+                                 str(config_file), "--json", "--timeout", "20"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["question"] == "Is anyone at the counter?" and isinstance(reply["answer"], str)
+    assert reply["model"] == tiny_llava_int8.name
+
+
+def test_edge_agent_ask_says_clearly_when_no_agent_answers(broker, tmp_path, tiny_llava_int8, static_video):
+    config_file = write_config(tmp_path, agent_config(tiny_llava_int8, broker, static_video))
+    result = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "Hello?", "--config", str(config_file),
+                             "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "no agent answered" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_edge_agent_run_notifies_systemd_and_stops_cleanly_on_sigterm(tiny_llava_int8, broker, subscriber,
+                                                                      static_video, tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(60)
+    listener = subscriber(broker, topic("availability"))
+    config_file = write_config(tmp_path, agent_config(tiny_llava_int8, broker, static_video))
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="2000000")
+    process = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)], env=env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        messages = []
+        while "READY=1" not in messages:
+            messages.extend(notify.recv(4096).decode().splitlines())
+        while "WATCHDOG=1" not in messages:
+            messages.extend(notify.recv(4096).decode().splitlines())
+        wait_until(lambda: any(m.payload == b"online" for m in listener.on(topic("availability"))), what="online")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, process.stderr.read()
+        notify.settimeout(1)
+        while "STOPPING=1" not in messages:
+            messages.extend(notify.recv(4096).decode().splitlines())
+        wait_until(lambda: listener.on(topic("availability"))[-1].payload == b"offline", what="offline")
+    finally:
+        process.kill()
+        notify.close()
