@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs everything the tests need (Debian and Python packages), builds the tiny
+# test models once (cached under .cache/), then runs the whole suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+DEBIAN_PACKAGES=(mosquitto ffmpeg systemd)  # the broker, test videos, systemd-analyze for the unit file
+missing=()
+for package in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# torch first and pinned: 2.13.0 is the CPU wheel; an open range would download a CUDA build of several GB.
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+python -m pip install -q --disable-pip-version-check -e ".[export,dev]"
+# optimum-intel pulls PyPI's torchvision, which fails to import beside this torch and breaks transformers.
+python -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true
+
+python -m tests.support.models
+exec python -m pytest -q "$@"
