@@ -16,7 +16,6 @@ from typing import Iterator
 from edge_agent.errors import UserError
 from edge_agent.export import staged_output_dir
 
-ARCHS = ("llava", "llava_next")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 IMAGE_TOKEN = "<image>"
 
@@ -175,23 +174,43 @@ def image_tokens_per_tile(shapes: Shapes) -> int:
     return (shapes.image_size // shapes.patch_size) ** 2
 
 
-def _processor(arch: str, shapes: Shapes, tokenizer):
-    from transformers import (CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor,
-                              LlavaProcessor)
+@dataclasses.dataclass(frozen=True)
+class _ArchClasses:
+    """The transformers classes that make up one LLaVA architecture."""
 
-    image_options = dict(
+    image_processor: str
+    processor: str
+    config: str
+    model: str
+
+
+_ARCH_CLASSES = {
+    "llava": _ArchClasses("CLIPImageProcessor", "LlavaProcessor", "LlavaConfig", "LlavaForConditionalGeneration"),
+    "llava_next": _ArchClasses("LlavaNextImageProcessor", "LlavaNextProcessor", "LlavaNextConfig",
+                               "LlavaNextForConditionalGeneration"),
+}
+ARCHS = tuple(_ARCH_CLASSES)
+
+
+def _anyres_options(arch: str, shapes: Shapes) -> dict:
+    """The settings only llava_next has, shared by its image processor and its config."""
+    if arch != "llava_next":
+        return {}
+    return {"image_grid_pinpoints": [list(pinpoint) for pinpoint in shapes.grid_pinpoints]}
+
+
+def _processor(arch: str, shapes: Shapes, tokenizer):
+    import transformers
+
+    classes = _ARCH_CLASSES[arch]
+    image_processor = getattr(transformers, classes.image_processor)(
         size={"shortest_edge": shapes.image_size},
         crop_size={"height": shapes.image_size, "width": shapes.image_size},
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
+        **_anyres_options(arch, shapes),
     )
-    if arch == "llava":
-        image_processor, processor_class = CLIPImageProcessor(**image_options), LlavaProcessor
-    else:
-        pinpoints = [list(p) for p in shapes.grid_pinpoints]
-        image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **image_options)
-        processor_class = LlavaNextProcessor
-    return processor_class(
+    return getattr(transformers, classes.processor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=shapes.patch_size,
@@ -204,35 +223,29 @@ def _processor(arch: str, shapes: Shapes, tokenizer):
 
 def _random_model(arch: str, shapes: Shapes, tokenizer, seed: int):
     import torch
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+    import transformers
 
     special_ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = CLIPVisionConfig(
+    vision = transformers.CLIPVisionConfig(
         hidden_size=shapes.vision_hidden, intermediate_size=shapes.vision_intermediate,
         num_hidden_layers=shapes.vision_layers, num_attention_heads=shapes.vision_heads,
         image_size=shapes.image_size, patch_size=shapes.patch_size, projection_dim=shapes.vision_hidden,
         initializer_range=shapes.init_std,
     )
-    text = LlamaConfig(
+    text = transformers.LlamaConfig(
         hidden_size=shapes.text_hidden, intermediate_size=shapes.text_intermediate,
         num_hidden_layers=shapes.text_layers, num_attention_heads=shapes.text_heads,
         num_key_value_heads=shapes.text_kv_heads, vocab_size=shapes.vocab_size,
         max_position_embeddings=shapes.max_positions, initializer_range=shapes.init_std, **special_ids,
     )
-    common = dict(
+    classes = _ARCH_CLASSES[arch]
+    config = getattr(transformers, classes.config)(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=image_tokens_per_tile(shapes), vision_feature_select_strategy="default",
-        vision_feature_layer=-2, **special_ids,
+        vision_feature_layer=-2, **special_ids, **_anyres_options(arch, shapes),
     )
-    if arch == "llava":
-        config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
-    else:
-        pinpoints = [list(p) for p in shapes.grid_pinpoints]
-        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
-        model_class = LlavaNextForConditionalGeneration
     torch.manual_seed(seed)
-    return model_class(config).eval()
+    return getattr(transformers, classes.model)(config).eval()
