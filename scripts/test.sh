@@ -16,9 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# torch first and pinned: 2.13.0 is the CPU wheel; an open range would download a CUDA build of several GB.
-python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-python -m pip install -q --disable-pip-version-check -e ".[export,dev]"
+# Pinned torch (the CPU wheel) and the torchvision release that matches it: see scripts/constraints.txt.
+python -m pip install -q --disable-pip-version-check -c scripts/constraints.txt -e ".[export,dev]"
 # optimum-intel pulls PyPI's torchvision, which fails to import beside this torch and breaks transformers.
 python -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true
 
