@@ -25,7 +25,7 @@ from . import systemd
 from .capture import CameraReader, CaptureSettings, GateSettings, SceneGate, validate_source
 from .capture.reader import Frame
 from .config import Config, Question
-from .engine import Answer, Engine, FrameContext
+from .engine import Answer, Engine, FrameContext, Prompt
 from .errors import UserError
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec, MqttSettings
@@ -193,8 +193,7 @@ class Agent:
     def _ask_engine(self, context: FrameContext, questions: list[Question]) -> list[Answer]:
         default = self.config.model.max_new_tokens
         started = time.perf_counter()
-        answers = self._engine.answer(context, [build_prompt(q) for q in questions],
-                                      max_new_tokens=[q.max_new_tokens or default for q in questions])
+        answers = self._engine.answer(context, [engine_prompt(q, default) for q in questions])
         self.metrics.inferences.inc()
         timings = answers[0].timings
         self.metrics.observe_stages({"question_prefill": timings.question_prefill_ms / 1000,
@@ -212,7 +211,7 @@ class Agent:
             question_id=question.id, question=question.question, type=question.type, value=typed.value,
             raw=answer.text, state=state_string(question, typed), frame_ts=scene.frame_ts, answered_ts=answered,
             latency_ms=round((answered - scene.frame_ts) * 1000.0, 1), model=self._engine.name,
-            scene_changed=scene_changed,
+            scene_changed=scene_changed, confidence=answer.confidence,
         )
 
     # -- ad hoc questions --------------------------------------------------------------------------------
@@ -246,12 +245,12 @@ class Agent:
             return
         limit = request.max_new_tokens or self.config.model.max_new_tokens
         started = time.perf_counter()
-        answer = self._engine.answer(self._scene.context, [build_prompt(question)], max_new_tokens=limit)[0]
+        answer = self._engine.answer(self._scene.context, [engine_prompt(question, limit)])[0]
         typed = parse_answer(question, answer.text)
         self.metrics.ask_requests.labels(result="answered").inc()
         self._link.reply(request, {
             "question": request.question, "answer": answer.text, "type": question.type, "value": typed.value,
-            "frame_ts": self._scene.frame_ts, "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
+            "confidence": answer.confidence, "frame_ts": self._scene.frame_ts, "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
             "model": self._engine.name,
         })
 
@@ -273,6 +272,16 @@ class Agent:
     def _update_link_metrics(self) -> None:
         self.metrics.mqtt_connected.set(1 if self._link.connected else 0)
         self.metrics.mqtt_queue_depth.set(self._link.queued)
+
+
+YES_NO_OPTIONS = ("Yes", "No")
+
+
+def engine_prompt(question: Question, default_max_new_tokens: int) -> Prompt:
+    """How the engine should answer a question: yes/no and choice pick an option, numbers decode digits."""
+    options = YES_NO_OPTIONS if question.type == "yes_no" else tuple(question.options)
+    return Prompt(build_prompt(question), max_new_tokens=question.max_new_tokens or default_max_new_tokens,
+                  options=options, digits=question.type == "number")
 
 
 def entity_spec(question: Question) -> EntitySpec:

@@ -104,12 +104,18 @@ def test_the_agent_publishes_an_answer_for_every_standing_question(tiny_llava_in
             payload = json.loads(message.payload)
             assert message.retain
             assert set(payload) == {"question_id", "question", "type", "value", "raw", "frame_ts", "answered_ts",
-                                    "latency_ms", "model", "scene_changed"}
+                                    "latency_ms", "model", "scene_changed", "confidence"}
             assert payload["question_id"] == question["id"] and payload["type"] == question["type"]
             assert payload["model"] == tiny_llava_int8.name
             assert payload["answered_ts"] >= payload["frame_ts"] > time.time() - 120
             state = listener.next(topic("state", question["id"])).payload.decode()
-            assert state == "unknown" if payload["value"] is None else state
+            if question["type"] in ("yes_no", "choice"):  # decided among the options: never unknown
+                assert payload["value"] in ([True, False] if question["type"] == "yes_no" else question["options"])
+                assert 0 < payload["confidence"] <= 1
+                assert state == ({True: "ON", False: "OFF"}.get(payload["value"]) or payload["value"])
+            else:
+                assert payload["confidence"] is None
+                assert state == "unknown" if payload["value"] is None else state == str(payload["value"])
         assert listener.next(topic("availability")).payload == b"online"
         door = json.loads(listener.next(f"homeassistant/binary_sensor/{AGENT}_door_open/config").payload)
         assert door["state_topic"] == topic("state", "door_open") and door["device_class"] == "door"

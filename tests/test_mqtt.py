@@ -37,6 +37,7 @@ def test_an_answer_is_published_retained_as_json_and_as_a_plain_state(broker, ma
         "latency_ms": 500.0,
         "model": "tiny-llava",
         "scene_changed": True,
+        "confidence": None,
     }
     state = watcher.next(DOOR_STATE)
     assert (state.payload, state.retain) == (b"ON", True)

@@ -4,6 +4,7 @@ Imports only openvino, openvino-tokenizers, numpy and jinja2 (for the model's ch
 transformers or optimum.
 """
 
+from .constrained import Prompt
 from .engine import Answer, Engine, FrameContext, Timings
 
-__all__ = ["Answer", "Engine", "FrameContext", "Timings"]
+__all__ = ["Answer", "Engine", "FrameContext", "Prompt", "Timings"]

@@ -11,6 +11,7 @@ batch, so the image is never encoded or prefilled twice.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import openvino as ov
 
 from ..errors import UserError
+from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
 from .language import LanguageSession
@@ -47,9 +49,10 @@ class Timings:
 @dataclass(frozen=True)
 class Answer:
     question: str
-    text: str
-    token_ids: list[int]
+    text: str  # the generated text, or the chosen option
+    token_ids: list[int]  # generated ids (without the stop token), or the chosen option's spelling
     timings: Timings
+    confidence: float | None = None  # for option questions: the chosen option's probability among the options
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Engine:
         self._language = core.compile_model(model.graph("language"), devices.language,
                                             compile_properties(devices.language, inference_precision))
         self._lock = threading.Lock()
+        self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "CPU", vision_device: str | None = None,
@@ -173,19 +177,18 @@ class Engine:
 
     # -- answering ---------------------------------------------------------------------------------------
 
-    def answer(self, context: FrameContext, questions: list[str], max_new_tokens: int | list[int] = 32,
+    def answer(self, context: FrameContext, questions: list[str | Prompt], max_new_tokens: int | list[int] = 32,
                ignore_eos: bool = False) -> list[Answer]:
-        """Greedy answers to `questions` about the frame in `context`, decoded as one batch.
+        """Answers to `questions` about the frame in `context`, prefilled and decoded as one batch.
 
-        `max_new_tokens` may be one limit or one per question. With `ignore_eos` every answer runs to its
-        limit (benchmarks use it for fixed lengths).
+        A plain string is a free-text question answered greedily with `max_new_tokens` (one limit, or one
+        per question); a `Prompt` carries its own limit and may ask for one of its options or for digits.
+        With `ignore_eos` every free answer runs to its limit (benchmarks use it for fixed lengths).
         """
-        if not questions:
+        prompts = self._as_prompts(questions, max_new_tokens)
+        if not prompts:
             return []
-        if any(not q or not q.strip() for q in questions):
-            raise UserError("a question is empty")
-        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(questions)
-        suffixes = [self._question_suffix(context, q) for q in questions]
+        suffixes = [self._question_suffix(context, p.text) for p in prompts]
         with self._lock, context.lock:
             watch = Stopwatch()
             session = context.session
@@ -193,12 +196,27 @@ class Engine:
                 session.prefill_prefix(context.prefix_embeds)
             logits = session.prefill_questions(self._left_padded_embeds(suffixes), [len(s) for s in suffixes])
             prefill_ms = watch.lap()
-            generated = self._decode(session, logits, limits, ignore_eos)
+            chosen = self._choose(session, prompts, logits)
+            generated = self._decode(session, prompts, logits, ignore_eos)
             decode_ms = watch.lap()
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
                           prefill_ms, decode_ms)
-        return [Answer(question=q, text=self.tokenizer.decode(ids), token_ids=ids, timings=timings)
-                for q, ids in zip(questions, generated)]
+        answers = []
+        for row, prompt in enumerate(prompts):
+            if row in chosen:
+                option, ids, confidence = chosen[row]
+                answers.append(Answer(prompt.text, option, list(ids), timings, confidence))
+            else:
+                answers.append(Answer(prompt.text, self.tokenizer.decode(generated[row]), generated[row], timings))
+        return answers
+
+    @staticmethod
+    def _as_prompts(questions, max_new_tokens) -> list[Prompt]:
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(questions)
+        prompts = [q if isinstance(q, Prompt) else Prompt(q, limit) for q, limit in zip(questions, limits)]
+        if any(not p.text or not p.text.strip() for p in prompts):
+            raise UserError("a question is empty")
+        return prompts
 
     def _question_suffix(self, context: FrameContext, question: str) -> np.ndarray:
         prefix, suffix = self._split_prompt(question)
@@ -214,24 +232,103 @@ class Engine:
             ids[row, width - len(suffix):] = suffix
         return self._embed_ids(ids)
 
-    def _decode(self, session: LanguageSession, logits: np.ndarray, limits: list[int],
-                ignore_eos: bool) -> list[list[int]]:
-        """Greedy decoding; rows leave the batch when they emit a stop token or reach their limit."""
-        stop = set() if ignore_eos else set(self.model.stop_token_ids)
-        outputs: list[list[int]] = [[] for _ in limits]
-        active = list(range(len(limits)))
+    # -- option questions --------------------------------------------------------------------------------
+
+    def _choose(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray) -> dict:
+        """For option rows: {row: (option, its best spelling's ids, probability)} from the model's distribution.
+
+        Single-token spellings are scored from the prefill logits; longer ones need one teacher-forced pass,
+        which appends them as extra rows after the batch's own rows (which stay in place, unchanged).
+        """
+        rows = [row for row, p in enumerate(prompts) if p.options]
+        if not rows:
+            return {}
+        first = {row: log_softmax(logits[row]) for row in rows}
+        spelled = {row: [self._option_ids(prompts[row].text, o) for o in prompts[row].options] for row in rows}
+        scores = {(row, o, ids): first[row][ids[0]] for row in rows
+                  for o, variants in enumerate(spelled[row]) for ids in variants}
+        longer = [key for key in scores if len(key[2]) > 1]
+        if longer:
+            for key, tail in zip(longer, self._teacher_forced(session, len(prompts), longer)):
+                scores[key] += tail
+        chosen = {}
+        for row in rows:
+            per_option = [[scores[(row, o, ids)] for ids in variants] for o, variants in enumerate(spelled[row])]
+            probabilities = option_probabilities(per_option)
+            best = int(probabilities.argmax())
+            best_ids = max(spelled[row][best], key=lambda ids: scores[(row, best, ids)])
+            chosen[row] = (prompts[row].options[best], best_ids, float(probabilities[best]))
+        return chosen
+
+    def _teacher_forced(self, session: LanguageSession, batch: int, keys) -> list[float]:
+        """Log-probability of every spelling's tokens after its first, given the row's prompt."""
+        chunks = [ids[:-1] for _, _, ids in keys]
+        width = max(len(c) for c in chunks)
+        ids = np.zeros((batch + len(chunks), width), dtype=np.int64)
+        for index, chunk in enumerate(chunks):
+            ids[batch + index, width - len(chunk):] = chunk
+        lengths = [0] * batch + [len(c) for c in chunks]
+        logits = session.extend(list(range(batch)) + [row for row, _, _ in keys], self._embed_ids(ids), lengths)
+        tails = []
+        for index, (_, _, spelling) in enumerate(keys):
+            steps = log_softmax(logits[batch + index, width - len(chunks[index]):])
+            tails.append(float(sum(steps[j, spelling[j + 1]] for j in range(len(spelling) - 1))))
+        return tails
+
+    def _option_ids(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:
+        """The token ids of each way the model may spell `option` right after the prompt (cached)."""
+        key = (question, option)
+        if key not in self._option_cache:
+            self._option_cache[key] = self._spell_option(question, option)
+        return self._option_cache[key]
+
+    def _spell_option(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:
+        rendered = self.template.render(question)
+        prompt_ids = self.tokenizer.encode(rendered)
+        variants = {continuation(prompt_ids, self.tokenizer.encode(rendered + spelling)) for spelling in spellings(option)}
+        variants.discard(None)
+        if not variants:
+            raise UserError(f"option {option!r} cannot be tokenized as an answer to {question!r}")
+        return tuple(sorted(variants))
+
+    # -- free answers ------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _digits(self) -> DigitVocabulary:
+        vocabulary = self._language.output("logits").get_partial_shape()[2].get_length()
+        return DigitVocabulary.from_token_texts([self.tokenizer.decode([token]) for token in range(vocabulary)])
+
+    def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray,
+                ignore_eos: bool) -> dict[int, list[int]]:
+        """Greedy decoding of the free rows; a row leaves the batch at a stop token or its limit.
+
+        Row i of `logits` is question i, and so is row i of the session's batch.
+        """
+        stop = [] if ignore_eos else list(self.model.stop_token_ids)
+        active = [row for row, p in enumerate(prompts) if not p.options]
+        outputs: dict[int, list[int]] = {row: [] for row in active}
+        logits = logits[active]
+        batch_rows = list(active)
         while active:
-            next_ids = logits.argmax(axis=-1)
             keep = []
-            for batch_row, question in enumerate(active):
-                token = int(next_ids[batch_row])
+            next_ids = []
+            for position, row in enumerate(active):
+                token = self._next_token(logits[position], prompts[row], outputs[row], stop)
+                next_ids.append(token)
                 if token in stop:
                     continue
-                outputs[question].append(token)
-                if len(outputs[question]) < limits[question]:
-                    keep.append(batch_row)
+                outputs[row].append(token)
+                if len(outputs[row]) < prompts[row].max_new_tokens:
+                    keep.append(position)
             if not keep:
                 break
-            active = [active[r] for r in keep]
-            logits = session.step(self._embed_ids(next_ids[keep][:, None]), np.asarray(keep))
+            tokens = np.asarray([next_ids[k] for k in keep], dtype=np.int64)
+            logits = session.step(self._embed_ids(tokens[:, None]), np.asarray([batch_rows[k] for k in keep]))
+            active = [active[k] for k in keep]
+            batch_rows = list(range(len(active)))
         return outputs
+
+    def _next_token(self, logits: np.ndarray, prompt: Prompt, so_far: list[int], stop: list[int]) -> int:
+        if not prompt.digits:
+            return int(logits.argmax())
+        return int(np.where(self._digits.allowed(so_far, stop), logits, -np.inf).argmax())

@@ -38,6 +38,7 @@ class LanguageSession:
         length = embeds.shape[1]
         self._run(embeds, np.ones((1, length), dtype=np.int64), np.arange(length, dtype=np.int64)[None],
                   beam_idx=np.zeros(1, dtype=np.int32))
+        self._next_position = np.array([length])
         self.prefix_len = self.kv_len = length
 
     def prefill_questions(self, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
@@ -45,16 +46,31 @@ class LanguageSession:
 
         Returns the next-token logits of every row [N, vocab].
         """
+        rows = embeds.shape[0]
+        prefix_only = np.zeros((rows, self.kv_len), dtype=np.int64)
+        prefix_only[:, :self.prefix_len] = 1
+        return self._append(prefix_only, embeds, lengths, beam_idx=np.zeros(rows, dtype=np.int32),
+                            start=np.full(rows, self.prefix_len), last=1)[:, -1]
+
+    def extend(self, rows, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Append left-padded token chunks [B, W, hidden] to current `rows` (a row may be repeated).
+
+        A row with length 0 is carried along unchanged. Returns the logits at every chunk position
+        [B, W, vocab] (position j predicts the token after chunk token j).
+        """
+        rows = np.asarray(rows, dtype=np.int32)
+        return self._append(self._mask[rows], embeds, lengths, beam_idx=rows, start=self._next_position[rows],
+                            last=embeds.shape[1])
+
+    def _append(self, base_mask, embeds, lengths, beam_idx, start, last: int) -> np.ndarray:
         rows, width = embeds.shape[:2]
         lengths = np.asarray(lengths, dtype=np.int64)
-        mask = np.zeros((rows, self.kv_len + width), dtype=np.int64)
-        mask[:, :self.prefix_len] = 1
         column = np.arange(width)[None, :]
         real = column >= (width - lengths)[:, None]  # left padding
-        mask[:, self.kv_len:] = real
-        positions = np.where(real, self.prefix_len + column - (width - lengths)[:, None], 1)
-        logits = self._run(embeds, mask, positions, beam_idx=np.zeros(rows, dtype=np.int32))
-        self._next_position = self.prefix_len + lengths
+        mask = np.concatenate([base_mask, real.astype(np.int64)], axis=1)
+        positions = np.where(real, start[:, None] + column - (width - lengths)[:, None], 1)
+        logits = self._run(embeds, mask, positions, beam_idx=beam_idx, last=last)
+        self._next_position = start + lengths
         return logits
 
     def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -63,11 +79,12 @@ class LanguageSession:
         self._mask = self._mask[rows]
         self._next_position = self._next_position[rows]
         mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        logits = self._run(embeds, mask, self._next_position[:, None], beam_idx=rows)
+        logits = self._run(embeds, mask, self._next_position[:, None], beam_idx=rows)[:, -1]
         self._next_position = self._next_position + 1
         return logits
 
-    def _run(self, embeds, mask, positions, beam_idx) -> np.ndarray:
+    def _run(self, embeds, mask, positions, beam_idx, last: int = 1) -> np.ndarray:
+        """One inference; returns the logits of the last `last` positions [B, last, vocab]."""
         self._request.infer({
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
             "attention_mask": mask,
@@ -76,4 +93,4 @@ class LanguageSession:
         })
         self._mask = mask
         self.kv_len = mask.shape[1]
-        return self._request.get_tensor("logits").data[:, -1, :].copy()
+        return self._request.get_tensor("logits").data[:, -last:, :].copy()

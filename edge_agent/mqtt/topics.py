@@ -6,7 +6,7 @@
 | --- | --- | --- |
 | `<base>/<agent>/availability` | yes | `online` / `offline`; `offline` is also the last will |
 | `<base>/<agent>/camera` | yes | `online` / `offline`: whether frames are arriving |
-| `<base>/<agent>/answers/<question_id>` | yes | JSON `{question_id, question, type, value, raw, frame_ts, answered_ts, latency_ms, model, scene_changed}` (timestamps in Unix seconds) |
+| `<base>/<agent>/answers/<question_id>` | yes | JSON `{question_id, question, type, value, raw, frame_ts, answered_ts, latency_ms, model, scene_changed, confidence}` (timestamps in Unix seconds; `confidence` is the option's probability for yes/no and choice questions, else null) |
 | `<base>/<agent>/state/<question_id>` | yes | plain state for Home Assistant: `ON`/`OFF` (yes/no), the option, the integer, the text (at most 255 characters) or `unknown` |
 | `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
 | `<base>/<agent>/discovery` | yes | JSON list of the Home Assistant config topics this agent announced |
@@ -59,6 +59,8 @@ class AnswerMessage:
     """The model that answered (directory or display name)."""
     scene_changed: bool
     """Whether the scene gate saw a change since the previous answered frame."""
+    confidence: float | None = None
+    """For yes/no and choice questions: the model's probability of the published option among the options."""
 
 
 def answer_payload(msg: AnswerMessage) -> bytes:
