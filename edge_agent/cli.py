@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_ask(commands)
     _add_model(commands)
+    _add_demo(commands)
     _add_bench(commands)
     return parser
 
@@ -181,6 +182,24 @@ def _bench(args) -> int:
                                      frames=args.frames, device=args.device, cache_dir=args.cache_dir))
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser("demo", help="run the agent on a generated kiosk video with the shipped demo "
+                               "model and a local broker, printing the answers")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.add_argument("--model", help="model directory (default: the shipped models/demo-llava/openvino-int8)")
+    demo.add_argument("--video-seconds", type=float, default=24.0,
+                      help="length of the generated story, looped (default: %(default)s)")
+    demo.set_defaults(command=_demo)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.duration, args.model, video_seconds=args.video_seconds)
 
 
 # -- model ----------------------------------------------------------------------------------------------

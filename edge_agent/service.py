@@ -260,7 +260,10 @@ class Agent:
         self.metrics.camera_up.set(1 if online else 0)
         if self._link is not None:
             self._link.publish_camera(online)
-        log.warning("camera %s", "online" if online else "offline")
+        if online:
+            log.info("camera online")
+        else:
+            log.warning("camera offline")
 
     def _report_capture_health(self, frame: Frame | None) -> None:
         """The capture loop is healthy while frames arrive, or while it is (re)opening an offline source."""

@@ -1,0 +1,218 @@
+"""`edge-agent demo`: the whole agent on a generated video, with the answers shown as a subscriber sees them.
+
+It writes a short video of a synthetic kiosk room in which the door opens and people come and go
+(`edge_agent.scenes`), starts an MQTT broker on loopback (mosquitto where installed, else an embedded
+amqtt broker, which speaks MQTT 3.1.1 only) unless one is given, runs the agent with the shipped demo
+model on that video, and prints every answer published, next to the ground truth of the scene.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .config import parse_config
+from .errors import UserError
+from .scenes import Moment, Scene, scene_at, scene_timeline, write_video
+from .service import Agent
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = pathlib.Path("models") / "demo-llava" / "openvino-int8"
+VIDEO_SIZE = (640, 480)
+VIDEO_FPS = 10
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+# The standing questions of the demo, phrased as the demo model was trained.
+DEMO_QUESTIONS = (
+    {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "device_class": "door"},
+    {"id": "people", "question": "How many people are in the room?", "type": "number"},
+    {"id": "bag", "question": "Is there a bag on the floor?", "type": "yes_no"},
+    {"id": "cup_colour", "question": "What colour is the cup?", "type": "choice",
+     "options": ["red", "green", "blue", "yellow", "white"]},
+)
+
+
+def truth_of(question_id: str, scene: Scene):
+    """The right answer to a demo question in `scene`."""
+    return {"door_open": scene.door_open, "people": scene.people, "bag": scene.bag_present,
+            "cup_colour": scene.cup_colour}[question_id]
+
+
+def find_demo_model(explicit: str | None) -> pathlib.Path:
+    """The model to run: `--model`, else the shipped demo model beside the working directory or the package."""
+    candidates = [pathlib.Path(explicit)] if explicit else [DEMO_MODEL,
+                                                            pathlib.Path(__file__).resolve().parents[1] / DEMO_MODEL]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"demo model not found at {candidates[0]}: run the demo from the repository root, "
+                    "or pass --model DIR")
+
+
+# -- a broker on loopback ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    protocol: str  # "5" or "3.1.1"
+    kind: str  # what serves it, for the progress line
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        time.sleep(0.05)
+    raise UserError(f"the demo broker did not start listening on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def mosquitto_broker(binary: str, workdir: pathlib.Path) -> Iterator[BrokerAddress]:
+    port = free_port()
+    config = workdir / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield BrokerAddress("127.0.0.1", port, "5", "mosquitto")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def amqtt_broker() -> Iterator[BrokerAddress]:
+    """An embedded amqtt broker on its own event-loop thread (MQTT 3.1.1 only)."""
+    import asyncio
+
+    from amqtt.broker import Broker
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}},
+                    loop=loop)
+    thread = threading.Thread(target=loop.run_forever, name="amqtt", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(broker.start(), loop).result(timeout=10)
+    try:
+        yield BrokerAddress("127.0.0.1", port, "3.1.1", "embedded amqtt")
+    finally:
+        asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def local_broker(workdir: pathlib.Path):
+    binary = shutil.which("mosquitto") or next((p for p in MOSQUITTO_PATHS if pathlib.Path(p).exists()), None)
+    return mosquitto_broker(binary, workdir) if binary else amqtt_broker()
+
+
+# -- the demo -------------------------------------------------------------------------------------------
+
+def demo_config(model: pathlib.Path, video: pathlib.Path, broker: BrokerAddress) -> dict:
+    return {
+        "agent_id": "demo",
+        "camera": {"source": str(video), "loop": True, "fps": 2},
+        "model": {"path": str(model), "max_new_tokens": 4},
+        "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol, "discovery": True},
+        "scene_gate": {"threshold": 0.02, "max_unchanged_s": 0},
+        "questions": [dict(q, every=1.0) for q in DEMO_QUESTIONS],
+        "metrics": {"listen": None},
+    }
+
+
+class AnswerPrinter:
+    """Subscribes to the agent's answers and prints each one beside the ground truth at its frame."""
+
+    def __init__(self, broker: BrokerAddress, timeline: list[Moment], video_seconds: float, out=sys.stdout):
+        self._timeline, self._video_seconds, self._out = timeline, video_seconds, out
+        self.started = time.time()
+        self.received: list[dict] = []
+        v5 = broker.protocol == "5"
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+        self._client.on_message = self._on_message
+        self._client.connect(broker.host, broker.port)
+        self._client.subscribe("edge-agent/demo/answers/#", qos=1)
+        self._client.loop_start()
+
+    def video_time(self, frame_ts: float) -> float:
+        return (frame_ts - self.started) % self._video_seconds
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            answer = json.loads(message.payload)
+            answer["video_t"] = self.video_time(answer["frame_ts"])
+            answer["truth"] = truth_of(answer["question_id"], scene_at(self._timeline, answer["video_t"]))
+            self.received.append(answer)
+            self._print(answer)
+        except (ValueError, KeyError) as error:
+            log.warning("unexpected answer message on %s: %s", message.topic, error)
+
+    def _print(self, answer: dict) -> None:
+        value, truth = answer["value"], answer["truth"]
+        mark = "ok" if value == truth else "  "
+        confidence = f" ({answer['confidence']:.2f})" if answer.get("confidence") is not None else ""
+        print(f"[video {answer['video_t']:5.1f} s] {answer['question']:<34} {str(value):>6}{confidence:<7}"
+              f" truth {str(truth):>6} {mark}", file=self._out, flush=True)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def progress(message: str) -> None:
+    print(f"edge-agent demo: {message}", file=sys.stderr, flush=True)
+
+
+def run_demo(duration_s: float | None, model: str | None, video_seconds: float = 24.0) -> int:
+    """Run until `duration_s` seconds have passed (None: until Ctrl-C)."""
+    model_dir = find_demo_model(model)
+    with tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as workdir:
+        workdir = pathlib.Path(workdir)
+        progress("writing a sample video (door opens, people come and go)")
+        timeline = scene_timeline(seconds=video_seconds)
+        video = write_video(workdir / "kiosk.mp4", timeline, fps=VIDEO_FPS, size=VIDEO_SIZE, seconds=video_seconds)
+        with local_broker(workdir) as broker:
+            progress(f"{broker.kind} listening on {broker.host}:{broker.port} (MQTT {broker.protocol})")
+            progress(f"loading model {model_dir}")
+            agent = Agent(parse_config(demo_config(model_dir, video, broker)))
+            agent.start()
+            printer = AnswerPrinter(broker, timeline, video_seconds)
+            progress("answering; Ctrl-C stops" + (f" (or after {duration_s:g} s)" if duration_s else ""))
+            runner = threading.Thread(target=agent.run, name="agent", daemon=True)
+            runner.start()
+            try:
+                runner.join(timeout=duration_s)
+            except KeyboardInterrupt:
+                progress("stopping")
+            finally:
+                agent.stop()
+                runner.join(timeout=30)
+                agent.shutdown()
+                printer.close()
+    return 0
