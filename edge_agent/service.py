@@ -89,6 +89,7 @@ class Agent:
         self.metrics = Metrics()
         self.watchdog = systemd.Watchdog.from_environment()
         self._engine = engine
+        self.metrics_port: int | None = None  # where the metrics endpoint listens, once started
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
         self._schedule = Schedule(config.questions)
@@ -108,7 +109,7 @@ class Agent:
         if self._engine is None:
             self._engine = load_engine(self.config)
         if self.config.metrics.listen:
-            self.metrics.serve(self.config.metrics.listen)
+            self.metrics_port = self.metrics.serve(self.config.metrics.listen)
         self._link = AgentLink(mqtt_settings(self.config), self.config.agent_id, on_ask=self._enqueue_ask,
                                model_name=self._engine.name)
         self._link.start()

@@ -140,6 +140,21 @@ def test_a_changing_scene_is_encoded_again_and_change_questions_follow_it(tiny_l
     assert all(json.loads(m.payload)["scene_changed"] for m in listener.on(topic("answers", "scene")))
 
 
+def test_the_metrics_endpoint_counts_what_the_agent_did(tiny_llava_int8, tiny_engine, broker, moving_video):
+    import urllib.request
+    with RunningAgent(agent_config(tiny_llava_int8, broker, moving_video), engine=tiny_engine) as agent:
+        wait_until(lambda: agent.metrics.inferences._value.get() >= 2, timeout=30, what="two inferences")
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["edge_agent_frames_total"] >= samples["edge_agent_scene_changes_total"] >= 2
+    assert samples["edge_agent_inferences_total"] >= 2
+    assert samples["edge_agent_camera_up"] == 1 and samples["edge_agent_mqtt_connected"] == 1
+    assert samples['edge_agent_stage_seconds_count{stage="vision"}'] >= 2
+    assert samples['edge_agent_stage_seconds_count{stage="decode"}'] >= 2
+
+
 def write_config(tmp_path, config: dict):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
