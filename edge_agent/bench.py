@@ -1,6 +1,7 @@
 """`edge-agent bench`: where the time and memory of answering standing questions about a frame go.
 
 For an exported model it measures, on synthetic 640x480 frames:
+- the prompt prefix every question shares (system prompt, `USER:`, image tokens), in tokens;
 - each stage of a new frame (preprocess, vision encoder, prefix prefill, question prefill, decode) and the
   whole frame's wall time, as medians over the measured frames (one warm-up frame is not counted);
 - decode speed: tokens per second over all questions of the batch, and milliseconds per decode step;
@@ -88,6 +89,7 @@ def run_bench(settings: BenchSettings) -> dict:
         "questions": settings.questions,
         "new_tokens": settings.new_tokens,
         "frames": settings.frames,
+        "prefix_tokens": frames[0]["prefix_tokens"],
         "stages_ms": {stage: statistics.median(frame["stages_ms"][stage] for frame in frames) for stage in STAGES},
         "frame_ms": {"median": statistics.median(frame_ms), "min": min(frame_ms), "max": max(frame_ms)},
         "unchanged_frame_ms": unchanged_ms,
@@ -117,7 +119,8 @@ def time_new_frame(engine: Engine, frame: np.ndarray, questions: list[str], new_
     context = engine.encode(frame)
     answers = engine.answer(context, questions, max_new_tokens=new_tokens, ignore_eos=True)
     total_ms = (time.perf_counter() - started) * 1000.0
-    return {"stages_ms": answers[0].timings.as_dict(), "total_ms": total_ms}
+    return {"stages_ms": answers[0].timings.as_dict(), "total_ms": total_ms,
+            "prefix_tokens": context.prefix_embeds.shape[1]}
 
 
 def time_unchanged_frame(frame: np.ndarray) -> float:
@@ -198,8 +201,9 @@ def format_report(report: dict) -> str:
     frame, decode, startup = report["frame_ms"], report["decode"], report["first_answer_s"]
     lines = [
         f"model          {report['model']} on {report['device']} ({report['model_files_mib']:.0f} MiB of files)",
-        f"new frame      {report['questions']} questions x {report['new_tokens']} tokens, median of "
-        f"{report['frames']} frames: {frame['median']:.1f} ms (min {frame['min']:.1f}, max {frame['max']:.1f})",
+        f"new frame      {report['questions']} questions x {report['new_tokens']} tokens after a "
+        f"{report['prefix_tokens']}-token shared prefix, median of {report['frames']} frames: "
+        f"{frame['median']:.1f} ms (min {frame['min']:.1f}, max {frame['max']:.1f})",
         *(f"  {stage:<17}{ms:10.1f} ms" for stage, ms in report["stages_ms"].items()),
     ]
     if decode["tokens_per_s"] is not None:

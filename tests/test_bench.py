@@ -44,6 +44,10 @@ def test_report_echoes_what_was_measured(report, tiny_llava_fp32):
     assert (report["questions"], report["new_tokens"], report["frames"]) == (QUESTIONS, NEW_TOKENS, FRAMES)
 
 
+def test_shared_prefix_holds_the_prompt_text_and_the_image_tokens(report):
+    assert report["prefix_tokens"] > 16  # 16 image tokens (32 px image, 8 px patches) after the prompt text
+
+
 def test_every_stage_of_a_new_frame_takes_time(report):
     assert set(report["stages_ms"]) == set(STAGES)
     assert all(ms > 0 for ms in report["stages_ms"].values())
