@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ASK_QUEUE_LIMIT = 16
 """Ad hoc questions waiting to be answered; more are refused with a `busy` reply."""
+ASK_QUESTION_TOKEN_LIMIT = 160
+"""Longest ad hoc question in model tokens (its prompt cost grows with them); the request format's
+character cap alone would let 500 emoji become about 2,000 byte-level tokens."""
 FRAME_WAIT_S = 0.2
 """How long the loop waits for a new frame before it looks at pending ad hoc questions again."""
 
@@ -222,8 +225,7 @@ class Agent:
         try:
             self._asks.put_nowait(request)
         except queue.Full:
-            self.metrics.ask_requests.labels(result="busy").inc()
-            self._link.reply(request, {"error": "busy: too many questions waiting, try again later"})
+            self._refuse_ask(request, "busy", "busy: too many questions waiting, try again later")
 
     def _answer_pending_asks(self) -> None:
         while True:
@@ -235,14 +237,17 @@ class Agent:
 
     def _answer_ask(self, request: AskRequest) -> None:
         if self._scene is None:
-            self.metrics.ask_requests.labels(result="no_frame").inc()
-            self._link.reply(request, {"error": "no camera frame yet"})
+            self._refuse_ask(request, "no_frame", "no camera frame yet")
+            return
+        tokens = len(self._engine.tokenizer.encode(request.question))
+        if tokens > ASK_QUESTION_TOKEN_LIMIT:
+            self._refuse_ask(request, "too_long",
+                             f"'question' is {tokens} tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}")
             return
         try:
             question = ad_hoc_question(request)
         except UserError as error:
-            self.metrics.ask_requests.labels(result="invalid").inc()
-            self._link.reply(request, {"error": str(error)})
+            self._refuse_ask(request, "invalid", str(error))
             return
         limit = request.max_new_tokens or self.config.model.max_new_tokens
         started = time.perf_counter()
@@ -254,6 +259,11 @@ class Agent:
             "confidence": answer.confidence, "frame_ts": self._scene.frame_ts, "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
             "model": self._engine.name,
         })
+
+    def _refuse_ask(self, request: AskRequest, result: str, reason: str) -> None:
+        """Count the refusal by `result` and tell the requester why."""
+        self.metrics.ask_requests.labels(result=result).inc()
+        self._link.reply(request, {"error": reason})
 
     # -- health ------------------------------------------------------------------------------------------
 
