@@ -11,6 +11,10 @@ With MQTT 5 the reply address is the `ResponseTopic` property and the id the `Co
 property; they take precedence over the JSON fields. The reply is a JSON object on the reply topic
 (not retained) carrying `correlation_id` (and, with MQTT 5, the same `CorrelationData` property);
 an invalid request gets `{"error": "<reason>"}` when a reply address is known.
+
+A requester is named by its reply topic without the last level (`ReplyAddress.requester`): MQTT does
+not show subscribers who published, so this is what the agent's per-requester rate limit counts. A
+client that wants its own allowance replies under a topic of its own, e.g. `<client>/reply/<id>`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ class ReplyAddress:
     """The reply topic chosen by the requester."""
     correlation: bytes | None
     """The requester's correlation id, echoed in the reply (None if the requester sent none)."""
+
+    @property
+    def requester(self) -> str:
+        """Who asks, as far as MQTT lets the agent know: the reply topic without its last level."""
+        parent, _, _ = self.topic.rpartition("/")
+        return parent or self.topic
 
 
 @dataclass(frozen=True)

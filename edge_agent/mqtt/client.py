@@ -16,6 +16,8 @@ import functools
 import json
 import logging
 import queue
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +27,8 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.errors import UserError
 from edge_agent.mqtt.ask import (
@@ -36,6 +40,7 @@ from edge_agent.mqtt.ask import (
     request_message,
 )
 from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, status_topic
+from edge_agent.mqtt.ratelimit import RequestRateLimit
 from edge_agent.mqtt.topics import (
     OFFLINE,
     ONLINE,
@@ -53,6 +58,10 @@ RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 STOP_TIMEOUT_S = 2.0
 """How long `stop()` waits for the broker to acknowledge `offline`."""
+MAX_INCOMING_PACKET_BYTES = 64 * 1024
+"""MQTT 5: the broker does not forward the agent a larger message (it drops it), so a huge ask request
+never reaches the agent's memory. Requests are refused above 16 KiB anyway; the agent's own retained
+discovery list must fit too."""
 
 __all__ = ["AgentLink", "AnswerMessage", "EntitySpec", "MqttSettings", "ask_remote", "new_client"]
 
@@ -91,6 +100,10 @@ class MqttSettings:
     """Announce one Home Assistant entity per question."""
     discovery_prefix: str = "homeassistant"
     """Home Assistant's discovery prefix (its MQTT integration setting)."""
+    ask_per_minute: float = 30.0
+    """Ask requests one requester (reply topic without its last level) may send per minute on average."""
+    ask_burst: int = 5
+    """Ask requests one requester may send at once before the per-minute rate applies."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,6 +113,8 @@ class MqttSettings:
             (self.keepalive_s >= 1, "mqtt.keepalive_s must be at least 1"),
             (self.queue_limit >= 1, "mqtt.queue_limit must be at least 1"),
             (self.heartbeat_s >= 0, "mqtt.heartbeat_s must not be negative"),
+            (self.ask_per_minute > 0, "mqtt.ask_per_minute must be positive"),
+            (self.ask_burst >= 1, "mqtt.ask_burst must be at least 1"),
             (
                 bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "+#"),
                 "mqtt.discovery_prefix must be non-empty, without '+' or '#'",
@@ -168,6 +183,8 @@ class AgentLink:
         self._camera_online: bool | None = None
         self._entities: dict[str, EntitySpec] | None = None
         self._announced: set[str] = set()
+        self._ask_limit = RequestRateLimit(settings.ask_per_minute, settings.ask_burst)
+        self._subscribing: dict[int, list[str]] = {}
         self._handlers = {
             self._topics.ask: self._handle_ask,
             status_topic(settings.discovery_prefix): self._handle_ha_status,
@@ -182,6 +199,7 @@ class AgentLink:
         client.on_connect = _guarded(self._on_connect)
         client.on_connect_fail = _guarded(self._on_connect_fail)
         client.on_disconnect = _guarded(self._on_disconnect)
+        client.on_subscribe = _guarded(self._on_subscribe)
         client.on_message = _guarded(self._on_message)
         return client
 
@@ -203,8 +221,18 @@ class AgentLink:
 
     def start(self) -> None:
         """Connect in the background; while the broker is unreachable paho retries with backoff."""
-        self._client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive_s)
+        self._client.connect_async(
+            self._settings.host, self._settings.port, self._settings.keepalive_s,
+            properties=self._connect_properties(),
+        )
         self._client.loop_start()
+
+    def _connect_properties(self) -> Properties | None:
+        if self._settings.protocol != "5":
+            return None
+        properties = Properties(PacketTypes.CONNECT)
+        properties.MaximumPacketSize = MAX_INCOMING_PACKET_BYTES
+        return properties
 
     def stop(self) -> None:
         """Publish `offline`, disconnect cleanly (so the last will is not sent) and stop paho's thread."""
@@ -352,11 +380,21 @@ class AgentLink:
         if self._settings.discovery:
             topics += [status_topic(self._settings.discovery_prefix), self._topics.discovery]
         if topics:
-            self._client.subscribe([(topic, self._settings.qos) for topic in topics])
+            _, mid = self._client.subscribe([(topic, self._settings.qos) for topic in topics])
+            self._subscribing[mid] = topics
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """Say which subscriptions the broker refused (an ACL that does not grant the agent's topics)."""
+        topics = self._subscribing.pop(mid, [])
+        for topic, reason_code in zip(topics, reason_codes):
+            if reason_code.is_failure:
+                logger.error("MQTT broker refused the subscription to %s: %s", topic, reason_code)
 
     def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this while it handles the connection's exception: name the cause.
         logger.warning(
-            "MQTT broker %s:%d unreachable, retrying", self._settings.host, self._settings.port
+            "MQTT broker %s:%d unreachable (%s), retrying",
+            self._settings.host, self._settings.port, connection_problem(sys.exc_info()[1]),
         )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -371,14 +409,34 @@ class AgentLink:
             handler(message)
 
     def _handle_ask(self, message: mqtt.MQTTMessage) -> None:
+        """Refuse a requester over its rate, then an invalid request; hand a valid one to the service.
+
+        The rate is checked first, so a flood of invalid requests costs no more replies or log lines
+        than a flood of valid ones.
+        """
         try:
             request = parse_ask(message.payload, getattr(message, "properties", None))
         except BadRequest as error:
-            logger.warning("MQTT: rejected an ask request: %s", error.reason)
-            if error.reply is not None:
-                self._send_reply(error.reply, {"error": error.reason})
+            if self._within_rate(error.reply):
+                logger.warning("MQTT: rejected an ask request: %s", error.reason)
+                self._refuse(error.reply, error.reason)
             return
-        self._on_ask(request)
+        if self._within_rate(request.reply):
+            self._on_ask(request)
+
+    def _within_rate(self, reply: ReplyAddress | None) -> bool:
+        """Take one request from the requester's allowance (requests without a reply address share one)."""
+        requester = reply.requester if reply is not None else ""
+        if self._ask_limit.allow(requester):
+            return True
+        logger.debug("MQTT: ask request from %r over the rate limit", requester)
+        limit = f"{self._settings.ask_per_minute:g} per minute, {self._settings.ask_burst} at once"
+        self._refuse(reply, f"rate limit: at most {limit}; try again later")
+        return False
+
+    def _refuse(self, reply: ReplyAddress | None, reason: str) -> None:
+        if reply is not None:
+            self._send_reply(reply, {"error": reason})
 
     def _handle_ha_status(self, message: mqtt.MQTTMessage) -> None:
         if message.payload == ONLINE.encode():
@@ -401,6 +459,17 @@ class AgentLink:
             self._forget_gone_entities()
             if announced != set(self._entities):
                 self._publish(self._topics.discovery, json.dumps(sorted(self._entities)))
+
+
+def connection_problem(error: BaseException | None) -> str:
+    """A short cause of a failed connection attempt, for a log line."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {error.verify_message}; check mqtt.tls_ca_file"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed: {error.reason or error}"
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return "no details"
 
 
 def ask_remote(
