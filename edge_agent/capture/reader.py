@@ -5,6 +5,9 @@ keeps at most `fps` frames a second in a one-slot buffer, reports the source off
 without a usable frame or on a failed read, and reopens a lost source with exponential backoff. A read that
 blocks is bounded by the source (`read_timeout_s` for streams), so a hung stream is reported offline after
 at most about `max(stale_after_s, read_timeout_s)`.
+
+Frames larger than `MAX_FRAME_SIDE` are shrunk as they are kept: the vision models see at most about a
+thousand pixels a side, while an 8K frame would hold 100 MB in the buffer and cost seconds to preprocess.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from edge_agent.capture.sources import (
 
 log = logging.getLogger(__name__)
 
+MAX_FRAME_SIDE = 1920
+"""Longest side, in pixels, of a kept frame; larger frames are downscaled keeping their aspect ratio."""
+
 
 @dataclass(frozen=True)
 class Frame:
     """One frame as kept by the reader."""
 
     image: np.ndarray
-    """BGR, uint8, height x width x 3."""
+    """BGR, uint8, height x width x 3, neither side longer than `MAX_FRAME_SIDE`."""
     ts: float
     """Wall-clock time (`time.time()`) when the frame was read from the source, so its age is honest."""
     seq: int
@@ -60,6 +66,16 @@ def to_bgr(image: np.ndarray | None) -> np.ndarray | None:
     if channels == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image if channels == 3 else None
+
+
+def fit_within(image: np.ndarray, max_side: int = MAX_FRAME_SIDE) -> np.ndarray:
+    """`image` downscaled (area averaging, aspect ratio kept) so that neither side exceeds `max_side`."""
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 class Backoff:
@@ -177,6 +193,7 @@ class CameraReader:
             shape = None if image is None else (image.shape, image.dtype)
             log.warning("capture: %s: skipped an empty or unsupported frame %s", self._name, shape)
             return False
+        bgr = fit_within(bgr)
         with self._slot_changed:
             self.frames_read += 1
             self._latest = Frame(image=bgr, ts=ts, seq=self.frames_read)
