@@ -184,7 +184,6 @@ class AgentLink:
         self._entities: dict[str, EntitySpec] | None = None
         self._announced: set[str] = set()
         self._ask_limit = RequestRateLimit(settings.ask_per_minute, settings.ask_burst)
-        self._subscribing: dict[int, list[str]] = {}
         self._handlers = {
             self._topics.ask: self._handle_ask,
             status_topic(settings.discovery_prefix): self._handle_ha_status,
@@ -199,7 +198,6 @@ class AgentLink:
         client.on_connect = _guarded(self._on_connect)
         client.on_connect_fail = _guarded(self._on_connect_fail)
         client.on_disconnect = _guarded(self._on_disconnect)
-        client.on_subscribe = _guarded(self._on_subscribe)
         client.on_message = _guarded(self._on_message)
         return client
 
@@ -380,20 +378,12 @@ class AgentLink:
         if self._settings.discovery:
             topics += [status_topic(self._settings.discovery_prefix), self._topics.discovery]
         if topics:
-            _, mid = self._client.subscribe([(topic, self._settings.qos) for topic in topics])
-            self._subscribing[mid] = topics
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        """Say which subscriptions the broker refused (an ACL that does not grant the agent's topics)."""
-        topics = self._subscribing.pop(mid, [])
-        for topic, reason_code in zip(topics, reason_codes):
-            if reason_code.is_failure:
-                logger.error("MQTT broker refused the subscription to %s: %s", topic, reason_code)
+            self._client.subscribe([(topic, self._settings.qos) for topic in topics])
 
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this while it handles the connection's exception: name the cause.
         logger.warning(
-            "MQTT broker %s:%d unreachable (%s), retrying",
+            "MQTT broker %s:%d: cannot connect (%s), retrying",
             self._settings.host, self._settings.port, connection_problem(sys.exc_info()[1]),
         )
 
