@@ -361,7 +361,8 @@ def decode_image(path: pathlib.Path) -> np.ndarray | None:
     """The image in `path` as stored (any depth and channels), or None if it is unreadable or incomplete.
 
     A JPEG without its end marker (still being written, or cut short) is incomplete: OpenCV would decode
-    it anyway, padding the missing part with gray.
+    it anyway, padding the missing part with gray. OpenCV raises, rather than returning None, on an
+    empty file or a header claiming an absurd size.
     """
     try:
         data = path.read_bytes()
@@ -369,4 +370,7 @@ def decode_image(path: pathlib.Path) -> np.ndarray | None:
         return None
     if path.suffix.lower() in JPEG_SUFFIXES and not data.rstrip(b"\0").endswith(JPEG_END_MARKER):
         return None
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
