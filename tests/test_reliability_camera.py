@@ -1,0 +1,285 @@
+"""Camera faults and odd frames: the camera goes offline, reopening backs off, answers resume, and `frame_ts`
+stays honest (no frame from before or during an outage is ever handed out or published as new).
+
+Sources are real: GStreamer's RTSP server and an MJPEG server on loopback, video files and image folders
+written by the test; answers go through the real agent with the tiny model to a real mosquitto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.capture import CameraReader, CaptureSettings
+from edge_agent.config import parse_config
+from edge_agent.errors import UserError
+from edge_agent.service import Agent
+from tests.support.broker import wait_until
+from tests.support.videos import pattern, write_video
+from tests.test_agent import QUESTIONS, RunningAgent, agent_config, tiny_engine, topic  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = CaptureSettings(source="", loop=True, fps=10, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
+                       backoff_initial_s=0.2, backoff_max_s=0.8)
+"""Short timeouts and backoff, so each fault is noticed and retried within seconds."""
+FAST_CAMERA = {"fps": 5, "open_timeout_s": 1, "read_timeout_s": 1, "stale_after_s": 1.5, "backoff_initial_s": 0.2,
+               "backoff_max_s": 0.8}
+"""The same, as the agent's `camera:` config section (answers are slower, so fewer frames are sampled)."""
+IN_TRANSIT_S = 0.5
+"""Frames already on their way when a camera hangs may still arrive up to this long after it."""
+
+
+def reader_settings(source: object, **changes: object) -> CaptureSettings:
+    return dataclasses.replace(FAST, source=str(source), **changes)
+
+
+@pytest.fixture
+def run_reader():
+    """Start readers that record their status changes; stop them after the test."""
+    readers: list[CameraReader] = []
+
+    def start(settings: CaptureSettings) -> tuple[CameraReader, list[bool]]:
+        statuses: list[bool] = []
+        readers.append(CameraReader(settings, on_status=statuses.append))
+        readers[-1].start()
+        return readers[-1], statuses
+
+    yield start
+    for reader in readers:
+        reader.stop()
+
+
+def reopens_during(reader: CameraReader, seconds: float) -> int:
+    before = reader.reopen_count
+    time.sleep(seconds)
+    return reader.reopen_count - before
+
+
+# -- the reader on its own -------------------------------------------------------------------------------
+
+
+def test_a_stopped_rtsp_camera_goes_offline_retries_with_backoff_and_recovers_with_fresh_frames(
+    run_reader, rtsp_camera
+):
+    reader, statuses = run_reader(reader_settings(rtsp_camera.url))
+    assert reader.latest(timeout=10) is not None
+
+    rtsp_camera.stop()
+    wait_until(lambda: not reader.online, timeout=5, what="offline after the server stopped")
+    # Waits of 0.2, 0.4, 0.8, 0.8 s: about 3 attempts in 2 s, where retrying at once would make hundreds.
+    assert 1 <= reopens_during(reader, 2.0) <= 5
+
+    back = time.time()
+    rtsp_camera.start()
+    wait_until(lambda: reader.online, timeout=10, what="online after the server came back")
+    assert reader.latest(timeout=5).ts >= back
+    assert statuses == [True, False, True]
+
+
+def test_a_hung_rtsp_camera_goes_offline_without_handing_out_its_stale_frames_as_new(run_reader, rtsp_camera):
+    reader, statuses = run_reader(reader_settings(rtsp_camera.url))
+    assert reader.latest(timeout=10) is not None
+
+    hung = time.time()
+    rtsp_camera.hang()
+    wait_until(lambda: not reader.online, timeout=5, what="offline after the server hung")
+    time.sleep(2.5)  # FFmpeg returns decoder frames after each timed-out read: none may be kept
+    assert reader.latest().ts <= hung + IN_TRANSIT_S
+
+    resumed = time.time()
+    rtsp_camera.resume()
+    wait_until(lambda: reader.online, timeout=10, what="online after the server resumed")
+    assert reader.latest(timeout=5).ts >= resumed
+    assert statuses == [True, False, True]
+
+
+def test_a_camera_device_that_does_not_exist_stays_offline_and_is_retried_with_backoff(run_reader):
+    reader, statuses = run_reader(reader_settings("/dev/video99"))
+    wait_until(lambda: statuses == [False], timeout=5, what="reported offline")
+
+    assert 1 <= reopens_during(reader, 2.0) <= 5
+    assert reader.latest() is None and statuses == [False]
+
+
+def test_the_agent_refuses_to_start_on_a_camera_device_that_does_not_exist(broker, tmp_path):
+    config = agent_config(tmp_path, broker, "/dev/video99")
+    with pytest.raises(UserError, match=r"camera.source: camera device /dev/video99 does not exist"):
+        Agent(parse_config(config)).start()
+
+
+def test_frames_larger_than_the_model_can_use_are_downscaled_as_they_are_kept(run_reader, tmp_path):
+    huge = tmp_path / "huge.png"
+    cv2.imwrite(str(huge), np.full((4320, 7680, 3), 90, np.uint8))
+    reader, _ = run_reader(reader_settings(huge, fps=2))
+
+    assert reader.latest(timeout=10).image.shape == (1080, 1920, 3)
+
+
+# -- through the agent -----------------------------------------------------------------------------------
+
+
+class AnswerLog:
+    """The answers and camera statuses the agent publishes, as seen by a subscriber."""
+
+    def __init__(self, subscriber, broker):
+        self._listener = subscriber(broker, topic("answers", "+"), topic("camera"))
+
+    def answers(self, since: float = 0.0) -> list[dict]:
+        """Every answer published with `answered_ts` at or after `since`."""
+        payloads = [json.loads(m.payload) for m in self._listener.messages if "/answers/" in m.topic]
+        return [p for p in payloads if p["answered_ts"] >= since]
+
+    def camera(self) -> list[bytes]:
+        return [m.payload for m in self._listener.on(topic("camera"))]
+
+    def wait_for_camera(self, status: bytes, timeout: float = 15) -> float:
+        """Wait until the camera's last published status is `status`; return when that was seen."""
+        wait_until(lambda: self.camera()[-1:] == [status], timeout=timeout, what=f"camera {status.decode()}")
+        return time.time()
+
+    def wait_for_answer(self, since: float, timeout: float = 30) -> None:
+        wait_until(lambda: self.answers(since), timeout=timeout, what="an answer")
+
+
+def camera_config(model, broker, source) -> dict:
+    """The agent on `source` with fast fault handling, republishing unchanged answers every half second."""
+    return agent_config(model, broker, source, camera=FAST_CAMERA, mqtt={"heartbeat_s": 0.5})
+
+
+def assert_the_outage_is_honest(log: AnswerLog, agent: Agent, lost: float, back: float) -> None:
+    """Offline in the metric meanwhile; nothing answered on frames from the outage; fresh frames after."""
+    during = [a for a in log.answers(since=lost) if a["answered_ts"] < back]
+    assert all(a["frame_ts"] <= lost + IN_TRANSIT_S for a in during), during
+    log.wait_for_answer(since=back)
+    after = log.answers(since=back)
+    assert all(a["frame_ts"] >= back for a in after), after
+    assert agent.metrics.camera_up._value.get() == 1
+
+
+def test_the_agent_reports_a_hung_rtsp_camera_offline_and_answers_again_only_on_frames_from_after_it_returns(
+    tiny_llava_int8, tiny_engine, broker, subscriber, rtsp_camera
+):
+    log = AnswerLog(subscriber, broker)
+    with RunningAgent(camera_config(tiny_llava_int8, broker, rtsp_camera.url), engine=tiny_engine) as agent:
+        log.wait_for_camera(b"online")
+        log.wait_for_answer(since=0)
+
+        lost = time.time()
+        rtsp_camera.hang()
+        log.wait_for_camera(b"offline")
+        assert agent.metrics.camera_up._value.get() == 0
+        time.sleep(2.5)  # the timed-out reads that return stale frames
+
+        back = time.time()
+        rtsp_camera.resume()
+        log.wait_for_camera(b"online")
+        assert_the_outage_is_honest(log, agent, lost, back)
+
+
+def test_the_agent_reports_a_stalled_then_restarted_mjpeg_camera_and_answers_on_fresh_frames(
+    tiny_llava_int8, tiny_engine, broker, subscriber, mjpeg_camera
+):
+    log = AnswerLog(subscriber, broker)
+    with RunningAgent(camera_config(tiny_llava_int8, broker, mjpeg_camera.url), engine=tiny_engine) as agent:
+        log.wait_for_answer(since=0)
+
+        lost = time.time()
+        mjpeg_camera.hang()  # the connection stays open, nothing more is sent
+        log.wait_for_camera(b"offline")
+        assert agent.metrics.camera_up._value.get() == 0
+        mjpeg_camera.stop()
+
+        back = time.time()
+        mjpeg_camera.start()
+        log.wait_for_camera(b"online")
+        assert_the_outage_is_honest(log, agent, lost, back)
+
+
+def test_the_agent_reports_a_vanished_video_file_offline_and_answers_again_once_it_is_back(
+    tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path
+):
+    video = write_video(tmp_path / "camera.mp4", seconds=1, fps=10)
+    log = AnswerLog(subscriber, broker)
+    with RunningAgent(camera_config(tiny_llava_int8, broker, video), engine=tiny_engine) as agent:
+        log.wait_for_answer(since=0)
+
+        parked = video.rename(tmp_path / "parked.mp4")  # the open file plays on to its end, then is gone
+        lost = log.wait_for_camera(b"offline")
+        assert agent.metrics.camera_up._value.get() == 0
+
+        back = time.time()
+        parked.rename(video)
+        log.wait_for_camera(b"online")
+        assert_the_outage_is_honest(log, agent, lost, back)
+
+
+# -- odd frames ------------------------------------------------------------------------------------------
+
+
+class RecordingEngine:
+    """The real engine, remembering the shape of every frame it was asked to encode."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.name = engine.name
+        self.encoded_shapes: list[tuple[int, ...]] = []
+
+    def encode(self, image):
+        self.encoded_shapes.append(image.shape)
+        return self._engine.encode(image)
+
+    def answer(self, context, prompts):
+        return self._engine.answer(context, prompts)
+
+
+ODD_IMAGES = {
+    "a_gray.png": np.full((120, 160), 200, np.uint8),
+    "b_transparent.png": np.full((120, 160, 4), (10, 20, 30, 0), np.uint8),
+    "c_deep.png": np.full((120, 160, 3), 0x2000, np.uint16),
+    "d_tiny.png": np.full((8, 8, 3), 250, np.uint8),
+    "e_huge.png": np.tile(pattern(0), (36, 48, 1)),  # 7680 x 4320
+}
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims another size (OpenCV refuses absurd sizes by raising)."""
+    png = bytearray(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature, length and type
+    png[29:33] = struct.pack(">I", zlib.crc32(png[12:29]))
+    return bytes(png)
+
+
+BROKEN_FILES = {"f_empty.png": b"", "g_truncated.jpg": cv2.imencode(".jpg", pattern(1))[1].tobytes()[:-100],
+                "h_not_an_image.jpg": b"meeting notes, not a picture\n", "i_absurd_size.png": png_claiming(60000, 60000)}
+
+
+def test_odd_frames_are_converted_or_skipped_with_a_log_line_and_the_agent_answers_on_every_usable_one(
+    tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, image in ODD_IMAGES.items():
+        cv2.imwrite(str(folder / name), image)
+    for name, data in BROKEN_FILES.items():
+        (folder / name).write_bytes(data)
+    engine = RecordingEngine(tiny_engine)
+    log = AnswerLog(subscriber, broker)
+    config = agent_config(tiny_llava_int8, broker, folder, camera={"fps": 2, "loop": True})
+
+    with RunningAgent(config, engine=engine):
+        expected = {(120, 160, 3), (8, 8, 3), (1080, 1920, 3)}
+        wait_until(lambda: expected <= set(engine.encoded_shapes), timeout=60, what=f"frames {expected} encoded")
+        wait_until(lambda: len(log.answers()) >= len(QUESTIONS), timeout=30, what="answers")
+
+    for name in BROKEN_FILES:
+        assert f"{name}: skipped, it is not a complete image" in caplog.text
