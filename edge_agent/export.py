@@ -5,6 +5,11 @@
 the user's input first so mistakes end in one clear line, completes the directory (tokenizer models,
 `preprocessor_config.json`) and records how it was made in `edge_agent_export.json`.
 
+With calibration images the vision encoder is quantized fully to INT8 (weights and activations) by NNCF
+post-training quantization, its activation ranges measured on the user's own images (or frames sampled
+from videos) preprocessed exactly as the engine preprocesses camera frames; the language model keeps the
+chosen weight format.
+
 The heavy libraries (optimum, nncf, torch) are imported inside the functions that need them, so importing
 this module stays cheap for the CLI.
 """
@@ -15,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -31,13 +37,16 @@ import urllib.parse
 import warnings
 from typing import Iterator
 
+import cv2
+import numpy as np
+
 from edge_agent.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 WEIGHT_FORMATS = ("int4", "int8", "fp16", "fp32")
 METADATA_FILE = "edge_agent_export.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-MODEL_FILE_PREFIX = "openvino_"
+_VISION_GRAPH = "openvino_vision_embeddings_model.xml"
 
 # optimum-intel's defaults for `--weight-format int4` (optimum.intel.openvino.configuration._DEFAULT_4BIT_WQ_CONFIG).
 DEFAULT_INT4_GROUP_SIZE = 128
@@ -45,6 +54,19 @@ DEFAULT_INT4_RATIO = 1.0
 
 HUB_TIMEOUT_S = 10
 """Seconds to wait for the Hugging Face Hub before deciding it cannot be reached."""
+
+_EMBEDDINGS_INT8 = {"bits": 8, "sym": True, "group_size": -1}
+"""How optimum-intel compresses the embedding models' weights under int4 and int8: symmetric, per channel."""
+
+MIN_CALIBRATION_FRAMES = 10
+"""Fewest calibration frames accepted: fewer give activation ranges that one odd image can skew."""
+MAX_CALIBRATION_FRAMES = 128
+"""Most calibration frames used, spread evenly over the directory's images and video frames (each
+costs a few vision-encoder runs at export time)."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+VISION_SMOOTH_QUANT_ALPHA = 0.6
+"""SmoothQuant migration strength for the vision encoder's MatMuls: optimum-intel's value for CLIP ViTs."""
 
 _VERSIONED_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "optimum", "nncf",
                        "transformers", "torch")
@@ -61,13 +83,13 @@ def export_model(src: str, out_dir, weight_format: str = "int4", group_size: int
     default 128; `ratio` of its layers at 4 bits, the rest at 8, default 1.0; asymmetric unless `sym`)
     and the vision and text embedding models to int8 symmetric, as optimum-cli does; int8 compresses
     every model's weights to 8 bits per channel; fp16 and fp32 keep float weights.
+    `calibration_images`, a directory of images and/or videos, makes the vision encoder fully INT8
+    (weights and activations) calibrated on them, whatever the weight format of the language model.
     The output only appears once the export succeeded; an existing non-empty `out_dir` is replaced only
     when `overwrite` is true.
     """
     compression = weight_compression(weight_format, group_size, ratio, sym)
-    if calibration_images is not None:
-        raise UserError("calibration_images: calibrated quantization is not supported yet; "
-                        "export without calibration images")
+    calibration = None if calibration_images is None else find_calibration_frames(calibration_images)
     source = _resolve_source(src)
     out = pathlib.Path(out_dir)
     with _quiet_libraries(), staged_output_dir(out, overwrite) as staging:
@@ -77,10 +99,15 @@ def export_model(src: str, out_dir, weight_format: str = "int4", group_size: int
         if compression is not None:
             with _stage(f"compressing weights to {weight_format}", progress):
                 _compress(float_dir, staging, compression)
+        vision = _EMBEDDINGS_INT8 if compression is not None else None
+        if calibration is not None:
+            with _stage(f"quantizing the vision encoder on {len(calibration.frames)} calibration frames", progress):
+                vision = quantize_vision_encoder(float_dir, staging, calibration)
+        if compression is not None:
             _move_missing_files(float_dir, staging)
             shutil.rmtree(float_dir)
         _write_preprocessor_config(staging)
-        _write_metadata(staging, source.name, weight_format, compression)
+        _write_metadata(staging, source.name, weight_format, compression, vision)
     return out
 
 
@@ -324,6 +351,151 @@ def _move_missing_files(src_dir: pathlib.Path, out: pathlib.Path) -> None:
             shutil.move(path, out / path.name)
 
 
+# -- calibrated INT8 vision encoder ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationFrame:
+    """One frame to calibrate with."""
+
+    path: pathlib.Path
+    """An image file, or a video file."""
+    index: int | None = None
+    """The frame's number in the video (0 = first), or None for an image."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSet:
+    """The readable frames of a calibration directory, chosen before the export starts."""
+
+    directory: pathlib.Path
+    """The directory the user passed."""
+    frames: tuple[CalibrationFrame, ...]
+    """At least MIN_CALIBRATION_FRAMES and at most MAX_CALIBRATION_FRAMES frames, in file order."""
+
+    def images(self) -> Iterator[np.ndarray]:
+        """Decode the frames as OpenCV BGR images (video frames read in order, one video at a time)."""
+        for path, frames in itertools.groupby(self.frames, key=lambda frame: frame.path):
+            wanted = [frame.index for frame in frames]
+            if wanted == [None]:
+                yield cv2.imread(str(path), cv2.IMREAD_COLOR)
+            else:
+                yield from _video_frames(path, set(wanted))
+
+
+def find_calibration_frames(directory) -> CalibrationSet:
+    """Choose calibration frames from the images in `directory` (and below) and the frames of its videos.
+
+    Every image and every video frame is a candidate; when there are more than MAX_CALIBRATION_FRAMES,
+    an evenly spread subset in file order is kept. Images that OpenCV cannot decode are dropped. Raises
+    UserError when the directory is missing or yields fewer than MIN_CALIBRATION_FRAMES frames.
+    """
+    root = pathlib.Path(directory).expanduser()
+    if not root.is_dir():
+        reason = "is not a directory" if root.exists() else "does not exist"
+        raise UserError(f"calibration_images: {root} {reason}; pass a directory of images or videos")
+    candidates = []
+    for path in sorted(path for path in root.rglob("*") if path.is_file()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            candidates.append(CalibrationFrame(path))
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            candidates += [CalibrationFrame(path, index) for index in range(_frame_count(path))]
+    frames = [frame for frame in _spread(candidates, MAX_CALIBRATION_FRAMES)
+              if frame.index is not None or _is_readable_image(frame.path)]
+    if not frames:
+        raise UserError(f"calibration_images: {root} holds no readable images ({' '.join(IMAGE_SUFFIXES)}) "
+                        f"or videos ({' '.join(VIDEO_SUFFIXES)})")
+    if len(frames) < MIN_CALIBRATION_FRAMES:
+        raise UserError(f"calibration_images: {root} holds {len(frames)} readable frames; calibration needs at "
+                        f"least {MIN_CALIBRATION_FRAMES} (add images, or a video to sample frames from)")
+    return CalibrationSet(root, tuple(frames))
+
+
+def _spread(items: list, limit: int) -> list:
+    """At most `limit` of `items`, evenly spaced, in their order."""
+    if len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def _is_readable_image(path: pathlib.Path) -> bool:
+    return cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_8) is not None
+
+
+def _frame_count(video: pathlib.Path) -> int:
+    """How many frames of `video` decode (0 when it cannot be opened); the container's count is an estimate."""
+    capture = cv2.VideoCapture(str(video))
+    try:
+        count = 0
+        while capture.grab():
+            count += 1
+        return count
+    finally:
+        capture.release()
+
+
+def _video_frames(video: pathlib.Path, wanted: set[int]) -> Iterator[np.ndarray]:
+    capture = cv2.VideoCapture(str(video))
+    try:
+        for index in range(max(wanted) + 1):
+            if not capture.grab():
+                return
+            if index in wanted:
+                yield capture.retrieve()[1]
+    finally:
+        capture.release()
+
+
+def calibration_samples(model_dir: pathlib.Path, calibration: CalibrationSet) -> list[np.ndarray]:
+    """The vision encoder's inputs for the calibration frames: one [1, 3, H, W] array per tile.
+
+    Frames go through the engine's own preprocessing for this model, so the measured activation ranges
+    are those the encoder meets at run time; for llava_next every anyres tile is a sample.
+    """
+    from edge_agent.engine.model_dir import ModelDir
+    from edge_agent.engine.preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
+
+    model = ModelDir.open(model_dir)
+    settings = ProcessorSettings.from_dict(model.processor)
+    preprocess = AnyresPreprocessor(settings) if model.model_type == "llava_next" else ClipPreprocessor(settings)
+    return [tile[None] for image in calibration.images() for tile in preprocess(image).pixel_values]
+
+
+def quantize_vision_encoder(float_dir: pathlib.Path, out: pathlib.Path, calibration: CalibrationSet) -> dict:
+    """Quantize `float_dir`'s vision encoder to INT8 weights and activations into `out`; return the recipe.
+
+    NNCF post-training quantization for transformers: SmoothQuant first moves activation outliers into
+    the MatMul weights, then the activation ranges are measured on every calibration sample and the
+    biases corrected for the quantization error (fast bias correction). `out` may be `float_dir`.
+    """
+    import nncf
+    import openvino as ov
+
+    samples = calibration_samples(float_dir, calibration)
+    model = ov.Core().read_model(float_dir / _VISION_GRAPH)
+    advanced = nncf.AdvancedQuantizationParameters()
+    advanced.smooth_quant_alphas.matmul = VISION_SMOOTH_QUANT_ALPHA
+    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
+                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
+                              fast_bias_correction=True, advanced_parameters=advanced)
+    _replace_graph(quantized, out / _VISION_GRAPH)
+    return {
+        "bits": 8, "activations": True, "method": "nncf.quantize", "model_type": "transformer",
+        "preset": "mixed", "smooth_quant_alpha": VISION_SMOOTH_QUANT_ALPHA, "fast_bias_correction": True,
+        "calibration": {"directory": str(calibration.directory), "frames": len(calibration.frames),
+                        "samples": len(samples)},
+    }
+
+
+def _replace_graph(model, xml_path: pathlib.Path) -> None:
+    """Save `model` as `xml_path` (and its .bin) by renaming, so a graph still mapped from there stays valid."""
+    import openvino as ov
+
+    staged = xml_path.with_name(f".{xml_path.name}")
+    ov.save_model(model, staged, compress_to_fp16=False)
+    for suffix in (".bin", ".xml"):
+        os.replace(staged.with_suffix(suffix), xml_path.with_suffix(suffix))
+
+
 def _write_preprocessor_config(out: pathlib.Path) -> None:
     """Write preprocessor_config.json (OpenVINO GenAI reads it) from the processor's image processor.
 
@@ -336,13 +508,19 @@ def _write_preprocessor_config(out: pathlib.Path) -> None:
     (out / PREPROCESSOR_FILE).write_text(json.dumps(processor["image_processor"], indent=2) + "\n")
 
 
-def _write_metadata(out: pathlib.Path, src: str, weight_format: str, compression: dict | None) -> None:
-    """Record the source, the options and the tool versions, so an export can be reproduced and audited."""
+def _write_metadata(out: pathlib.Path, src: str, weight_format: str, compression: dict | None,
+                    vision: dict | None) -> None:
+    """Record the source, the recipe and the tool versions, so an export can be reproduced and audited.
+
+    `language_model_compression` and `text_embeddings_compression` are NNCF weight compression settings
+    (None: float weights); `vision_quantization` is those, or the calibrated full quantization's recipe.
+    """
     metadata = {
         "source": src,
         "weight_format": weight_format,
         "language_model_compression": compression,
-        "embeddings_compression": None if compression is None else {"bits": 8, "sym": True, "group_size": -1},
+        "text_embeddings_compression": None if compression is None else _EMBEDDINGS_INT8,
+        "vision_quantization": vision,
         "versions": {package: _version(package) for package in _VERSIONED_PACKAGES},
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
