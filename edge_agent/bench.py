@@ -31,7 +31,7 @@ import numpy as np
 
 from .capture.gate import GateSettings, SceneGate
 from .config import SceneGateSettings
-from .engine import Engine
+from .engine import Engine, Prompt
 from .errors import UserError
 
 FRAME_SHAPE = (480, 640, 3)
@@ -46,6 +46,7 @@ STANDING_QUESTIONS = (
     "What is on the shelf?",
     "Is the window closed?",
 )
+YES_NO = ("yes", "no")
 GATE_REPEATS = 200
 """Scene-gate comparisons timed for the unchanged-scene figure (each takes well under a millisecond)."""
 STARTUP_TIMEOUT_S = 900
@@ -64,6 +65,9 @@ class BenchSettings:
     """Tokens generated per answer; end-of-sequence is ignored so every answer has exactly this length."""
     frames: int = 5
     """Frames measured, after one warm-up frame that is not counted."""
+    yes_no: bool = False
+    """Ask every question as yes/no, decided from the model's distribution over the two options (constrained,
+    no free decoding), instead of as free text; `new_tokens` then does not apply."""
     device: str = "CPU"
     """OpenVINO device for the whole model (CPU, GPU, AUTO, ...)."""
     cache_dir: Path | None = None
@@ -79,6 +83,8 @@ def run_bench(settings: BenchSettings) -> dict:
     """Measure everything described in the module docstring; the report is a JSON-ready dict."""
     engine = Engine.load(settings.model, device=settings.device, cache_dir=settings.cache_dir)
     questions = standing_questions(settings.questions)
+    if settings.yes_no:
+        questions = [Prompt(question, options=YES_NO) for question in questions]
     frames = [time_new_frame(engine, synthetic_frame(seed), questions, settings.new_tokens)
               for seed in range(settings.frames + 1)][1:]
     frame_ms = [frame["total_ms"] for frame in frames]
@@ -87,6 +93,7 @@ def run_bench(settings: BenchSettings) -> dict:
         "model": str(settings.model),
         "device": settings.device,
         "questions": settings.questions,
+        "answers": "yes_no" if settings.yes_no else "free_text",
         "new_tokens": settings.new_tokens,
         "frames": settings.frames,
         "prefix_tokens": frames[0]["prefix_tokens"],
@@ -97,7 +104,8 @@ def run_bench(settings: BenchSettings) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "model_files_mib": files_mib(settings.model),
     }
-    report["decode"] = decode_speed(report["stages_ms"]["decode"], settings.questions, settings.new_tokens)
+    answer_tokens = 1 if settings.yes_no else settings.new_tokens
+    report["decode"] = decode_speed(report["stages_ms"]["decode"], settings.questions, answer_tokens)
     report["first_answer_s"] = first_answer_times(settings)
     return report
 
@@ -113,7 +121,7 @@ def synthetic_frame(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
 
 
-def time_new_frame(engine: Engine, frame: np.ndarray, questions: list[str], new_tokens: int) -> dict:
+def time_new_frame(engine: Engine, frame: np.ndarray, questions: list[str | Prompt], new_tokens: int) -> dict:
     """Encode `frame` and answer `questions` as one batch: the engine's stage timings and the wall time."""
     started = time.perf_counter()
     context = engine.encode(frame)
@@ -199,9 +207,11 @@ def _first_answer_child(model: str, device: str, cache_dir: str, new_tokens: str
 def format_report(report: dict) -> str:
     """The report as aligned lines for a terminal."""
     frame, decode, startup = report["frame_ms"], report["decode"], report["first_answer_s"]
+    asked = (f"{report['questions']} yes/no questions" if report["answers"] == "yes_no"
+             else f"{report['questions']} questions x {report['new_tokens']} tokens")
     lines = [
         f"model          {report['model']} on {report['device']} ({report['model_files_mib']:.0f} MiB of files)",
-        f"new frame      {report['questions']} questions x {report['new_tokens']} tokens after a "
+        f"new frame      {asked} after a "
         f"{report['prefix_tokens']}-token shared prefix, median of {report['frames']} frames: "
         f"{frame['median']:.1f} ms (min {frame['min']:.1f}, max {frame['max']:.1f})",
         *(f"  {stage:<17}{ms:10.1f} ms" for stage, ms in report["stages_ms"].items()),

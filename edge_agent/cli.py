@@ -169,6 +169,8 @@ def _add_bench(commands) -> None:
                        help="tokens per answer, end-of-sequence ignored (default: %(default)s)")
     bench.add_argument("--frames", type=_positive_int, default=5,
                        help="frames measured after one warm-up frame (default: %(default)s)")
+    bench.add_argument("--yes-no", action="store_true",
+                       help="ask the questions as yes/no (constrained answers) instead of free text")
     bench.add_argument("--device", default="CPU", help="OpenVINO device (default: %(default)s)")
     bench.add_argument("--cache-dir", type=Path, help="compiled-model cache directory (start-up runs use a "
                        "fresh temporary subdirectory of it)")
@@ -179,7 +181,8 @@ def _add_bench(commands) -> None:
 def _bench(args) -> int:
     from .bench import BenchSettings, format_report, run_bench
     report = run_bench(BenchSettings(model=Path(args.model), questions=args.questions, new_tokens=args.new_tokens,
-                                     frames=args.frames, device=args.device, cache_dir=args.cache_dir))
+                                     frames=args.frames, yes_no=args.yes_no, device=args.device,
+                                     cache_dir=args.cache_dir))
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

@@ -42,6 +42,7 @@ def test_report_echoes_what_was_measured(report, tiny_llava_fp32):
     assert report["model"] == str(tiny_llava_fp32)
     assert report["device"] == "CPU"
     assert (report["questions"], report["new_tokens"], report["frames"]) == (QUESTIONS, NEW_TOKENS, FRAMES)
+    assert report["answers"] == "free_text"
 
 
 def test_shared_prefix_holds_the_prompt_text_and_the_image_tokens(report):
@@ -89,6 +90,17 @@ def test_text_report_has_a_line_per_stage_and_the_headline_figures(report):
         assert f"  {stage} " in text
     for heading in ("new frame", "decode", "unchanged", "peak RSS", "first answer"):
         assert any(line.startswith(heading) for line in text.splitlines())
+
+
+def test_yes_no_questions_are_decided_without_free_decoding(tiny_llava_fp32):
+    done = edge_agent("bench", "--model", str(tiny_llava_fp32), "--questions", "2", "--yes-no", "--frames", "1",
+                      "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["answers"] == "yes_no"
+    assert all(report["stages_ms"][stage] > 0 for stage in ("vision", "prefix", "question_prefill"))
+    assert report["decode"] == {"tokens_per_s": None, "step_ms": None}
+    assert "2 yes/no questions" in format_report(report)
 
 
 def test_a_missing_model_directory_is_one_line_naming_it(tmp_path):
