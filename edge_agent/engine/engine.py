@@ -24,7 +24,7 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageSession
+from .language import LanguageSession, keep_only_last_logits
 from .model_dir import ModelDir
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
@@ -94,7 +94,9 @@ class Engine:
         self._vision = self._compile_vision(inference_precision)
         self._embed = core.compile_model(model.graph("text_embeddings"), devices.language,
                                          compile_properties(devices.language, inference_precision))
-        self._language = core.compile_model(model.graph("language"), devices.language,
+        language = core.read_model(model.graph("language"))
+        keep_only_last_logits(language)
+        self._language = core.compile_model(language, devices.language,
                                             compile_properties(devices.language, inference_precision))
         self._lock = threading.Lock()
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
