@@ -19,6 +19,7 @@ import queue
 import signal
 import threading
 import time
+import typing
 
 
 from . import systemd
@@ -233,7 +234,11 @@ class Agent:
                 request = self._asks.get_nowait()
             except queue.Empty:
                 return
-            self._answer_ask(request)
+            try:
+                self._answer_ask(request)
+            except Exception:  # one odd request must not stop the loop that answers the standing questions
+                log.exception("could not answer the ad hoc question %r", request.question[:80])
+                self._refuse_ask(request, "failed", "internal error: the agent could not answer this question")
 
     def _answer_ask(self, request: AskRequest) -> None:
         if self._scene is None:
@@ -303,10 +308,19 @@ def entity_spec(question: Question) -> EntitySpec:
                       device_class=question.device_class, options=tuple(question.options or ()))
 
 
+QUESTION_TYPES: tuple[str, ...] = typing.get_args(typing.get_type_hints(Question)["type"])
+
+
 def ad_hoc_question(request: AskRequest) -> Question:
-    """An ask request as a question: typed when the request names a type, free text otherwise."""
-    return Question(id="ask", question=request.question, type=request.type or "text",
-                    options=tuple(request.options))
+    """An ask request as a question: typed when the request names a type, free text otherwise.
+
+    The type is checked here because `Question` checks its rules but not its `Literal` type when built
+    in code (the config loader checks it for config files).
+    """
+    question_type = request.type or "text"
+    if question_type not in QUESTION_TYPES:
+        raise UserError(f"type: must be one of {', '.join(QUESTION_TYPES)}, got {question_type!r}")
+    return Question(id="ask", question=request.question, type=question_type, options=tuple(request.options))
 
 
 def run_agent(config: Config) -> int:
