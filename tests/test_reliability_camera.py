@@ -25,6 +25,7 @@ from edge_agent.service import Agent
 from tests.support.broker import wait_until
 from tests.support.videos import pattern, write_video
 from tests.test_agent import QUESTIONS, RunningAgent, agent_config, tiny_engine, topic  # noqa: F401 - a fixture
+from tests.test_capture import run_reader  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,22 +41,6 @@ IN_TRANSIT_S = 0.5
 
 def reader_settings(source: object, **changes: object) -> CaptureSettings:
     return dataclasses.replace(FAST, source=str(source), **changes)
-
-
-@pytest.fixture
-def run_reader():
-    """Start readers that record their status changes; stop them after the test."""
-    readers: list[CameraReader] = []
-
-    def start(settings: CaptureSettings) -> tuple[CameraReader, list[bool]]:
-        statuses: list[bool] = []
-        readers.append(CameraReader(settings, on_status=statuses.append))
-        readers[-1].start()
-        return readers[-1], statuses
-
-    yield start
-    for reader in readers:
-        reader.stop()
 
 
 def reopens_during(reader: CameraReader, seconds: float) -> int:
@@ -155,8 +140,19 @@ def camera_config(model, broker, source) -> dict:
     return agent_config(model, broker, source, camera=FAST_CAMERA, mqtt={"heartbeat_s": 0.5})
 
 
-def assert_the_outage_is_honest(log: AnswerLog, agent: Agent, lost: float, back: float) -> None:
-    """Offline in the metric meanwhile; nothing answered on frames from the outage; fresh frames after."""
+def wait_until_offline(log: AnswerLog, agent: Agent) -> float:
+    """Wait for the camera to be published offline, check the metric agrees, and return when it was seen."""
+    seen = log.wait_for_camera(b"offline")
+    assert agent.metrics.camera_up._value.get() == 0
+    return seen
+
+
+def assert_it_recovers_honestly(log: AnswerLog, agent: Agent, lost: float, restore) -> None:
+    """Call `restore()`, then check: online again, nothing answered on frames from the outage (which
+    began at `lost`), and every answer made after the restore is on a frame taken after it."""
+    back = time.time()
+    restore()
+    log.wait_for_camera(b"online")
     during = [a for a in log.answers(since=lost) if a["answered_ts"] < back]
     assert all(a["frame_ts"] <= lost + IN_TRANSIT_S for a in during), during
     log.wait_for_answer(since=back)
@@ -175,14 +171,9 @@ def test_the_agent_reports_a_hung_rtsp_camera_offline_and_answers_again_only_on_
 
         lost = time.time()
         rtsp_camera.hang()
-        log.wait_for_camera(b"offline")
-        assert agent.metrics.camera_up._value.get() == 0
+        wait_until_offline(log, agent)
         time.sleep(2.5)  # the timed-out reads that return stale frames
-
-        back = time.time()
-        rtsp_camera.resume()
-        log.wait_for_camera(b"online")
-        assert_the_outage_is_honest(log, agent, lost, back)
+        assert_it_recovers_honestly(log, agent, lost, rtsp_camera.resume)
 
 
 def test_the_agent_reports_a_stalled_then_restarted_mjpeg_camera_and_answers_on_fresh_frames(
@@ -194,14 +185,9 @@ def test_the_agent_reports_a_stalled_then_restarted_mjpeg_camera_and_answers_on_
 
         lost = time.time()
         mjpeg_camera.hang()  # the connection stays open, nothing more is sent
-        log.wait_for_camera(b"offline")
-        assert agent.metrics.camera_up._value.get() == 0
+        wait_until_offline(log, agent)
         mjpeg_camera.stop()
-
-        back = time.time()
-        mjpeg_camera.start()
-        log.wait_for_camera(b"online")
-        assert_the_outage_is_honest(log, agent, lost, back)
+        assert_it_recovers_honestly(log, agent, lost, mjpeg_camera.start)
 
 
 def test_the_agent_reports_a_vanished_video_file_offline_and_answers_again_once_it_is_back(
@@ -213,13 +199,8 @@ def test_the_agent_reports_a_vanished_video_file_offline_and_answers_again_once_
         log.wait_for_answer(since=0)
 
         parked = video.rename(tmp_path / "parked.mp4")  # the open file plays on to its end, then is gone
-        lost = log.wait_for_camera(b"offline")
-        assert agent.metrics.camera_up._value.get() == 0
-
-        back = time.time()
-        parked.rename(video)
-        log.wait_for_camera(b"online")
-        assert_the_outage_is_honest(log, agent, lost, back)
+        lost = wait_until_offline(log, agent)
+        assert_it_recovers_honestly(log, agent, lost, lambda: parked.rename(video))
 
 
 # -- odd frames ------------------------------------------------------------------------------------------
