@@ -282,3 +282,35 @@ def test_a_flood_of_requests_is_refused_or_answered_one_reply_each_and_memory_st
     assert set(outcomes) <= {"rate limit", "busy", "answered"}
     assert outcomes.count("answered") >= ASK_QUEUE_LIMIT
     assert threading.active_count() < 50
+
+
+class EngineFailingOn:
+    """The real engine, except that answering one question raises: an engine bug cannot be caused on purpose."""
+
+    def __init__(self, engine, question: str):
+        self._engine = engine
+        self._question = question
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def answer(self, context, prompts):
+        if any(self._question in prompt.text for prompt in prompts):
+            raise RuntimeError("an engine bug")
+        return self._engine.answer(context, prompts)
+
+
+def test_a_question_the_engine_fails_on_gets_an_error_reply_and_the_agent_goes_on(
+        tiny_llava_int8, tiny_engine, broker, make_requester, static_video, caplog):
+    asker = make_requester("asker")
+    engine = EngineFailingOn(tiny_engine, "Explode?")
+    with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=engine) as agent:
+        wait_until(lambda: agent.metrics.inferences._value.get() >= 1, timeout=30, what="a first answer")
+        asker.send(ask_payload(question="Explode?"), "failing")
+        asker.send(ask_payload(question="Is the door open?"), "fine")
+        wait_until(lambda: "fine" in asker.replies, timeout=30, what="the next question answered")
+
+    assert asker.replies["failing"] == {"error": "internal error: the agent could not answer this question",
+                                        "correlation_id": "failing"}
+    assert "answer" in asker.replies["fine"]
+    assert "could not answer the ad hoc question 'Explode?'" in caplog.text
