@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-# The broker, test videos, systemd-analyze for the unit file, and GStreamer's RTSP server for a test camera.
-DEBIAN_PACKAGES=(mosquitto ffmpeg systemd gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base
+# The broker, test videos, systemd-analyze for the unit file, openssl for test certificates, and GStreamer's RTSP server for a test camera.
+DEBIAN_PACKAGES=(mosquitto ffmpeg systemd openssl gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base
                  gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

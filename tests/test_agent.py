@@ -8,91 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
-import cv2
-import numpy as np
-import pytest
-import yaml
-
-from edge_agent.config import parse_config
-from edge_agent.service import Agent
+from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config, topic, write_config
 from tests.support.broker import wait_until
-from tests.support.videos import pattern
-
-AGENT = "kiosk-test"
-QUESTIONS = [
-    {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "every": 0.5, "device_class": "door"},
-    {"id": "people", "question": "How many people are in the room?", "type": "number", "every": 0.5},
-    {"id": "cup", "question": "What colour is the cup?", "type": "choice", "options": ["red", "blue", "green"],
-     "every": 0.5},
-    {"id": "scene", "question": "Describe the room.", "type": "text", "every": 0.5, "trigger": "change"},
-]
-
-
-def write_video(path, frames: list[np.ndarray], fps: float = 10):
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
-
-
-@pytest.fixture(scope="module")
-def static_video(tmp_path_factory):
-    """Three seconds of one unchanging scene."""
-    return write_video(tmp_path_factory.mktemp("video") / "static.mp4", [pattern(3)] * 30)
-
-
-@pytest.fixture(scope="module")
-def moving_video(tmp_path_factory):
-    """A square that jumps to a new place every half second."""
-    frames = [pattern(index // 5 * 9) for index in range(40)]
-    return write_video(tmp_path_factory.mktemp("video") / "moving.mp4", frames)
-
-
-def agent_config(model, broker, video, **overrides) -> dict:
-    config = {
-        "agent_id": AGENT,
-        "camera": {"source": str(video), "loop": True, "fps": 5},
-        "model": {"path": str(model), "max_new_tokens": 4},
-        "mqtt": {"host": broker.host, "port": broker.port},
-        "questions": QUESTIONS,
-        "metrics": {"listen": "127.0.0.1:0"},
-    }
-    for section, values in overrides.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
-    return config
-
-
-class RunningAgent:
-    """An Agent on its own thread, stopped and shut down on exit."""
-
-    def __init__(self, config: dict, engine=None):
-        self.agent = Agent(parse_config(config), engine=engine)
-        self._thread = threading.Thread(target=self.agent.run, daemon=True)
-
-    def __enter__(self) -> Agent:
-        self.agent.start()
-        self._thread.start()
-        return self.agent
-
-    def __exit__(self, *exc_info):
-        self.agent.stop()
-        self._thread.join(timeout=30)
-        self.agent.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_llava_int8):
-    from edge_agent.engine import Engine
-    return Engine.load(tiny_llava_int8)
-
-
-def topic(*levels: str) -> str:
-    return "/".join(("edge-agent", AGENT) + levels)
 
 
 def test_the_agent_publishes_an_answer_for_every_standing_question(tiny_llava_int8, tiny_engine, broker,
@@ -153,12 +72,6 @@ def test_the_metrics_endpoint_counts_what_the_agent_did(tiny_llava_int8, tiny_en
     assert samples["edge_agent_camera_up"] == 1 and samples["edge_agent_mqtt_connected"] == 1
     assert samples['edge_agent_stage_seconds_count{stage="vision"}'] >= 2
     assert samples['edge_agent_stage_seconds_count{stage="decode"}'] >= 2
-
-
-def write_config(tmp_path, config: dict):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_edge_agent_ask_without_an_image_asks_the_running_agent(tiny_llava_int8, tiny_engine, broker,

@@ -35,23 +35,6 @@ def settings(source: object, **changes: object) -> CaptureSettings:
     return dataclasses.replace(FAST, source=str(source), **changes)
 
 
-@pytest.fixture
-def run_reader():
-    """Start a reader (and its status log) for a test, and always stop it afterwards."""
-    readers: list[CameraReader] = []
-
-    def start(capture: CaptureSettings) -> tuple[CameraReader, list[bool]]:
-        statuses: list[bool] = []
-        reader = CameraReader(capture, on_status=statuses.append)
-        readers.append(reader)
-        reader.start()
-        return reader, statuses
-
-    yield start
-    for reader in readers:
-        reader.stop()
-
-
 def collect(reader: CameraReader, count: int, wait_s: float = 5.0) -> list[Frame]:
     """The next `count` frames the reader hands out (fewer if it ends or stalls for `wait_s`)."""
     frames: list[Frame] = []

@@ -7,7 +7,7 @@ import pytest
 
 from edge_agent.engine import Engine, Prompt
 from edge_agent.engine.constrained import DigitVocabulary, option_probabilities, spellings
-from tests.test_engine import random_frame
+from tests.support.reference import random_frame
 
 YES_NO = Prompt("Is the door open? Answer the question using a single word or phrase.", options=("Yes", "No"))
 COLOUR = Prompt("What colour is the cup?", options=("red", "dark blue", "green"))

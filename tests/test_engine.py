@@ -6,18 +6,11 @@ import numpy as np
 import pytest
 
 from edge_agent.engine import Engine
+from tests.support.reference import random_frame
 
 QUESTIONS = ["Is the door open?", "How many people are in the room?", "What color is the cup on the counter?"]
 FRAME_SIZES = [(48, 64), (64, 48), (100, 37), (31, 90), (32, 32), (240, 320)]
 MAX_NEW_TOKENS = 10
-
-
-def random_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A BGR frame with structure (gradients and blocks), not only noise, so resizing matters."""
-    rng = np.random.default_rng(seed + height * 1000 + width)
-    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    frame[: height // 2, : width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
-    return frame
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from edge_agent.mqtt.ask import MAX_QUESTION_CHARS, MAX_REQUEST_BYTES
 from edge_agent.mqtt.ratelimit import RequestRateLimit
 from edge_agent.service import ASK_QUEUE_LIMIT, ASK_QUESTION_TOKEN_LIMIT
 from tests.support.broker import WAIT_TIMEOUT_S, wait_until
-from tests.test_agent import AGENT, RunningAgent, agent_config, static_video, tiny_engine  # noqa: F401
+from tests.support.agent import AGENT, RunningAgent, agent_config
 
 ASK_TOPIC = f"edge-agent/{AGENT}/ask"
 LINK_ASK_TOPIC = "edge-agent/kitchen/ask"

@@ -24,8 +24,7 @@ from edge_agent.errors import UserError
 from edge_agent.service import Agent
 from tests.support.broker import wait_until
 from tests.support.videos import pattern, write_video
-from tests.test_agent import QUESTIONS, RunningAgent, agent_config, tiny_engine, topic  # noqa: F401 - a fixture
-from tests.test_capture import run_reader  # noqa: F401 - a fixture
+from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.broker import WAIT_TIMEOUT_S, wait_until
-from tests.test_agent import AGENT, QUESTIONS, RunningAgent, agent_config, moving_video, tiny_engine  # noqa: F401
+from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
 
 ROOT = f"edge-agent/{AGENT}"
 EVERY_ANSWER = {"heartbeat_s": 0.001}

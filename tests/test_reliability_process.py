@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.broker import wait_until
 from tests.support.videos import write_video
-from tests.test_agent import QUESTIONS, RunningAgent, agent_config, tiny_engine, topic, write_config  # noqa: F401
+from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic, write_config
 
 pytestmark = pytest.mark.timeout(180)
 

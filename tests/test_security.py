@@ -16,7 +16,7 @@ from edge_agent.config import parse_config
 from edge_agent.mqtt import AgentLink, MqttSettings, ask_remote
 from edge_agent.service import mqtt_settings
 from tests.support.broker import wait_until
-from tests.test_agent import AGENT, QUESTIONS, RunningAgent, agent_config, moving_video, tiny_engine  # noqa: F401
+from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
 
 AGENT_USER, AGENT_PASSWORD = "edge-agent", "agent-Pa55-7f3c1e"
 HA_USER, HA_PASSWORD = "homeassistant", "ha-Pa55-91b2d0"

@@ -9,6 +9,14 @@ import numpy as np
 import pytest
 
 
+def random_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A BGR frame with structure (gradients and blocks), not only noise, so resizing matters."""
+    rng = np.random.default_rng(seed + height * 1000 + width)
+    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    frame[: height // 2, : width // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return frame
+
+
 @functools.lru_cache(maxsize=4)
 def _hf_model(checkpoint: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_agent.capture import CameraReader, CaptureSettings
+
 FRAME_SIZE = (160, 120)  # width, height: small, so writing and decoding cost little on a shared CPU
 SQUARE = 20
 
@@ -156,3 +158,20 @@ def mjpeg_camera():
     camera.start()
     yield camera
     camera.stop()
+
+
+@pytest.fixture
+def run_reader():
+    """Start a reader (and its status log) for a test, and always stop it afterwards."""
+    readers: list[CameraReader] = []
+
+    def start(capture: CaptureSettings) -> tuple[CameraReader, list[bool]]:
+        statuses: list[bool] = []
+        reader = CameraReader(capture, on_status=statuses.append)
+        readers.append(reader)
+        reader.start()
+        return reader, statuses
+
+    yield start
+    for reader in readers:
+        reader.stop()

@@ -1,0 +1,39 @@
+"""The shipped demo LLaVA (models/demo-llava) really sees: through the engine at INT8, it answers questions
+about held-out synthetic scenes above accuracy floors set a little under what models/eval_demo.py measured.
+A wrong crop, colour order or token boundary anywhere in the pipeline shows up here as lost accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_agent.engine import Engine
+from models.eval_demo import MODEL, held_out, measure
+
+FLOORS = {"yes_no": 0.93, "choice": 0.93, "number": 0.85, "text": 0.90}
+"""Minimum INT8 accuracy per question type on 100 held-out scenes (see MODEL_CARD.md for the measured values)."""
+
+SIZE_LIMIT_MB = 25
+
+
+@pytest.fixture(scope="module")
+def int8_tally():
+    return measure(Engine.load(MODEL / "openvino-int8"), held_out(100))
+
+
+@pytest.mark.parametrize("kind", FLOORS)
+def test_int8_answers_held_out_scenes_above_the_floor(int8_tally, kind):
+    assert int8_tally.asked[kind] > 30
+    assert int8_tally.accuracy(kind) >= FLOORS[kind]
+
+
+def test_the_checkpoint_is_a_plain_llava_that_reads_the_last_vision_layer():
+    config = json.loads((MODEL / "checkpoint" / "config.json").read_text())
+    assert config["model_type"] == "llava"
+    assert config["vision_feature_layer"] == -1
+
+
+def test_checkpoint_and_int8_export_together_stay_small_enough_for_git():
+    size = sum(path.stat().st_size for path in MODEL.rglob("*") if path.is_file())
+    assert size < SIZE_LIMIT_MB * 1024 * 1024
