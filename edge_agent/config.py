@@ -291,6 +291,11 @@ class MqttSettings(Settings):
     heartbeat_s: float = setting(
         0.0, "Republish unchanged states this often in seconds; 0 = only on change.", check=zero_or_more
     )
+    ask_per_minute: float = setting(
+        30.0, "Ad hoc questions answered per minute for each requester (reply topic); more get a refusal.",
+        check=positive,
+    )
+    ask_burst: int = setting(5, "Ad hoc questions a requester may send at once before the rate applies.", check=positive)
     discovery: bool = setting(True, "Publish Home Assistant discovery configs for every question.")
     discovery_prefix: str = setting(
         "homeassistant", "Home Assistant discovery topic prefix.", check=topic_levels

@@ -61,6 +61,10 @@ class Metrics:
         self.mqtt_queue_depth = Gauge(
             "edge_agent_mqtt_queue_depth", "Messages waiting to be sent to the broker.", registry=self.registry
         )
+        self.mqtt_dropped = Gauge(
+            "edge_agent_mqtt_dropped", "Answers dropped since start because the offline queue was full.",
+            registry=self.registry,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
         self._server: WSGIServer | None = None

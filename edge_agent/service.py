@@ -53,7 +53,8 @@ def mqtt_settings(config: Config) -> MqttSettings:
         username=section.username, password=section.password(),
         client_id=section.client_id or f"edge-agent-{config.agent_id}", keepalive_s=section.keepalive_s,
         queue_limit=section.queue_limit, heartbeat_s=section.heartbeat_s, discovery=section.discovery,
-        discovery_prefix=section.discovery_prefix,
+        discovery_prefix=section.discovery_prefix, ask_per_minute=section.ask_per_minute,
+        ask_burst=section.ask_burst,
     )
 
 
@@ -291,6 +292,7 @@ class Agent:
     def _update_link_metrics(self) -> None:
         self.metrics.mqtt_connected.set(1 if self._link.connected else 0)
         self.metrics.mqtt_queue_depth.set(self._link.queued)
+        self.metrics.mqtt_dropped.set(self._link.dropped)
 
 
 YES_NO_OPTIONS = ("Yes", "No")
