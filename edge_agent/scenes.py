@@ -159,10 +159,10 @@ def _draw_counter_and_cup(canvas: _Canvas, cup_colour: str, layout: np.random.Ge
     counter = np.array((120, 120, 125)) + layout.integers(-15, 16, 3)
     canvas.rect(0.68, top, 0.97, 0.84, counter)
     canvas.rect(0.66, top - 0.03, 0.99, top, counter + 40)
-    cx = layout.uniform(0.74, 0.90)
+    cx = layout.uniform(0.74, 0.88)
     colour = COLOURS[cup_colour]
-    canvas.rect(cx - 0.025, top - 0.13, cx + 0.025, top - 0.03, colour)
-    canvas.ellipse(cx + 0.032, top - 0.08, 0.012, 0.025, colour)  # the handle
+    canvas.rect(cx - 0.035, top - 0.17, cx + 0.035, top - 0.03, colour)  # 4-5 px by 9 at the model's 64 px
+    canvas.ellipse(cx + 0.045, top - 0.10, 0.015, 0.035, colour)  # the handle
 
 
 def _draw_people(canvas: _Canvas, count: int, layout: np.random.Generator) -> None:
