@@ -23,7 +23,7 @@ import typing
 
 
 from . import systemd
-from .capture import CameraReader, CaptureSettings, GateSettings, SceneGate, validate_source
+from .capture import CameraReader, CaptureSettings, DeviceMissing, GateSettings, SceneGate, validate_source
 from .capture.reader import Frame
 from .config import Config, Question
 from .engine import Answer, Engine, FrameContext, Prompt
@@ -109,7 +109,10 @@ class Agent:
     def start(self) -> None:
         """Check the source, load the model, connect, and start reading frames."""
         settings = capture_settings(self.config)
-        validate_source(settings)
+        try:
+            validate_source(settings)
+        except DeviceMissing as missing:  # unplugged at boot: run offline and keep retrying
+            log.warning("%s; starting with the camera offline", missing)
         systemd.status("loading model")
         if self._engine is None:
             self._engine = load_engine(self.config)

@@ -335,7 +335,7 @@ def test_an_unreadable_password_is_one_line_naming_the_key_not_the_secret(tmp_pa
     with pytest.raises(UserError) as caught:
         read_secret(str(path), "mqtt.password_file")
 
-    assert str(caught.value).startswith(f"mqtt.password_file: ")
+    assert str(caught.value).startswith("mqtt.password_file: ")
     assert reason in str(caught.value)
     assert "s3cret" not in str(caught.value)
 

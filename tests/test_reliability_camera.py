@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 from edge_agent.capture import CameraReader, CaptureSettings
-from edge_agent.config import parse_config
-from edge_agent.errors import UserError
 from edge_agent.service import Agent
 from tests.support.broker import wait_until
 from tests.support.videos import pattern, write_video
@@ -94,10 +92,17 @@ def test_a_camera_device_that_does_not_exist_stays_offline_and_is_retried_with_b
     assert reader.latest() is None and statuses == [False]
 
 
-def test_the_agent_refuses_to_start_on_a_camera_device_that_does_not_exist(broker, tmp_path):
-    config = agent_config(tmp_path, broker, "/dev/video99")
-    with pytest.raises(UserError, match=r"camera.source: camera device /dev/video99 does not exist"):
-        Agent(parse_config(config)).start()
+def test_the_agent_starts_with_an_unplugged_camera_device_offline_and_keeps_trying(
+        broker, subscriber, tiny_llava_int8, tiny_engine, caplog):
+    listener = subscriber(broker, topic("camera"), topic("availability"))
+    config = agent_config(tiny_llava_int8, broker, "/dev/video99")
+    with caplog.at_level(logging.WARNING, logger="edge_agent.service"), RunningAgent(config, engine=tiny_engine) as agent:
+        wait_until(lambda: [m.payload for m in listener.on(topic("camera"))][-1:] == [b"offline"],
+                   what="camera offline")
+        wait_until(lambda: agent._reader.reopen_count >= 1, what="a reopen attempt")
+        assert listener.on(topic("availability"))[-1].payload == b"online"
+    assert "camera device /dev/video99 does not exist (is the camera plugged in?); starting with the camera " \
+           "offline" in caplog.text
 
 
 def test_frames_larger_than_the_model_can_use_are_downscaled_as_they_are_kept(run_reader, tmp_path):

@@ -2,6 +2,6 @@
 
 from edge_agent.capture.gate import GateSettings, SceneGate
 from edge_agent.capture.reader import CameraReader, Frame
-from edge_agent.capture.sources import CaptureSettings, validate_source
+from edge_agent.capture.sources import CaptureSettings, DeviceMissing, validate_source
 
-__all__ = ["CameraReader", "CaptureSettings", "Frame", "GateSettings", "SceneGate", "validate_source"]
+__all__ = ["CameraReader", "CaptureSettings", "DeviceMissing", "Frame", "GateSettings", "SceneGate", "validate_source"]

@@ -153,10 +153,14 @@ def _validate_url(url: str) -> None:
         raise UserError(f"camera.source: {url!r} names no host")
 
 
+class DeviceMissing(UserError):
+    """The camera device node is absent: a USB camera may simply not be plugged in yet."""
+
+
 def _validate_device(source: str) -> None:
     path = pathlib.Path(device_path(source))
     if not path.exists():
-        raise UserError(f"camera.source: camera device {path} does not exist (is the camera plugged in?)")
+        raise DeviceMissing(f"camera.source: camera device {path} does not exist (is the camera plugged in?)")
     if not path.is_char_device():
         raise UserError(f"camera.source: {path} is not a camera device")
 
