@@ -60,6 +60,15 @@ def test_a_person_entering_or_moving_is_a_change():
     assert occupied.changed(room(person_x=300))
 
 
+def test_a_small_change_in_one_corner_is_a_change_though_the_frame_on_average_barely_differs():
+    gate = gate_with_reference(room())
+    small_figure = room()
+    small_figure[400:470, 20:60] = (30, 30, 40)  # 40 x 70 px: under 1% of the frame
+    overall, local = gate.differences(small_figure)
+    assert overall < SETTINGS.threshold < local
+    assert gate.changed(small_figure)
+
+
 def test_lights_switched_off_are_a_change_but_exposure_drift_is_not():
     """The gate compares raw brightness on purpose: whether the light is on may be what a question asks."""
     gate = gate_with_reference(room())

@@ -5,6 +5,12 @@ The gate compares a small, grayscale, blurred thumbnail of each frame with the t
 the service *accepted* (encoded), so slow drift accumulates against that reference instead of hiding in
 small frame-to-frame steps.
 
+Two measures, so that neither a small change nor a global one slips through: the mean difference over the
+whole thumbnail, and the largest mean difference over any cell of an 8 x 8 grid. A person stepping into a
+corner moves one cell a lot and the whole frame very little (on the demo's kiosk room: 0.10 in the cell,
+0.008 overall, against 0.001 of camera noise), so a cell counts as changed at `LOCAL_FACTOR` times the
+threshold.
+
 Lighting: the comparison is on raw brightness, so switching a light on or off counts as a change (the
 answers may well depend on it), while small exposure drift stays under a sensible threshold.
 """
@@ -19,6 +25,11 @@ import numpy as np
 
 # Kernel of the blur applied to the thumbnail: it evens out sensor noise and one-pixel jitter.
 BLUR_KERNEL = (3, 3)
+GRID_CELLS = 8
+"""Cells per side of the grid whose largest difference catches changes confined to a small area."""
+LOCAL_FACTOR = 3.0
+"""A cell counts as changed when its mean difference exceeds this many times `threshold` (exposure drift
+of a few percent stays below it even in the brightest cell)."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,8 @@ class GateSettings:
 
     threshold: float
     """Mean absolute difference of the thumbnails, as a fraction of full brightness (0..1), above which a
-    frame counts as changed; 0.02 ignores sensor noise but notices a person entering a room."""
+    frame counts as changed (or `LOCAL_FACTOR` times it in one grid cell); 0.02 ignores sensor noise but
+    notices a person entering a room."""
     size: int
     """Side, in pixels, of the square grayscale thumbnail compared (larger notices smaller objects)."""
     max_unchanged_s: float
@@ -51,13 +63,23 @@ class SceneGate:
             age = (time.time() if ts is None else ts) - self._reference_ts
             if age >= self._settings.max_unchanged_s:
                 return True
-        return self.difference(image) > self._settings.threshold
+        overall, local = self.differences(image)
+        return overall > self._settings.threshold or local > LOCAL_FACTOR * self._settings.threshold
 
     def difference(self, image: np.ndarray) -> float:
         """Mean absolute difference between `image` and the reference, as a fraction of full brightness."""
+        return self.differences(image)[0]
+
+    def differences(self, image: np.ndarray) -> tuple[float, float]:
+        """(mean difference over the whole thumbnail, largest mean difference of a grid cell), 0..1."""
         if self._reference is None:
-            return 1.0
-        return float(cv2.absdiff(self._thumbnail(image), self._reference).mean()) / 255.0
+            return 1.0, 1.0
+        diff = cv2.absdiff(self._thumbnail(image), self._reference).astype(np.float32) / 255.0
+        cell = self._settings.size // GRID_CELLS
+        if cell == 0:
+            return float(diff.mean()), float(diff.mean())
+        grid = diff[:cell * GRID_CELLS, :cell * GRID_CELLS].reshape(GRID_CELLS, cell, GRID_CELLS, cell)
+        return float(diff.mean()), float(grid.mean(axis=(1, 3)).max())
 
     def accept(self, image: np.ndarray, ts: float) -> None:
         """Make `image` (taken at wall-clock `ts`) the reference: the service encoded it."""
