@@ -220,7 +220,8 @@ def _add_model(commands) -> None:
     export.add_argument("--group-size", type=int, help="INT4 channels per scale (default 128; -1 per channel)")
     export.add_argument("--ratio", type=float, help="INT4 share of language-model layers at 4 bits (default 1.0)")
     export.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
-    export.add_argument("--calibration-images", help="directory of local images for calibrated quantization")
+    export.add_argument("--calibration-images", help="a directory of your camera's images or videos (10+ frames): "
+                        "makes the vision encoder fully INT8 (weights and activations), calibrated on them")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(command=_model_export)
     build = sub.add_parser("build-test", help="write a random-weight LLaVA checkpoint for tests and "
