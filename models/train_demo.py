@@ -1,13 +1,24 @@
 """Train the demo LLaVA on synthetic kiosk scenes, on the CPU, and export it to OpenVINO INT8.
 
-    python models/train_demo.py            # about 40 minutes on 2 shared cores
+    python models/train_demo.py            # about 50 minutes on 2 shared cores
+    python models/train_demo.py --resume   # continue from the checkpoint: only the stages it lacks
 
 Trained end to end from scratch, a LLaVA this small learns the answer format long before it learns to
 look, so training is staged (see models/demo-llava/MODEL_CARD.md):
 1. vision: the CLIP tower alone, with small attention-pooling heads that read the scene facts (door,
    people, cup colour, bag) from its patch tokens;
 2. language: the projector and the language model on question/answer turns, the tower frozen;
-3. all: everything together, the tower at a lower learning rate.
+3. all: everything together, the tower at a lower learning rate;
+4. door drill, in two steps: "door-open" adds an "is the door open?" question to every chat, then "door"
+   asks each image twice, once with "is the door open?" and once with "is the door closed?". After stage
+   3 the model answers door yes/no questions 50/50 whatever the question and the door (a symmetric
+   saddle: the answer must combine the question's polarity with the door, and neither alone predicts
+   it). With one polarity only, the answer follows the door alone, which the model learns within tens of
+   steps; the other polarity is then a flip of a readout that exists.
+The drill stages draw their batches from their own generators (seeded by --seed and a fixed per-stage
+number), so --resume from the stage-3 checkpoint gives what a run from scratch gives. Whether the "door"
+stage leaves the saddle depends on the batch order: with door-open batch seed 3 instead of 9 it did not
+within 400 steps (see the model card); a run that ends with door yes/no loss near 0.06 has not.
 Each stage uses AdamW with a short warm-up and a cosine decay. Images are drawn by `edge_agent.scenes`
 from seeds 0..--scenes-1 and preprocessed exactly as the engine does; every image carries one question
 per fact, asked as `edge_agent.questions.build_prompt` asks it, with the loss on answer tokens only.
@@ -20,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import math
 import pathlib
 import sys
@@ -33,11 +46,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edge_agent import scenes, testmodels  # noqa: E402
+from edge_agent.config import Question  # noqa: E402
 from edge_agent.engine.preprocess import ClipPreprocessor, ProcessorSettings  # noqa: E402
 from edge_agent.export import export_model, staged_output_dir  # noqa: E402
 from edge_agent.questions import build_prompt  # noqa: E402
 
 OUT = REPO / "models" / "demo-llava"
+STAGES_FILE = "training_stages.json"
+"""Written into the checkpoint: the stages it has been through, so --resume runs only the rest."""
+STAGE_NAMES = ("vision", "language", "all", "door-open", "door")
 
 SHAPES = testmodels.Shapes(
     image_size=64, patch_size=8, vision_hidden=128, vision_intermediate=512, vision_layers=4, vision_heads=4,
@@ -73,22 +90,47 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.monotonic()
-    tokenizer = demo_tokenizer(args.seed)
-    processor = demo_processor(tokenizer)
-    model = demo_model(tokenizer)
+    checkpoint = args.out / "checkpoint"
+    if args.resume:
+        processor, model, done = load_checkpoint(checkpoint)
+        tokenizer = processor.tokenizer
+        _log(started, f"resumed {checkpoint} after stages {', '.join(done)}")
+        if set(STAGE_NAMES) <= set(done):
+            return
+    else:
+        tokenizer = demo_tokenizer(args.seed)
+        processor, model, done = demo_processor(tokenizer), demo_model(tokenizer), []
     preprocess = ClipPreprocessor(ProcessorSettings.from_dict(processor.image_processor.to_dict()))
     data = SceneData.generate(args.scenes, preprocess, tokenizer)
     _log(started, f"{args.scenes} scenes rendered and preprocessed")
     rng = np.random.default_rng(args.seed)
-    train_vision(model, data, Stage("vision", args.vision_steps, 2e-3, 2e-3), 2 * args.batch, rng, started)
+    if "vision" not in done:
+        train_vision(model, data, Stage("vision", args.vision_steps, 2e-3, 2e-3), 2 * args.batch, rng, started)
     for stage in (Stage("language", args.language_steps, 1e-3, 0.0), Stage("all", args.all_steps, 5e-4, 1e-4)):
-        train_llava(model, data, stage, args.batch, rng, started)
-    checkpoint = OUT / "checkpoint"
+        if stage.name not in done:
+            train_llava(model, data, stage, args.batch, rng, started)
+    # stage 4's batches come from their own generators (the seeds of the shipped run), so that --resume
+    # from a stage-3 checkpoint repeats what a run from scratch does
+    drills = {"door-open": (args.door_open_steps, (True,), 9), "door": (args.door_steps, (True, False), 4)}
+    for name, (steps, polarities, batch_seed) in drills.items():
+        if name not in done:
+            train_llava(model, data, Stage(name, steps, args.door_lr, args.door_lr / 5), args.batch,
+                        np.random.default_rng([args.seed, batch_seed]), started,
+                        batch_of=functools.partial(door_drill_batch, polarities=polarities))
     with staged_output_dir(checkpoint, overwrite=True) as staging:
         processor.save_pretrained(staging)
         model.save_pretrained(staging)
-    export_model(str(checkpoint), OUT / "openvino-int8", weight_format="int8", overwrite=True)
-    _log(started, f"wrote {checkpoint} and {OUT / 'openvino-int8'}")
+        (staging / STAGES_FILE).write_text(json.dumps(list(STAGE_NAMES)) + "\n")
+    export_model(str(checkpoint), args.out / "openvino-int8", weight_format="int8", overwrite=True)
+    _log(started, f"wrote {checkpoint} and {args.out / 'openvino-int8'}")
+
+
+def load_checkpoint(checkpoint: pathlib.Path):
+    """The processor, model and completed stage names of a checkpoint this script wrote."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    done = json.loads((checkpoint / STAGES_FILE).read_text())
+    return AutoProcessor.from_pretrained(checkpoint), LlavaForConditionalGeneration.from_pretrained(checkpoint), done
 
 
 def _arguments(argv):
@@ -102,6 +144,15 @@ def _arguments(argv):
     parser.add_argument("--vision-steps", type=int, default=1200, help="steps of stage 1 (vision tower)")
     parser.add_argument("--language-steps", type=int, default=500, help="steps of stage 2 (projector + LM)")
     parser.add_argument("--all-steps", type=int, default=900, help="steps of stage 3 (everything)")
+    parser.add_argument("--door-open-steps", type=int, default=150,
+                        help='steps of stage 4a (door yes/no asked as "is it open?" only)')
+    parser.add_argument("--door-steps", type=int, default=400,
+                        help='steps of stage 4b (door yes/no asked as "is it open?" and "is it closed?")')
+    parser.add_argument("--door-lr", type=float, default=1e-3,
+                        help="peak LR of stage 4 (the tower gets 1/5; 5e-4 stayed at the saddle)")
+    parser.add_argument("--out", type=pathlib.Path, default=OUT, help="where checkpoint/ and openvino-int8/ go")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from --out/checkpoint, running only the stages its training_stages.json lacks")
     return parser.parse_args(argv)
 
 
@@ -246,12 +297,49 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def llava_batch(data: SceneData, indices: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels: every fact of each scene asked once, in random order."""
-    rows = []
+    """Every fact of each scene asked once, in random order."""
+    chats = []
     for index in indices:
         turns = scenes.questions_for(data.scenes[index], rng)
         rng.shuffle(turns)
-        rows.append(conversation_ids(data.tokenizer, turns))
+        chats.append(turns)
+    return padded_batch(data, indices, chats)
+
+
+def door_yes_no(scene: scenes.Scene, polarity_open: bool, rng: np.random.Generator) -> scenes.Asked:
+    """A door yes/no question asking whether the door is open (polarity_open) or closed, with its truth."""
+    phrasings = scenes._DOOR_OPEN if polarity_open else scenes._DOOR_CLOSED
+    text = phrasings[rng.integers(len(phrasings))]
+    return scenes.Asked(Question(id="door", question=text, type="yes_no"), scene.door_open == polarity_open, "door")
+
+
+def door_drill_batch(data: SceneData, indices: np.ndarray, rng: np.random.Generator,
+                     polarities: tuple[bool, ...]) -> dict[str, torch.Tensor]:
+    """Stage 4's chats: each image's usual questions plus a door yes/no question, once per polarity (True:
+    "is it open?", False: "is it closed?"); usual door yes/no questions of other polarities are left out."""
+    chats, images = [], []
+    for index in indices[: len(indices) // len(polarities)]:
+        scene = data.scenes[index]
+        for polarity in polarities:
+            usual = [asked for asked in scenes.questions_for(scene, rng)
+                     if _door_polarity(scene, asked) in (None, *polarities)]
+            turns = usual + [door_yes_no(scene, polarity, rng)]
+            rng.shuffle(turns)
+            chats.append(turns)
+            images.append(index)
+    return padded_batch(data, np.array(images), chats)
+
+
+def _door_polarity(scene: scenes.Scene, asked: scenes.Asked) -> bool | None:
+    """True for "is the door open?", False for "is the door closed?", None for any other question."""
+    if asked.topic != "door" or asked.question.type != "yes_no":
+        return None
+    return asked.truth == scene.door_open
+
+
+def padded_batch(data: SceneData, indices: np.ndarray, chats: list[list[scenes.Asked]]) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels of one chat per image, with the images' pixels."""
+    rows = [conversation_ids(data.tokenizer, turns) for turns in chats]
     length = max(len(ids) for ids, _ in rows)
     pad = data.tokenizer.pad_token_id
     return {
@@ -301,8 +389,10 @@ def train_vision(model, data: SceneData, stage: Stage, batch: int, rng: np.rando
                           + " ".join(f"{name} {value:.2f}" for name, value in accuracy.items()))
 
 
-def train_llava(model, data: SceneData, stage: Stage, batch: int, rng: np.random.Generator, started: float) -> None:
-    """Stages 2 and 3: next-token loss on the answers of multi-turn chats about each image."""
+def train_llava(model, data: SceneData, stage: Stage, batch: int, rng: np.random.Generator, started: float,
+                batch_of=llava_batch) -> None:
+    """Stages 2 to 4: next-token loss on the answers of multi-turn chats about each image, drawn by
+    `batch_of(data, indices, rng)`."""
     tower = model.model.vision_tower
     tower.requires_grad_(stage.vision_lr > 0)
     rest = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower.")]
@@ -312,7 +402,7 @@ def train_llava(model, data: SceneData, stage: Stage, batch: int, rng: np.random
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     model.train()
     for step in range(stage.steps):
-        loss = model(**llava_batch(data, data.batch_indices(batch, rng), rng)).loss
+        loss = model(**batch_of(data, data.batch_indices(batch, rng), rng)).loss
         _step(optimizer, loss, stage, step)
         if step % 50 == 0 or step == stage.steps - 1:
             _log(started, f"{stage.name} {step}/{stage.steps} loss {loss.item():.4f}")
