@@ -39,7 +39,7 @@ MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 # The standing questions of the demo, phrased as the demo model was trained.
 DEMO_QUESTIONS = (
-    {"id": "door", "question": "Is the door open or closed?", "type": "choice", "options": ["open", "closed"]},
+    {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "device_class": "door"},
     {"id": "people", "question": "How many people are in the room?", "type": "number"},
     {"id": "bag", "question": "Is there a bag on the floor?", "type": "yes_no"},
     {"id": "cup_colour", "question": "What colour is the cup?", "type": "choice",
@@ -49,7 +49,7 @@ DEMO_QUESTIONS = (
 
 def truth_of(question_id: str, scene: Scene):
     """The right answer to a demo question in `scene`."""
-    return {"door": "open" if scene.door_open else "closed", "people": scene.people, "bag": scene.bag_present,
+    return {"door_open": scene.door_open, "people": scene.people, "bag": scene.bag_present,
             "cup_colour": scene.cup_colour}[question_id]
 
 

@@ -222,8 +222,8 @@ class Asked:
         return str(self.truth)
 
 
-_DOOR_OPEN = ("Is the door open?", "Is the door opened?", "Is the door standing open?", "Is the door ajar?")
-_DOOR_CLOSED = ("Is the door closed?", "Is the door shut?")
+DOOR_OPEN_QUESTIONS = ("Is the door open?", "Is the door opened?", "Is the door standing open?", "Is the door ajar?")
+DOOR_CLOSED_QUESTIONS = ("Is the door closed?", "Is the door shut?")
 _DOOR_STATE = ("Is the door open or closed?", "What is the state of the door?", "The door is:")
 _PEOPLE_COUNT = ("How many people are in the room?", "How many people are there?",
                  "How many persons can you see?", "How many people are visible?", "Count the people.")
@@ -262,9 +262,9 @@ def _choice(topic: str, text: str, options: list[str], truth: str) -> Asked:
 def _door_question(scene: Scene, rng: np.random.Generator) -> Asked:
     kind = rng.integers(3)
     if kind == 0:
-        return _yes_no("door", _pick(rng, _DOOR_OPEN), scene.door_open)
+        return _yes_no("door", _pick(rng, DOOR_OPEN_QUESTIONS), scene.door_open)
     if kind == 1:
-        return _yes_no("door", _pick(rng, _DOOR_CLOSED), not scene.door_open)
+        return _yes_no("door", _pick(rng, DOOR_CLOSED_QUESTIONS), not scene.door_open)
     options = ["open", "closed"] if rng.random() < 0.5 else ["closed", "open"]
     return _choice("door", _pick(rng, _DOOR_STATE), options, "open" if scene.door_open else "closed")
 

@@ -308,7 +308,7 @@ def llava_batch(data: SceneData, indices: np.ndarray, rng: np.random.Generator) 
 
 def door_yes_no(scene: scenes.Scene, polarity_open: bool, rng: np.random.Generator) -> scenes.Asked:
     """A door yes/no question asking whether the door is open (polarity_open) or closed, with its truth."""
-    phrasings = scenes._DOOR_OPEN if polarity_open else scenes._DOOR_CLOSED
+    phrasings = scenes.DOOR_OPEN_QUESTIONS if polarity_open else scenes.DOOR_CLOSED_QUESTIONS
     text = phrasings[rng.integers(len(phrasings))]
     return scenes.Asked(Question(id="door", question=text, type="yes_no"), scene.door_open == polarity_open, "door")
 
