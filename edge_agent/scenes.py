@@ -222,7 +222,8 @@ class Asked:
         return str(self.truth)
 
 
-DOOR_OPEN_QUESTIONS = ("Is the door open?", "Is the door opened?", "Is the door standing open?", "Is the door ajar?")
+DOOR_OPEN_QUESTIONS = ("Is the door open?", "Is the door opened?", "Is the door standing open?",
+                       "Is the door ajar?")
 DOOR_CLOSED_QUESTIONS = ("Is the door closed?", "Is the door shut?")
 _DOOR_STATE = ("Is the door open or closed?", "What is the state of the door?", "The door is:")
 _PEOPLE_COUNT = ("How many people are in the room?", "How many people are there?",
