@@ -122,6 +122,8 @@ def amqtt_broker() -> Iterator[BrokerAddress]:
     try:
         yield BrokerAddress("127.0.0.1", port, "3.1.1", "embedded amqtt")
     finally:
+        # amqtt logs its own cancelled broadcast task as an error on every shutdown: not news for the user.
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
@@ -149,7 +151,7 @@ def demo_config(model: pathlib.Path, video: pathlib.Path, broker: BrokerAddress)
 class AnswerPrinter:
     """Subscribes to the agent's answers and prints each one beside the ground truth at its frame."""
 
-    def __init__(self, broker: BrokerAddress, timeline: list[Moment], video_seconds: float, out=sys.stdout):
+    def __init__(self, broker: BrokerAddress, timeline: list[Moment], video_seconds: float, out=None):
         self._timeline, self._video_seconds, self._out = timeline, video_seconds, out
         self.started = time.time()
         self.received: list[dict] = []
@@ -178,7 +180,7 @@ class AnswerPrinter:
         mark = "ok" if value == truth else "  "
         confidence = f" ({answer['confidence']:.2f})" if answer.get("confidence") is not None else ""
         print(f"[video {answer['video_t']:5.1f} s] {answer['question']:<34} {str(value):>6}{confidence:<7}"
-              f" truth {str(truth):>6} {mark}", file=self._out, flush=True)
+              f" truth {str(truth):>6} {mark}", file=self._out or sys.stdout, flush=True)
 
     def close(self) -> None:
         self._client.loop_stop()

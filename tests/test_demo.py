@@ -75,3 +75,14 @@ def test_edge_agent_demo_prints_answers_beside_the_truth_and_stops_after_its_dur
     assert any("Is the door open?" in line for line in lines)
     assert sum(line.endswith("ok") for line in lines) >= len(lines) * 0.8, result.stdout
     assert "mosquitto listening on 127.0.0.1" in result.stderr
+
+
+def test_without_mosquitto_the_demo_runs_on_an_embedded_amqtt_broker(monkeypatch, capsys):
+    import edge_agent.demo as demo
+    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
+    monkeypatch.setattr(demo, "MOSQUITTO_PATHS", ())
+    assert demo.run_demo(duration_s=10, model=None, video_seconds=8) == 0
+    captured = capsys.readouterr()
+    assert "embedded amqtt listening on 127.0.0.1" in captured.err and "(MQTT 3.1.1)" in captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("[video")]
+    assert lines and sum(line.endswith("ok") for line in lines) >= len(lines) * 0.8, captured.out
