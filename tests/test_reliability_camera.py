@@ -259,7 +259,9 @@ def test_odd_frames_are_converted_or_skipped_with_a_log_line_and_the_agent_answe
         (folder / name).write_bytes(data)
     engine = RecordingEngine(tiny_engine)
     log = AnswerLog(subscriber, broker)
-    config = agent_config(tiny_llava_int8, broker, folder, camera={"fps": 2, "loop": True})
+    # Questions due on every frame, so whether a frame is encoded depends only on the frame itself.
+    config = agent_config(tiny_llava_int8, broker, folder, camera={"fps": 2, "loop": True},
+                          questions=[dict(question, every=0.05) for question in QUESTIONS])
 
     with RunningAgent(config, engine=engine):
         expected = {(120, 160, 3), (8, 8, 3), (1080, 1920, 3)}
