@@ -166,14 +166,16 @@ class AnswerPrinter:
         return (frame_ts - self.started) % self._video_seconds
 
     def _on_message(self, client, userdata, message) -> None:
+        # Runs on paho's network thread: an exception escaping here would stop all further messages.
         try:
             answer = json.loads(message.payload)
-            answer["video_t"] = self.video_time(answer["frame_ts"])
+            answer["video_t"] = self.video_time(float(answer["frame_ts"]))
             answer["truth"] = truth_of(answer["question_id"], scene_at(self._timeline, answer["video_t"]))
-            self.received.append(answer)
-            self._print(answer)
-        except (ValueError, KeyError) as error:
-            log.warning("unexpected answer message on %s: %s", message.topic, error)
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("unexpected answer message on %s (%r): %s", message.topic, message.payload[:80], error)
+            return
+        self.received.append(answer)
+        self._print(answer)
 
     def _print(self, answer: dict) -> None:
         value, truth = answer["value"], answer["truth"]
