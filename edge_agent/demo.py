@@ -75,19 +75,21 @@ class BrokerAddress:
 
 
 def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    """Return once a server accepts connections on the loopback `port`; UserError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         time.sleep(0.05)
-    raise UserError(f"the demo broker did not start listening on 127.0.0.1:{port}")
+    raise UserError(f"nothing is listening on 127.0.0.1:{port} after {timeout_s:g} s")
 
 
 @contextlib.contextmanager

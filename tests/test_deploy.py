@@ -5,13 +5,13 @@ from __future__ import annotations
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
+
+from edge_agent.demo import free_port, wait_for_port
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "edge-agent.service"
@@ -114,22 +114,6 @@ def test_the_installer_refuses_an_unknown_option():
     assert "unknown option '--force'" in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"mosquitto did not listen on port {port} within {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def example_broker(tmp_path_factory):
     """Mosquitto running deploy/mosquitto.conf and acl.example, with test users, on a free loopback port."""
@@ -153,7 +137,7 @@ def example_broker(tmp_path_factory):
         [MOSQUITTO, "-c", str(directory / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout_s=5.0)
         yield port
     finally:
         broker.terminate()

@@ -27,17 +27,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge_agent.demo import free_port
 from edge_agent.mqtt import AgentLink, AnswerMessage, MqttSettings
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 READY_TIMEOUT_S = 5.0
 WAIT_TIMEOUT_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition, timeout: float = WAIT_TIMEOUT_S, what: str = "condition") -> None:
