@@ -57,8 +57,8 @@ def test_many_questions_on_one_context_equal_each_alone(request, arch):
 def test_a_context_serves_many_rounds_and_restarts_from_its_prefix(llava, monkeypatch):
     context = llava.encode(random_frame(48, 64))
     restarts = []
-    prefill = context.session.prefill_prefix
-    monkeypatch.setattr(context.session, "prefill_prefix", lambda embeds: restarts.append(1) or prefill(embeds))
+    restart = context.session.restart
+    monkeypatch.setattr(context.session, "restart", lambda: restarts.append(1) or restart())
     first = [a.token_ids for a in llava.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
     assert not restarts  # a fresh context answers straight from its prefix
     for _ in range(4):  # later rounds mask out earlier ones until the leftovers outgrow the prefix
@@ -100,12 +100,21 @@ def test_an_answer_stops_at_the_end_of_sequence_token(llava):
     pytest.skip("no sampled frame made the random model emit its end-of-sequence token")
 
 
-def test_every_answer_reports_its_stage_timings(llava):
-    context = llava.encode(random_frame(48, 64))
+@pytest.mark.parametrize("prefill", [False, True])
+def test_every_answer_reports_its_stage_timings(llava, prefill):
+    context = llava.encode(random_frame(48, 64), prefill=prefill)
     answer = llava.answer(context, QUESTIONS[:2], max_new_tokens=3)[0]
     timings = answer.timings.as_dict()
     assert set(timings) == {"preprocess", "vision", "prefix", "question_prefill", "decode"}
-    assert all(value > 0 for value in timings.values())
+    assert all(value > 0 for stage, value in timings.items() if stage != "prefix")
+    assert (timings["prefix"] > 0) == prefill  # otherwise the prefix is prefilled with the questions
+
+
+def test_a_prefix_prefilled_alone_or_with_the_questions_gives_the_same_answers(llava):
+    frame = random_frame(48, 64)
+    alone = llava.answer(llava.encode(frame, prefill=True), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    together = llava.answer(llava.encode(frame), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    assert [a.token_ids for a in alone] == [a.token_ids for a in together]
 
 
 def test_int4_and_int8_exports_load_and_answer(tiny_llava_int4, tiny_llava_int8):

@@ -65,12 +65,14 @@ def plan_devices(core: ov.Core, device: str = "CPU", vision: str | None = None,
 def compile_properties(device: str, inference_precision: str | None) -> dict:
     """Latency-oriented settings: one stream, every core on the one request; optional precision pin.
 
-    Pinning `f32` also keeps the CPU's KV cache in f32 (it is u8-compressed by default), which exact
-    comparisons with a PyTorch reference need.
+    Pinning `f32` also keeps the CPU's KV cache in f32 (it is u8-compressed by default) and turns off its
+    dynamic int8 quantization of activations (whose rounding depends on how many tokens a call holds), which
+    exact comparisons with a PyTorch reference need.
     """
     properties = {"PERFORMANCE_HINT": "LATENCY"}
     if inference_precision and device.startswith("CPU"):
         properties["INFERENCE_PRECISION_HINT"] = inference_precision
         if inference_precision == "f32":
             properties["KV_CACHE_PRECISION"] = "f32"
+            properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
     return properties

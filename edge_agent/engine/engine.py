@@ -4,9 +4,10 @@
     context = engine.encode(frame)                      # preprocess + vision encoder + prefix prefill
     answers = engine.answer(context, ["Is the door open?", "How many people are there?"])
 
-`encode` runs the vision encoder and prefills the prompt prefix (system prompt, `USER:`, image tokens) into
-the language model's KV cache; `answer` forks that cache into one row per question and decodes them as one
-batch, so the image is never encoded or prefilled twice.
+`encode` runs the vision encoder and builds the prompt prefix (system prompt, `USER:`, image tokens); the
+first `answer` prefills that prefix and its questions into the language model's KV cache in one pass, and
+later rounds reuse the cached prefix. Questions decode as one batch, so the image is never encoded or
+prefilled twice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageSession, keep_only_last_logits
+from .language import LanguageSession, add_attention_allowed, add_logits_positions
 from .model_dir import ModelDir
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
@@ -33,7 +34,11 @@ from .tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Timings:
-    """Milliseconds spent per stage. Question prefill and decode are shared by the questions of one batch."""
+    """Milliseconds spent per stage. Question prefill and decode are shared by the questions of one batch.
+
+    `prefix_ms` is set only when the prefix was prefilled on its own (`encode(..., prefill=True)`); otherwise
+    the first round's `question_prefill_ms` covers the prefix too, prefilled in the same pass.
+    """
 
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
@@ -57,7 +62,7 @@ class Answer:
 
 @dataclass
 class FrameContext:
-    """One encoded frame: its image embeddings and a language-model cache holding the shared prefix."""
+    """One encoded frame: its prefix embeddings and the language-model session that caches them."""
 
     prefix_ids: np.ndarray  # prompt tokens before the image
     prefix_embeds: np.ndarray  # [1, P, hidden]: prompt embeddings with the image features spliced in
@@ -95,7 +100,8 @@ class Engine:
         self._embed = core.compile_model(model.graph("text_embeddings"), devices.language,
                                          compile_properties(devices.language, inference_precision))
         language = core.read_model(model.graph("language"))
-        keep_only_last_logits(language)
+        add_logits_positions(language)
+        add_attention_allowed(language)
         self._language = core.compile_model(language, devices.language,
                                             compile_properties(devices.language, inference_precision))
         self._lock = threading.Lock()
@@ -133,8 +139,12 @@ class Engine:
 
     # -- encoding a frame -------------------------------------------------------------------------------
 
-    def encode(self, frame_bgr: np.ndarray) -> FrameContext:
-        """Preprocess, run the vision encoder, and prefill the shared prompt prefix for one frame."""
+    def encode(self, frame_bgr: np.ndarray, prefill: bool = False) -> FrameContext:
+        """Preprocess and run the vision encoder for one frame: the shared prompt prefix of its questions.
+
+        The prefix is prefilled with the first questions, in the same pass, unless `prefill` asks for it now
+        (benchmarks time it on its own that way).
+        """
         if frame_bgr is None or frame_bgr.size == 0 or frame_bgr.ndim not in (2, 3):
             raise ValueError("empty or malformed frame")
         with self._lock:
@@ -145,9 +155,12 @@ class Engine:
             vision_ms = watch.lap()
             prefix_ids = self._prefix_ids()
             prefix_embeds = np.concatenate([self._embed_ids(prefix_ids[None]), features[None]], axis=1)
-            session = LanguageSession(self._language)
-            session.prefill_prefix(prefix_embeds)
-            timings = Timings(preprocess_ms=preprocess_ms, vision_ms=vision_ms, prefix_ms=watch.lap())
+            session = LanguageSession(self._language, prefix_embeds)
+            prefix_ms = 0.0
+            if prefill:
+                session.prefill_prefix()
+                prefix_ms = watch.lap()
+            timings = Timings(preprocess_ms=preprocess_ms, vision_ms=vision_ms, prefix_ms=prefix_ms)
         return FrameContext(prefix_ids=prefix_ids, prefix_embeds=prefix_embeds, image_tokens=len(features),
                             image_size=prepared.image_size, timings=timings, session=session)
 
@@ -191,14 +204,18 @@ class Engine:
         if not prompts:
             return []
         suffixes = [self._question_suffix(context, p.text) for p in prompts]
+        spelled = self._spelled_options(prompts)
+        branches = self._branches(spelled)
         with self._lock, context.lock:
             watch = Stopwatch()
             session = context.session
-            if session.garbage > context.prefix_embeds.shape[1]:
-                session.prefill_prefix(context.prefix_embeds)
-            logits = session.prefill_questions(self._left_padded_embeds(suffixes), [len(s) for s in suffixes])
+            if session.garbage > session.prefix_len:
+                session.restart()
+            embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
+            logits, ahead = session.prefill_questions(embedded[:len(suffixes)],
+                                                      [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])])
             prefill_ms = watch.lap()
-            chosen = self._choose(session, prompts, logits)
+            chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
             generated = self._decode(session, prompts, logits, ignore_eos)
             decode_ms = watch.lap()
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
@@ -227,55 +244,47 @@ class Engine:
                             "a shared frame prefix needs the image first")
         return suffix
 
-    def _left_padded_embeds(self, suffixes: list[np.ndarray]) -> np.ndarray:
-        width = max(len(s) for s in suffixes)
-        ids = np.zeros((len(suffixes), width), dtype=np.int64)  # pads are masked out; any id will do
-        for row, suffix in enumerate(suffixes):
-            ids[row, width - len(suffix):] = suffix
-        return self._embed_ids(ids)
+    def _embed_each(self, suffixes: list[np.ndarray]) -> list[np.ndarray]:
+        """The embeddings of each id sequence ([len, hidden] each), from one call of the embedding model."""
+        embedded = self._embed_ids(np.concatenate(suffixes)[None])[0]
+        return np.split(embedded, np.cumsum([len(s) for s in suffixes])[:-1])
 
     # -- option questions --------------------------------------------------------------------------------
 
-    def _choose(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray) -> dict:
+    def _spelled_options(self, prompts: list[Prompt]) -> dict[int, list[tuple[tuple[int, ...], ...]]]:
+        """For option rows: {row: per option, the token ids of each way to spell it}."""
+        return {row: [self._option_ids(p.text, option) for option in p.options]
+                for row, p in enumerate(prompts) if p.options}
+
+    @staticmethod
+    def _branches(spelled: dict) -> list[tuple[int, tuple[int, ...]]]:
+        """(row, ids) for every distinct spelling prefix that needs teacher forcing: all but the last token."""
+        return sorted({(row, ids[:-1]) for row, options in spelled.items()
+                       for variants in options for ids in variants if len(ids) > 1})
+
+    @staticmethod
+    def _choose(prompts: list[Prompt], spelled: dict, logits: np.ndarray, ahead: dict) -> dict:
         """For option rows: {row: (option, its best spelling's ids, probability)} from the model's distribution.
 
-        Single-token spellings are scored from the prefill logits; longer ones need one teacher-forced pass,
-        which appends them as extra rows after the batch's own rows (which stay in place, unchanged).
+        A spelling scores the log-probability of its first token from the question's logits plus, for longer
+        spellings, of each later token from its teacher-forced branch's logits (`ahead[(row, ids[:-1])]`).
         """
-        rows = [row for row, p in enumerate(prompts) if p.options]
-        if not rows:
-            return {}
-        first = {row: log_softmax(logits[row]) for row in rows}
-        spelled = {row: [self._option_ids(prompts[row].text, o) for o in prompts[row].options] for row in rows}
-        scores = {(row, o, ids): first[row][ids[0]] for row in rows
-                  for o, variants in enumerate(spelled[row]) for ids in variants}
-        longer = [key for key in scores if len(key[2]) > 1]
-        if longer:
-            for key, tail in zip(longer, self._teacher_forced(session, len(prompts), longer)):
-                scores[key] += tail
         chosen = {}
-        for row in rows:
-            per_option = [[scores[(row, o, ids)] for ids in variants] for o, variants in enumerate(spelled[row])]
-            probabilities = option_probabilities(per_option)
+        for row, options in spelled.items():
+            first = log_softmax(logits[row])
+
+            def score(ids):
+                if len(ids) == 1:
+                    return first[ids[0]]
+                steps = log_softmax(ahead[(row, ids[:-1])])
+                return first[ids[0]] + sum(steps[j, ids[j + 1]] for j in range(len(ids) - 1))
+
+            scores = [[score(ids) for ids in variants] for variants in options]
+            probabilities = option_probabilities(scores)
             best = int(probabilities.argmax())
-            best_ids = max(spelled[row][best], key=lambda ids: scores[(row, best, ids)])
+            best_ids = options[best][int(np.argmax(scores[best]))]
             chosen[row] = (prompts[row].options[best], best_ids, float(probabilities[best]))
         return chosen
-
-    def _teacher_forced(self, session: LanguageSession, batch: int, keys) -> list[float]:
-        """Log-probability of every spelling's tokens after its first, given the row's prompt."""
-        chunks = [ids[:-1] for _, _, ids in keys]
-        width = max(len(c) for c in chunks)
-        ids = np.zeros((batch + len(chunks), width), dtype=np.int64)
-        for index, chunk in enumerate(chunks):
-            ids[batch + index, width - len(chunk):] = chunk
-        lengths = [0] * batch + [len(c) for c in chunks]
-        logits = session.extend(list(range(batch)) + [row for row, _, _ in keys], self._embed_ids(ids), lengths)
-        tails = []
-        for index, (_, _, spelling) in enumerate(keys):
-            steps = log_softmax(logits[batch + index, width - len(chunks[index]):])
-            tails.append(float(sum(steps[j, spelling[j + 1]] for j in range(len(spelling) - 1))))
-        return tails
 
     def _option_ids(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:
         """The token ids of each way the model may spell `option` right after the prompt (cached)."""

@@ -1,14 +1,18 @@
-"""The stateful language model: one KV cache holding a frame's shared prefix, forked into one row per question.
+"""The stateful language model: one KV cache holding a frame's shared prefix, read by one row per question.
 
 The exported graph keeps its KV cache in OpenVINO state variables and gathers cache rows by `beam_idx`
-before every step. That is all we need to share a prefix:
-- prefill the prefix once, batch 1;
-- prefill N question suffixes as one batch with `beam_idx = [0] * N`: the gather copies the prefix row into
-  N rows. Suffixes are left-padded; the padding is masked out;
-- decode with `beam_idx` = the rows still generating, so finished rows drop out of the batch.
-Positions a later round must not see (the previous round's questions and answers, padding) stay in the
-cache but are masked out in `attention_mask`, so a context answers any number of rounds without
-re-prefilling; `garbage` tells the caller when it is cheaper to start again from the prefix.
+before every call. Two small edits of the graph make a shared prefix cheap:
+- `attention_allowed` replaces the graph's own causal-and-padding mask, so the caller decides which cache
+  positions each new token sees. One call can then prefill the prefix and every question after it as one
+  sequence, each question seeing the prefix and itself only. That matters on the CPU, where each call of
+  the compressed matmuls costs nearly as much for 64 tokens as for 600: the prefix and the questions share
+  one pass over the weights instead of paying for two.
+- `logits_positions`: the LM head runs only at the positions the caller reads.
+Questions then decode as a batch: the first step forks the one cache row into a row per question
+(`beam_idx = [0] * N`) and finished rows drop out. Positions a row must not see (other questions, earlier
+rounds' leftovers, padding) stay in the cache, masked out; `garbage` tells the caller when it is cheaper to
+start again from the prefix. A graph the mask edit does not fit prefills the questions as a batch of rows
+forked from the prefix instead (same answers, one more call).
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-LOGITS_TO_KEEP = "logits_to_keep"
+ATTENTION_ALLOWED = "attention_allowed"
+LOGITS_POSITIONS = "logits_positions"
 
 
-def keep_only_last_logits(model: ov.Model) -> bool:
-    """Let the caller choose how many trailing positions get logits (a new scalar input `logits_to_keep`).
+def add_logits_positions(model: ov.Model) -> bool:
+    """Compute the LM head only at the positions listed in a new input `logits_positions` (i64 [K]).
 
-    Exported graphs compute the LM head for every position: for a 600-token prefix that is 600 x vocab
-    logits nobody reads (about a tenth of the prefix's compute and 75 MB for a 32k vocabulary).
+    Exported graphs compute it for every position: for a 600-token prefix that is 600 x vocab logits nobody
+    reads (about a tenth of the prefix's compute and 75 MB for a 32k vocabulary).
     Returns False, leaving the graph as it is, when the head is not a MatMul right before the output.
     """
     head = model.output("logits").get_node().input_value(0).get_node()
@@ -32,95 +37,213 @@ def keep_only_last_logits(model: ov.Model) -> bool:
         head = head.input_value(0).get_node()
     if head.get_type_name() != "MatMul":
         return False
-    keep = ops.parameter([], ov.Type.i64, name=LOGITS_TO_KEEP)
-    keep.output(0).get_tensor().set_names({LOGITS_TO_KEEP})
-    start = ops.unsqueeze(ops.negative(keep), ops.constant(0))
-    end = ops.constant([np.iinfo(np.int64).max])
-    sliced = ops.slice(head.input_value(0), start, end, ops.constant([1]), ops.constant([1]))
-    head.input(0).replace_source_output(sliced.output(0))
-    model.add_parameters([keep])
+    positions = _new_input(model, LOGITS_POSITIONS, [-1], ov.Type.i64)
+    gathered = ops.gather(head.input_value(0), positions, ops.constant(1))
+    head.input(0).replace_source_output(gathered.output(0))
     model.validate_nodes_and_infer_types()
     return True
 
 
-class LanguageSession:
-    """One infer request of the language model and the bookkeeping of what its KV cache holds."""
+def add_attention_allowed(model: ov.Model) -> bool:
+    """Replace the mask every attention layer shares with a new input `attention_allowed` (bool [B, 1, Q, KV]).
 
-    def __init__(self, compiled: ov.CompiledModel):
+    Exported graphs build one mask from `attention_mask` and the causal rule and feed it, through a Select
+    that turns it into 0 / -inf, to every ScaledDotProductAttention. Returns False, leaving the graph as it
+    is, when the layers do not share one such Select.
+    """
+    attention = [node for node in model.get_ops() if node.get_type_name() == "ScaledDotProductAttention"]
+    masks = {node.input_value(3).get_node() for node in attention if node.get_input_size() > 3}
+    if not attention or len(masks) != 1 or len(attention[0].inputs()) <= 3:
+        return False
+    select = masks.pop()
+    if select.get_type_name() != "Select" or select.get_output_partial_shape(0).rank.get_length() != 4:
+        return False
+    allowed = _new_input(model, ATTENTION_ALLOWED, [-1, 1, -1, -1], ov.Type.boolean)
+    select.input(0).replace_source_output(allowed.output(0))
+    model.validate_nodes_and_infer_types()
+    return True
+
+
+def _new_input(model: ov.Model, name: str, shape: list[int], element_type: ov.Type):
+    parameter = ops.parameter(shape, element_type, name=name)
+    parameter.output(0).get_tensor().set_names({name})
+    model.add_parameters([parameter])
+    return parameter
+
+
+def causal(mask: np.ndarray, width: int) -> np.ndarray:
+    """The usual rule as `attention_allowed`: each of the last `width` positions sees unmasked positions up to itself."""
+    keys = mask.shape[1]
+    up_to_itself = np.arange(keys)[None, :] <= np.arange(keys - width, keys)[:, None]  # [width, keys]
+    return (mask.astype(bool)[:, None, :] & up_to_itself[None])[:, None]
+
+
+def left_padded(chunks: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Chunks [L_i, hidden] as one left-padded batch [N, max L_i, hidden] (pads are zeros), and the lengths."""
+    lengths = [len(chunk) for chunk in chunks]
+    padded = np.zeros((len(chunks), max(lengths), chunks[0].shape[1]), dtype=np.float32)
+    for row, chunk in enumerate(chunks):
+        padded[row, padded.shape[1] - len(chunk):] = chunk
+    return padded, lengths
+
+
+class LanguageSession:
+    """One infer request of the language model and the bookkeeping of what its KV cache holds.
+
+    The session works in rows: row i of the last call's answer. `_physical[i]` is the cache row holding
+    row i (a row of one shared sequence points at that sequence's cache row until a step forks it).
+    """
+
+    def __init__(self, compiled: ov.CompiledModel, prefix: np.ndarray):
+        names = {name for port in compiled.inputs for name in port.get_names()}
         self._request = compiled.create_infer_request()
-        self._slices_logits = any(LOGITS_TO_KEEP in i.get_names() for i in compiled.inputs)
-        self.prefix_len = 0
-        self.kv_len = 0
-        self._mask = np.zeros((0, 0), dtype=np.int64)  # per current row: which cache positions it attends to
-        self._next_position = np.zeros(0, dtype=np.int64)  # per current row: position id of its next token
+        self._gathers_logits = LOGITS_POSITIONS in names
+        self._takes_allowed = ATTENTION_ALLOWED in names
+        self._prefix = prefix  # [1, P, hidden]
+        self.prefix_len = prefix.shape[1]
+        self.kv_len = 0  # 0: nothing cached, the prefix goes in with the next questions
+        self._mask = np.zeros((0, 0), dtype=np.int64)  # per row: which cache positions it attends to
+        self._next_position = np.zeros(0, dtype=np.int64)  # per row: position id of its next token
+        self._physical = np.zeros(0, dtype=np.int32)
 
     @property
     def garbage(self) -> int:
         """Cache positions past the prefix left over from earlier rounds."""
-        return self.kv_len - self.prefix_len
+        return max(self.kv_len - self.prefix_len, 0)
 
-    def prefill_prefix(self, embeds: np.ndarray) -> None:
-        """Start from an empty cache and fill it with the shared prefix ([1, P, hidden])."""
+    def restart(self) -> None:
+        """Drop the cache; the next questions prefill the prefix again (in the same call where possible)."""
         self._request.reset_state()
-        length = embeds.shape[1]
-        self._run(embeds, np.ones((1, length), dtype=np.int64), np.arange(length, dtype=np.int64)[None],
-                  beam_idx=np.zeros(1, dtype=np.int32))
+        self.kv_len = 0
+
+    def prefill_prefix(self) -> None:
+        """Cache the prefix on its own, now (the questions would otherwise bring it along)."""
+        self._request.reset_state()
+        length = self.prefix_len
+        self._run(self._prefix, np.ones((1, length), dtype=np.int64), np.arange(length)[None],
+                  beam_idx=np.zeros(1, dtype=np.int32), logits_at=[length - 1])
         self._next_position = np.array([length])
-        self.prefix_len = self.kv_len = length
 
-    def prefill_questions(self, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
-        """Fork the prefix into one row per question and prefill the left-padded suffixes [N, S, hidden].
+    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = ()
+                          ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
-        Returns the next-token logits of every row [N, vocab].
+        A branch (question row, embeds [L, hidden]) is a teacher-forced continuation of that question (the
+        first tokens of an answer option); it is scored, never decoded further.
+        Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
+        predicts the token after branch token j). Afterwards row i is question i, seeing the prefix and its
+        own question only.
         """
-        rows = embeds.shape[0]
-        prefix_only = np.zeros((rows, self.kv_len), dtype=np.int64)
+        if self._takes_allowed:
+            return self._prefill_shared_sequence(questions, branches)
+        return self._prefill_forked_rows(questions, branches)
+
+    def _prefill_forked_rows(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Questions as a batch of rows forked from the prefix's row; branches as a second call, extra rows."""
+        if self.kv_len == 0:
+            self.prefill_prefix()
+        count = len(questions)
+        padded, lengths = left_padded(questions)
+        prefix_only = np.zeros((count, self.kv_len), dtype=np.int64)
         prefix_only[:, :self.prefix_len] = 1
-        return self._append(prefix_only, embeds, lengths, beam_idx=np.zeros(rows, dtype=np.int32),
-                            start=np.full(rows, self.prefix_len), last=1)[:, -1]
+        logits = self._append(prefix_only, padded, lengths, beam_idx=np.zeros(count, dtype=np.int32),
+                              start=np.full(count, self.prefix_len), logits_at=[padded.shape[1] - 1])[:, 0]
+        if not branches:
+            return logits, []
+        chunks = [chunk for _, chunk in branches]
+        padded, lengths = left_padded([question[:0] for question in questions] + chunks)  # questions: carried along
+        ahead = self.extend(list(range(count)) + [row for row, _ in branches], padded, lengths)
+        return logits, [ahead[count + index, padded.shape[1] - len(chunk):] for index, chunk in enumerate(chunks)]
+
+    def _prefill_shared_sequence(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call, one cache row: [prefix, if not cached yet] + question 1 + ... + question N + branches.
+
+        Each question sees the prefix and itself; each branch the prefix, its question and itself.
+        """
+        cached, prefix = self.kv_len, self.prefix_len
+        segments = list(questions) + [chunk for _, chunk in branches]
+        parents = [None] * len(questions) + [row for row, _ in branches]
+        sequence = np.concatenate(([] if cached else [self._prefix[0]]) + segments, axis=0)[None]
+        width = sequence.shape[1]
+        allowed = np.zeros((width, cached + width), dtype=bool)
+        allowed[:, :prefix] = True  # every new token sees the prefix (causally, below, while writing it)
+        positions = np.zeros(width, dtype=np.int64)
+        if not cached:
+            allowed[:prefix, :prefix] = np.tril(np.ones((prefix, prefix), dtype=bool))
+            positions[:prefix] = np.arange(prefix)
+        ends = np.cumsum([len(segment) for segment in segments]) + (0 if cached else prefix)
+        spans = [slice(end - len(segment), end) for segment, end in zip(segments, ends)]
+        for span, parent in zip(spans, parents):
+            first_position = prefix
+            if parent is not None:
+                allowed[span, cached + spans[parent].start:cached + spans[parent].stop] = True
+                first_position += len(questions[parent])
+            allowed[span, cached + span.start:cached + span.stop] = np.tril(np.ones((span.stop - span.start,) * 2, bool))
+            positions[span] = first_position + np.arange(span.stop - span.start)
+        question_spans, branch_spans = spans[:len(questions)], spans[len(questions):]
+        logits_at = [span.stop - 1 for span in question_spans] + [i for span in branch_spans for i in range(span.start, span.stop)]
+        logits = self._run(sequence, np.ones((1, cached + width), dtype=np.int64), positions[None],
+                           beam_idx=np.zeros(1, dtype=np.int32), logits_at=logits_at, allowed=allowed[None, None])[0]
+        self._mask = np.zeros((len(questions), cached + width), dtype=np.int64)
+        self._mask[:, :prefix] = 1
+        for row, span in enumerate(question_spans):
+            self._mask[row, cached + span.start:cached + span.stop] = 1
+        self._next_position = np.array([prefix + len(question) for question in questions])
+        self._physical = np.zeros(len(questions), dtype=np.int32)
+        ahead = logits[len(questions):]
+        return logits[:len(questions)], np.split(ahead, np.cumsum([len(c) for _, c in branches])[:-1]) if branches else []
 
     def extend(self, rows, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
-        """Append left-padded token chunks [B, W, hidden] to current `rows` (a row may be repeated).
+        """Append left-padded token chunks [B, W, hidden] to `rows` (a row may be repeated).
 
         A row with length 0 is carried along unchanged. Returns the logits at every chunk position
         [B, W, vocab] (position j predicts the token after chunk token j).
         """
         rows = np.asarray(rows, dtype=np.int32)
-        return self._append(self._mask[rows], embeds, lengths, beam_idx=rows, start=self._next_position[rows],
-                            last=embeds.shape[1])
+        return self._append(self._mask[rows], embeds, lengths, beam_idx=self._physical[rows],
+                            start=self._next_position[rows], logits_at=list(range(embeds.shape[1])))
 
-    def _append(self, base_mask, embeds, lengths, beam_idx, start, last: int) -> np.ndarray:
-        rows, width = embeds.shape[:2]
+    def _append(self, base_mask, embeds, lengths, beam_idx, start, logits_at: list[int]) -> np.ndarray:
+        width = embeds.shape[1]
         lengths = np.asarray(lengths, dtype=np.int64)
         column = np.arange(width)[None, :]
         real = column >= (width - lengths)[:, None]  # left padding
         mask = np.concatenate([base_mask, real.astype(np.int64)], axis=1)
         positions = np.where(real, start[:, None] + column - (width - lengths)[:, None], 1)
-        logits = self._run(embeds, mask, positions, beam_idx=beam_idx, last=last)
+        logits = self._run(embeds, mask, positions, beam_idx=beam_idx, logits_at=logits_at)
+        self._mask = mask
         self._next_position = start + lengths
+        self._physical = np.arange(len(mask), dtype=np.int32)
         return logits
 
     def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """One decode step for the current `rows` (indices into the last batch), embeds [len(rows), 1, hidden]."""
+        """One decode step for `rows` (indices into the last call's rows), embeds [len(rows), 1, hidden]."""
         rows = np.asarray(rows, dtype=np.int32)
-        self._mask = self._mask[rows]
-        self._next_position = self._next_position[rows]
-        mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        logits = self._run(embeds, mask, self._next_position[:, None], beam_idx=rows)[:, -1]
-        self._next_position = self._next_position + 1
+        mask = np.concatenate([self._mask[rows], np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        positions = self._next_position[rows]
+        logits = self._run(embeds, mask, positions[:, None], beam_idx=self._physical[rows], logits_at=[0])[:, 0]
+        self._mask = mask
+        self._next_position = positions + 1
+        self._physical = np.arange(len(rows), dtype=np.int32)
         return logits
 
-    def _run(self, embeds, mask, positions, beam_idx, last: int = 1) -> np.ndarray:
-        """One inference; returns the logits of the last `last` positions [B, last, vocab]."""
+    def _run(self, embeds, mask, positions, beam_idx, logits_at: list[int], allowed=None) -> np.ndarray:
+        """One inference; returns the logits at the call's positions `logits_at` [B, len(logits_at), vocab].
+
+        `mask` [B, KV] marks the cache positions each row may see; without `allowed` the usual causal rule
+        applies on top of it.
+        """
         inputs = {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
             "attention_mask": mask,
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
             "beam_idx": beam_idx,
         }
-        if self._slices_logits:
-            inputs[LOGITS_TO_KEEP] = np.array(last, dtype=np.int64)
+        if self._takes_allowed:
+            inputs[ATTENTION_ALLOWED] = causal(mask, embeds.shape[1]) if allowed is None else allowed
+        if self._gathers_logits:
+            inputs[LOGITS_POSITIONS] = np.asarray(logits_at, dtype=np.int64)
         self._request.infer(inputs)
-        self._mask = mask
         self.kv_len = mask.shape[1]
-        return self._request.get_tensor("logits").data[:, -last:, :].copy()
+        logits = self._request.get_tensor("logits").data
+        return (logits if self._gathers_logits else logits[:, logits_at]).copy()

@@ -1,0 +1,122 @@
+"""The language session: the prefix and all questions in one pass, and the same logits as a forked batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from edge_agent.engine.devices import compile_properties
+from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, LanguageSession, add_attention_allowed,
+                                        add_logits_positions)
+
+QUESTION_LENGTHS = [5, 9, 1, 7]
+
+
+def compiled_language_model(model_dir, shared_sequence: bool) -> ov.CompiledModel:
+    core = ov.Core()
+    graph = core.read_model(model_dir / "openvino_language_model.xml")
+    assert add_logits_positions(graph)
+    if shared_sequence:
+        assert add_attention_allowed(graph)
+    return core.compile_model(graph, "CPU", compile_properties("CPU", "f32"))
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def model_dir(request):
+    return request.getfixturevalue(f"tiny_{request.param}_fp32")
+
+
+@pytest.fixture(scope="module")
+def compiled(model_dir) -> dict[bool, ov.CompiledModel]:
+    """The model compiled with the mask edit (one shared sequence) and without it (forked rows)."""
+    return {shared: compiled_language_model(model_dir, shared) for shared in (True, False)}
+
+
+def hidden_size(compiled_model: ov.CompiledModel) -> int:
+    return compiled_model.input("inputs_embeds").get_partial_shape()[2].get_length()
+
+
+class CountingRequest:
+    """An infer request that records the inputs of every call."""
+
+    def __init__(self, request: ov.InferRequest):
+        self._request = request
+        self.calls = []
+
+    def infer(self, inputs):
+        self.calls.append(inputs)
+        return self._request.infer(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
+
+
+def embeddings(rng, *shape) -> np.ndarray:
+    return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+
+def rounds(session: LanguageSession, questions, steps: int, rng) -> list[np.ndarray]:
+    """Prefill the questions, then decode `steps` tokens of random embeddings on every row: all logits."""
+    seen = [session.prefill_questions(questions)[0]]
+    for _ in range(steps):
+        seen.append(session.step(embeddings(rng, len(questions), 1, questions[0].shape[1]), np.arange(len(questions))))
+    return seen
+
+
+def test_the_exported_graphs_take_both_edits(model_dir):
+    names = {name for port in compiled_language_model(model_dir, True).inputs for name in port.get_names()}
+    assert {ATTENTION_ALLOWED, LOGITS_POSITIONS} <= names
+
+
+def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
+    hidden = hidden_size(compiled[True])
+    rng = np.random.default_rng(0)
+    prefix = embeddings(rng, 1, 23, hidden)
+    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    for cached_prefix in (False, True):
+        one, other = LanguageSession(compiled[True], prefix), LanguageSession(compiled[False], prefix)
+        if cached_prefix:
+            one.prefill_prefix()
+        for first, second in zip(rounds(one, questions, 3, np.random.default_rng(1)),
+                                 rounds(other, questions, 3, np.random.default_rng(1))):
+            np.testing.assert_allclose(first, second, atol=1e-4)
+
+
+def test_branches_score_the_same_as_extra_forked_rows(compiled):
+    hidden = hidden_size(compiled[True])
+    rng = np.random.default_rng(5)
+    prefix = embeddings(rng, 1, 19, hidden)
+    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    branches = [(1, embeddings(rng, 3, hidden)), (1, embeddings(rng, 1, hidden)), (2, embeddings(rng, 2, hidden))]
+    one = LanguageSession(compiled[True], prefix).prefill_questions(questions, branches)
+    other = LanguageSession(compiled[False], prefix).prefill_questions(questions, branches)
+    np.testing.assert_allclose(one[0], other[0], atol=1e-4)
+    for first, second in zip(one[1], other[1]):
+        np.testing.assert_allclose(first, second, atol=1e-4)
+
+
+def test_later_rounds_see_the_prefix_and_not_the_earlier_rounds(compiled):
+    hidden = hidden_size(compiled[True])
+    rng = np.random.default_rng(2)
+    prefix = embeddings(rng, 1, 17, hidden)
+    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    session = LanguageSession(compiled[True], prefix)
+    first = rounds(session, questions, 2, np.random.default_rng(3))
+    assert session.garbage > 0
+    again = rounds(session, questions[::-1], 2, np.random.default_rng(3))
+    np.testing.assert_allclose(again[0], first[0][::-1], atol=1e-4)
+
+
+def test_the_first_round_prefills_prefix_and_questions_in_one_call(compiled):
+    hidden = hidden_size(compiled[True])
+    rng = np.random.default_rng(4)
+    session = LanguageSession(compiled[True], embeddings(rng, 1, 30, hidden))
+    session._request = CountingRequest(session._request)
+    calls = session._request.calls
+    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    logits, ahead = session.prefill_questions(questions, [(0, embeddings(rng, 2, hidden)), (3, embeddings(rng, 1, hidden))])
+    assert len(calls) == 1
+    assert calls[0]["inputs_embeds"].shape[1] == 30 + sum(QUESTION_LENGTHS) + 3
+    assert logits.shape[0] == len(QUESTION_LENGTHS) and [len(a) for a in ahead] == [2, 1]
+    assert session.prefix_len == 30 and session.garbage == sum(QUESTION_LENGTHS) + 3
