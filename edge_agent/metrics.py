@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
 
-STAGES = ("preprocess", "vision", "prefix", "question_prefill", "decode", "total")
-"""Inference stages timed in `edge_agent_stage_seconds{stage}`; `total` is one frame end to end."""
+STAGES = ("preprocess", "vision", "prefill", "decode", "total")
+"""Inference stages timed in `edge_agent_stage_seconds{stage}`. `prefill` is the language model's pass over the
+questions, which on a frame's first round also prefills its prompt prefix (image tokens); `total` is the
+language model's part of one round, prefill and decode."""
 
 # From 1 ms (preprocessing a frame) to 60 s (a whole frame on a slow box), about 2.5x apart.
 STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)

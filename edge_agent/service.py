@@ -182,8 +182,7 @@ class Agent:
         self._scene = Scene(context=context, frame_ts=frame.ts)
         self.metrics.scene_changes.inc()
         timings = context.timings
-        self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000,
-                                     "prefix": timings.prefix_ms / 1000})
+        self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
     def _answer_standing(self, due: list[Question], scene_changed: bool) -> None:
         scene = self._scene
@@ -205,7 +204,7 @@ class Agent:
         answers = self._engine.answer(context, [engine_prompt(q, default) for q in questions])
         self.metrics.inferences.inc()
         timings = answers[0].timings
-        self.metrics.observe_stages({"question_prefill": timings.question_prefill_ms / 1000,
+        self.metrics.observe_stages({"prefill": (timings.prefix_ms + timings.question_prefill_ms) / 1000,
                                      "decode": timings.decode_ms / 1000,
                                      "total": time.perf_counter() - started})
         return answers
