@@ -232,7 +232,7 @@ def format_report(report: dict) -> str:
         *(f"  {stage:<17}{ms:10.1f} ms" for stage, ms in report["stages_ms"].items()),
         f"  (prefix and questions are prefilled in one pass of {report['prefill_ms']:.1f} ms; the prefix alone "
         f"was timed on a second encoding of each frame)",
-        f"               {report['frame_over_vision_and_prefix']:.2f}x the vision encoder and prefix alone "
+        f"  whole frame      {report['frame_over_vision_and_prefix']:.2f}x the vision encoder and the prefix alone "
         f"({report['vision_and_prefix_ms']:.1f} ms)",
     ]
     if decode["tokens_per_s"] is not None:
