@@ -10,6 +10,7 @@ picks (vertical first when the height shrinks more than twice as much as the wid
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -33,8 +34,12 @@ def _bilinear(x: np.ndarray) -> np.ndarray:
 _FILTERS = {2: (_bilinear, 1.0), 3: (_bicubic, 2.0)}
 
 
+@functools.lru_cache(maxsize=32)
 def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per output pixel: the first input index and the fixed-point weights of its window."""
+    """Per output pixel: the first input index and the fixed-point weights of its window.
+
+    Cached (read-only): a camera's frames all have one size, and computing these costs a third of a resize.
+    """
     kernel, base_support = _FILTERS[resample]
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)
@@ -54,7 +59,9 @@ def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarra
         weights[xx, :xmax] = taps
     fixed = np.where(weights < 0, np.trunc(-0.5 + weights * (1 << _PRECISION_BITS)),
                      np.trunc(0.5 + weights * (1 << _PRECISION_BITS)))
-    return starts, fixed.astype(np.int32)
+    fixed = fixed.astype(np.int32)
+    starts.flags.writeable = fixed.flags.writeable = False
+    return starts, fixed
 
 
 def _resample_axis(image: np.ndarray, out_size: int, axis: int, resample: int) -> np.ndarray:
