@@ -318,21 +318,21 @@ def profile_language_model(exported: Path, prefix_tokens: int, question_tokens: 
     import openvino as ov
 
     from edge_agent.engine.devices import compile_properties
-    from edge_agent.engine.language import LanguageSession, add_attention_allowed, add_logits_positions
+    from edge_agent.engine.language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
 
     core = ov.Core()
     graph = core.read_model(exported / "openvino_language_model.xml")
     add_logits_positions(graph)
     add_attention_allowed(graph)
-    compiled = core.compile_model(graph, "CPU", {**compile_properties("CPU", None), "PERF_COUNT": True})
+    model = LanguageModel(core.compile_model(graph, "CPU", {**compile_properties("CPU", None), "PERF_COUNT": True}))
     hidden = json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"]
     embeds = lambda rows, tokens: np.random.default_rng(rows).standard_normal((rows, tokens, hidden), np.float32)  # noqa: E731
     rows = np.arange(TARGET_QUESTIONS)
     for _ in range(2):
-        alone = LanguageSession(compiled, embeds(1, prefix_tokens))
+        alone = LanguageSession(model, embeds(1, prefix_tokens))
         alone.prefill_prefix()
         phases = {"prefix alone": operation_ms(alone)}
-        session = LanguageSession(compiled, embeds(1, prefix_tokens))
+        session = LanguageSession(model, embeds(1, prefix_tokens))
         session.prefill_questions(list(embeds(TARGET_QUESTIONS, question_tokens)))
         phases["prefix + questions (one pass)"] = operation_ms(session)
         steps = []
@@ -390,13 +390,20 @@ def ours_frame_s(results: dict, count: int) -> float:
 
 ANALYSIS_START = "<!-- analysis: written by hand, kept when the report is re-rendered -->"
 ANALYSIS_END = "<!-- /analysis -->"
+QUANTIZATION_HEADING = "## Quantization recipes"
 
 
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "latency.png")
     report = out / "RESULTS.md"
-    report.write_text(render(results, kept_analysis(report)))
+    report.write_text(render(results, kept_analysis(report)) + kept_quantization_section(report))
+
+
+def kept_quantization_section(report: Path) -> str:
+    """The `## Quantization recipes` section that `benchmarks/quantization.py` appends: a run of its own."""
+    text = report.read_text() if report.is_file() else ""
+    return "\n" + text[text.index(QUANTIZATION_HEADING):] if QUANTIZATION_HEADING in text else ""
 
 
 def kept_analysis(report: Path) -> str:
@@ -425,12 +432,19 @@ def machine_section(results: dict) -> str:
     return (f"## Machine\n\n- CPU: {m['cpu']}, {m['cores']} cores visible ({m['isa']}), {m['memory_gib']:.0f} GiB RAM\n"
             f"- Python {m['python']}; {versions}\n"
             f"- Load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']}. "
-            "Other jobs shared the two cores during the run, so absolute times are inflated and noisy; "
-            "the ratios compare paths measured in the same run.\n"
+            f"{load_remark(results['load_before'])}\n"
             f"- Model: `{results['model']}`, {results['model_files_mib']:.0f} MiB of files (by default the "
             "random-weight `bench` LLaVA: CLIP ViT-L/14-336, 0.4B Llama-style LM, exported with an INT4 LM and "
             f"INT8 vision); synthetic 640x480 frames; answers of exactly {NEW_TOKENS} tokens (end-of-sequence "
             "ignored); greedy.\n")
+
+
+def load_remark(load_before: str) -> str:
+    """Whether other jobs shared the cores when the run started (a load of 1 or more on 2 cores)."""
+    if float(load_before.split()[0]) < 1.0:
+        return "The machine was otherwise idle; each path ran alone, one after the other."
+    return ("Other jobs shared the cores during the run, so absolute times are inflated and noisy; "
+            "the ratios compare paths measured in the same run.")
 
 
 def latency_section(results: dict) -> str:

@@ -67,6 +67,14 @@ def test_a_context_serves_many_rounds_and_restarts_from_its_prefix(llava, monkey
     assert restarts
 
 
+def test_contexts_take_turns_on_one_cache_and_keep_their_answers(llava):
+    one, two = llava.encode(random_frame(48, 64, seed=3)), llava.encode(random_frame(48, 64, seed=4))
+    first = [a.token_ids for a in llava.answer(one, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    second = [a.token_ids for a in llava.answer(two, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    assert first != second
+    assert [a.token_ids for a in llava.answer(one, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)] == first
+
+
 def test_encode_runs_the_vision_encoder_once_and_answer_never(llava, monkeypatch):
     calls = []
     vision = llava._vision

@@ -7,8 +7,8 @@ import openvino as ov
 import pytest
 
 from edge_agent.engine.devices import compile_properties
-from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, LanguageSession, add_attention_allowed,
-                                        add_logits_positions)
+from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, LanguageModel, LanguageSession,
+                                        add_attention_allowed, add_logits_positions)
 
 QUESTION_LENGTHS = [5, 9, 1, 7]
 
@@ -56,6 +56,13 @@ def embeddings(rng, *shape) -> np.ndarray:
     return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
 
+def frame_inputs(compiled_model: ov.CompiledModel, seed: int, prefix_tokens: int):
+    """A random generator, a prefix [1, P, hidden] and one embedding per question of QUESTION_LENGTHS."""
+    hidden = hidden_size(compiled_model)
+    rng = np.random.default_rng(seed)
+    return rng, embeddings(rng, 1, prefix_tokens, hidden), [embeddings(rng, n, hidden) for n in QUESTION_LENGTHS]
+
+
 def rounds(session: LanguageSession, questions, steps: int, rng) -> list[np.ndarray]:
     """Prefill the questions, then decode `steps` tokens of random embeddings on every row: all logits."""
     seen = [session.prefill_questions(questions)[0]]
@@ -70,12 +77,9 @@ def test_the_exported_graphs_take_both_edits(model_dir):
 
 
 def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
-    hidden = hidden_size(compiled[True])
-    rng = np.random.default_rng(0)
-    prefix = embeddings(rng, 1, 23, hidden)
-    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    _, prefix, questions = frame_inputs(compiled[True], seed=0, prefix_tokens=23)
     for cached_prefix in (False, True):
-        one, other = LanguageSession(compiled[True], prefix), LanguageSession(compiled[False], prefix)
+        one, other = LanguageSession(LanguageModel(compiled[True]), prefix), LanguageSession(LanguageModel(compiled[False]), prefix)
         if cached_prefix:
             one.prefill_prefix()
         for first, second in zip(rounds(one, questions, 3, np.random.default_rng(1)),
@@ -84,24 +88,19 @@ def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
 
 
 def test_branches_score_the_same_as_extra_forked_rows(compiled):
-    hidden = hidden_size(compiled[True])
-    rng = np.random.default_rng(5)
-    prefix = embeddings(rng, 1, 19, hidden)
-    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    rng, prefix, questions = frame_inputs(compiled[True], seed=5, prefix_tokens=19)
+    hidden = prefix.shape[2]
     branches = [(1, embeddings(rng, 3, hidden)), (1, embeddings(rng, 1, hidden)), (2, embeddings(rng, 2, hidden))]
-    one = LanguageSession(compiled[True], prefix).prefill_questions(questions, branches)
-    other = LanguageSession(compiled[False], prefix).prefill_questions(questions, branches)
+    one = LanguageSession(LanguageModel(compiled[True]), prefix).prefill_questions(questions, branches)
+    other = LanguageSession(LanguageModel(compiled[False]), prefix).prefill_questions(questions, branches)
     np.testing.assert_allclose(one[0], other[0], atol=1e-4)
     for first, second in zip(one[1], other[1]):
         np.testing.assert_allclose(first, second, atol=1e-4)
 
 
 def test_later_rounds_see_the_prefix_and_not_the_earlier_rounds(compiled):
-    hidden = hidden_size(compiled[True])
-    rng = np.random.default_rng(2)
-    prefix = embeddings(rng, 1, 17, hidden)
-    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
-    session = LanguageSession(compiled[True], prefix)
+    _, prefix, questions = frame_inputs(compiled[True], seed=2, prefix_tokens=17)
+    session = LanguageSession(LanguageModel(compiled[True]), prefix)
     first = rounds(session, questions, 2, np.random.default_rng(3))
     assert session.garbage > 0
     again = rounds(session, questions[::-1], 2, np.random.default_rng(3))
@@ -109,14 +108,26 @@ def test_later_rounds_see_the_prefix_and_not_the_earlier_rounds(compiled):
 
 
 def test_the_first_round_prefills_prefix_and_questions_in_one_call(compiled):
-    hidden = hidden_size(compiled[True])
-    rng = np.random.default_rng(4)
-    session = LanguageSession(compiled[True], embeddings(rng, 1, 30, hidden))
-    session._request = CountingRequest(session._request)
-    calls = session._request.calls
-    questions = [embeddings(rng, length, hidden) for length in QUESTION_LENGTHS]
+    rng, prefix, questions = frame_inputs(compiled[True], seed=4, prefix_tokens=30)
+    hidden = prefix.shape[2]
+    model = LanguageModel(compiled[True])
+    model.request = CountingRequest(model.request)
+    session = LanguageSession(model, prefix)
+    calls = model.request.calls
     logits, ahead = session.prefill_questions(questions, [(0, embeddings(rng, 2, hidden)), (3, embeddings(rng, 1, hidden))])
     assert len(calls) == 1
     assert calls[0]["inputs_embeds"].shape[1] == 30 + sum(QUESTION_LENGTHS) + 3
     assert logits.shape[0] == len(QUESTION_LENGTHS) and [len(a) for a in ahead] == [2, 1]
     assert session.prefix_len == 30 and session.garbage == sum(QUESTION_LENGTHS) + 3
+
+
+def test_sessions_take_turns_on_one_cache_and_restart_when_another_used_it(compiled):
+    _, prefix, questions = frame_inputs(compiled[True], seed=6, prefix_tokens=21)
+    _, other_prefix, _ = frame_inputs(compiled[True], seed=7, prefix_tokens=25)
+    model = LanguageModel(compiled[True])
+    session, other = LanguageSession(model, prefix), LanguageSession(model, other_prefix)
+    first = session.prefill_questions(questions)[0]
+    other.prefill_questions(questions)
+    assert session.garbage == 0  # its cache is gone ...
+    np.testing.assert_allclose(session.prefill_questions(questions)[0], first, atol=1e-4)  # ... and comes back
+    assert model.holder is session

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageSession, add_attention_allowed, add_logits_positions
+from .language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
 from .model_dir import ModelDir
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
@@ -102,8 +102,8 @@ class Engine:
         language = core.read_model(model.graph("language"))
         add_logits_positions(language)
         add_attention_allowed(language)
-        self._language = core.compile_model(language, devices.language,
-                                            compile_properties(devices.language, inference_precision))
+        self._language = LanguageModel(core.compile_model(language, devices.language,
+                                                          compile_properties(devices.language, inference_precision)))
         self._lock = threading.Lock()
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
 
@@ -306,7 +306,7 @@ class Engine:
 
     @functools.cached_property
     def _digits(self) -> DigitVocabulary:
-        vocabulary = self._language.output("logits").get_partial_shape()[2].get_length()
+        vocabulary = self._language.compiled.output("logits").get_partial_shape()[2].get_length()
         return DigitVocabulary.from_token_texts([self.tokenizer.decode([token]) for token in range(vocabulary)])
 
     def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray,

@@ -87,18 +87,32 @@ def left_padded(chunks: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     return padded, lengths
 
 
+class LanguageModel:
+    """The compiled language model and the one infer request, so one KV cache, that its sessions take turns on.
+
+    One request bounds memory whatever the number of live frame contexts (each request holds its own cache
+    and its own working buffers, a few hundred MB for a 0.4B model). A session that finds another session's
+    cache in the request starts again from its prefix, prefilled with its next questions.
+    """
+
+    def __init__(self, compiled: ov.CompiledModel):
+        names = {name for port in compiled.inputs for name in port.get_names()}
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.gathers_logits = LOGITS_POSITIONS in names
+        self.takes_allowed = ATTENTION_ALLOWED in names
+        self.holder: LanguageSession | None = None
+
+
 class LanguageSession:
-    """One infer request of the language model and the bookkeeping of what its KV cache holds.
+    """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it.
 
     The session works in rows: row i of the last call's answer. `_physical[i]` is the cache row holding
     row i (a row of one shared sequence points at that sequence's cache row until a step forks it).
     """
 
-    def __init__(self, compiled: ov.CompiledModel, prefix: np.ndarray):
-        names = {name for port in compiled.inputs for name in port.get_names()}
-        self._request = compiled.create_infer_request()
-        self._gathers_logits = LOGITS_POSITIONS in names
-        self._takes_allowed = ATTENTION_ALLOWED in names
+    def __init__(self, model: LanguageModel, prefix: np.ndarray):
+        self._model = model
         self._prefix = prefix  # [1, P, hidden]
         self.prefix_len = prefix.shape[1]
         self.kv_len = 0  # 0: nothing cached, the prefix goes in with the next questions
@@ -107,9 +121,20 @@ class LanguageSession:
         self._physical = np.zeros(0, dtype=np.int32)
 
     @property
+    def _request(self) -> ov.InferRequest:
+        return self._model.request
+
+    def _claim(self) -> None:
+        """Make the request's cache this session's; if another session has used it since, ours is gone."""
+        if self._model.holder is not self:
+            self._model.holder = self
+            self._request.reset_state()
+            self.kv_len = 0
+
+    @property
     def garbage(self) -> int:
         """Cache positions past the prefix left over from earlier rounds."""
-        return max(self.kv_len - self.prefix_len, 0)
+        return max(self.kv_len - self.prefix_len, 0) if self._model.holder is self else 0
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again (in the same call where possible)."""
@@ -118,6 +143,7 @@ class LanguageSession:
 
     def prefill_prefix(self) -> None:
         """Cache the prefix on its own, now (the questions would otherwise bring it along)."""
+        self._model.holder = self
         self._request.reset_state()
         length = self.prefix_len
         self._run(self._prefix, np.ones((1, length), dtype=np.int64), np.arange(length)[None],
@@ -134,7 +160,8 @@ class LanguageSession:
         predicts the token after branch token j). Afterwards row i is question i, seeing the prefix and its
         own question only.
         """
-        if self._takes_allowed:
+        self._claim()
+        if self._model.takes_allowed:
             return self._prefill_shared_sequence(questions, branches)
         return self._prefill_forked_rows(questions, branches)
 
@@ -239,11 +266,11 @@ class LanguageSession:
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
             "beam_idx": beam_idx,
         }
-        if self._takes_allowed:
+        if self._model.takes_allowed:
             inputs[ATTENTION_ALLOWED] = causal(mask, embeds.shape[1]) if allowed is None else allowed
-        if self._gathers_logits:
+        if self._model.gathers_logits:
             inputs[LOGITS_POSITIONS] = np.asarray(logits_at, dtype=np.int64)
         self._request.infer(inputs)
         self.kv_len = mask.shape[1]
         logits = self._request.get_tensor("logits").data
-        return (logits if self._gathers_logits else logits[:, logits_at]).copy()
+        return (logits if self._model.gathers_logits else logits[:, logits_at]).copy()
