@@ -274,7 +274,8 @@ def model_table(model: str, measured: dict) -> list[str]:
     lines = [f"### {model} model", "",
              f"{m['cpu']}, {m['cores']} cores, OpenVINO {m['openvino']}, {m['date']}; {measured['frames']} frames "
              f"per recipe; load average {measured['load'][0]:.1f} before, {measured['load'][1]:.1f} after "
-             "(other jobs shared the cores: compare recipes within this table).", "",
+             "(the recipes run one after another, so their own runs count in it; compare recipes within this "
+             "table).", "",
              "| recipe | vision ms/frame | frame ms | vision MiB | model MiB | same tokens | first token "
              "| same choice |" + (" accuracy |" if accuracy else ""),
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if accuracy else "")]

@@ -443,8 +443,9 @@ def load_remark(load_before: str) -> str:
     """Whether other jobs shared the cores when the run started (a load of 1 or more on 2 cores)."""
     if float(load_before.split()[0]) < 1.0:
         return "The machine was otherwise idle; each path ran alone, one after the other."
-    return ("Other jobs shared the cores during the run, so absolute times are inflated and noisy; "
-            "the ratios compare paths measured in the same run.")
+    return ("Something else had been running (the load average counts the last minutes, so a benchmark run "
+            "just before counts too): absolute times may be inflated; the ratios compare paths measured in "
+            "the same run.")
 
 
 def latency_section(results: dict) -> str:
