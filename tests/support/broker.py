@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.demo import free_port
+from edge_agent.mqtt.loopback import free_port
 from edge_agent.mqtt import AgentLink, AnswerMessage, MqttSettings
 
 MOSQUITTO = "/usr/sbin/mosquitto"
