@@ -572,7 +572,8 @@ def startup_section(results: dict) -> str:
                           for n, p in results["peers"].items())
     return (
         "## Start-up and memory\n\n"
-        f"- edge-agent, process start to first answer: {start['cold_cache']:.1f} s with a cold compiled-model "
+        f"- edge-agent: from `edge-agent run` starting to its first answer received on MQTT: "
+        f"{start['cold_cache']:.1f} s with a cold compiled-model "
         f"cache, {start['warm_cache']:.1f} s warm (`CACHE_DIR`).\n"
         f"- Peers' model load (in process, no compiled cache): {loads}.\n"
         f"- Peak RSS: edge-agent {ours['peak_rss_mib']:.0f} MiB for {results['model_files_mib']:.0f} MiB of model "

@@ -11,8 +11,10 @@ For an exported model it measures, on synthetic 640x480 frames:
 - an unchanged-scene frame: the scene gate's comparison of an identical frame, which is all the agent does
   for it, and how many times cheaper that is than a new frame;
 - peak resident memory of this process next to the size of the model's files;
-- time from process start to the first answer, in two fresh child processes sharing one new
-  compiled-model cache directory: the first compiles (cold cache), the second loads the blobs (warm).
+- time from process start to the first published answer: `edge-agent run` started twice on a looping
+  video with one standing question, a broker on loopback and one new compiled-model cache directory,
+  timed until a subscriber receives its first answer: the first run compiles (cold cache), the second
+  loads the blobs (warm).
 
 Answers run with end-of-sequence ignored, so every answer is exactly `new_tokens` long and runs compare.
 Imports only the runtime's own dependencies (no torch).
@@ -20,22 +22,27 @@ Imports only the runtime's own dependencies (no torch).
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 
 from .capture.gate import GateSettings, SceneGate
 from .config import SceneGateSettings
 from .engine import Engine, Prompt
 from .errors import UserError
+from .mqtt.loopback import BrokerAddress, local_broker
+from .scenes import scene_timeline, write_video
 
 FRAME_SHAPE = (480, 640, 3)
 STAGES = ("preprocess", "vision", "prefix", "question_prefill", "decode")
@@ -53,7 +60,10 @@ YES_NO = ("yes", "no")
 GATE_REPEATS = 200
 """Scene-gate comparisons timed for the unchanged-scene figure (each takes well under a millisecond)."""
 STARTUP_TIMEOUT_S = 900
-"""Longest a start-up child process may take before the benchmark gives up on it."""
+"""Longest the agent may take from its start to its first answer before the benchmark gives up on it."""
+STARTUP_AGENT_ID = "bench"
+STARTUP_VIDEO_S, STARTUP_VIDEO_FPS = 4, 5
+"""The looping camera video of the start-up runs: short, since only the first answer counts."""
 
 
 @dataclass(frozen=True)
@@ -187,34 +197,73 @@ def files_mib(directory: Path) -> float:
 # -- start-up -----------------------------------------------------------------------------------------------
 
 def first_answer_times(settings: BenchSettings) -> dict:
-    """Seconds from process start to the first answer with a cold, then a warm compiled-model cache."""
+    """Seconds from `edge-agent run`'s process start to its first answer on MQTT: cold, then warm cache.
+
+    Both runs share one new compiled-model cache directory (the first fills it), a short video of the
+    synthetic kiosk camera and a broker on loopback (`edge_agent.mqtt.loopback`), all removed afterwards.
+    """
     if settings.cache_dir is not None:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-startup-", dir=settings.cache_dir) as cache:
-        cold = first_answer_seconds(settings, Path(cache))
-        warm = first_answer_seconds(settings, Path(cache))
+    with tempfile.TemporaryDirectory(prefix="bench-startup-", dir=settings.cache_dir) as workdir:
+        workdir = Path(workdir)
+        video = write_video(workdir / "camera.mp4", scene_timeline(seconds=STARTUP_VIDEO_S), fps=STARTUP_VIDEO_FPS,
+                            size=(FRAME_SHAPE[1], FRAME_SHAPE[0]), seconds=STARTUP_VIDEO_S)
+        with local_broker(workdir) as broker:
+            config = workdir / "config.yaml"
+            config.write_text(yaml.safe_dump(startup_config(settings, video, broker, workdir / "compiled")))
+            cold = first_published_answer_seconds(config, broker)
+            warm = first_published_answer_seconds(config, broker)
     return {"cold_cache": cold, "warm_cache": warm}
 
 
-def first_answer_seconds(settings: BenchSettings, cache_dir: Path) -> float:
-    """Start a fresh Python process that loads the model and answers one question; seconds until it has.
+def startup_config(settings: BenchSettings, video: Path, broker: BrokerAddress, cache_dir: Path) -> dict:
+    """An agent with one standing question of `settings.new_tokens` tokens about the looping `video`."""
+    return {
+        "agent_id": STARTUP_AGENT_ID,
+        "camera": {"source": str(video), "loop": True},
+        "model": {"path": str(Path(settings.model).resolve()), "device": settings.device,
+                  "cache_dir": str(cache_dir), "max_new_tokens": settings.new_tokens},
+        "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol, "discovery": False},
+        "questions": [{"id": "first", "question": standing_questions(1)[0], "type": "text"}],
+        "metrics": {"listen": None},
+    }
 
-    The child measures against the launch time the parent passes it, so interpreter start and imports count.
-    """
-    command = [sys.executable, "-m", "edge_agent.bench", str(settings.model), settings.device, str(cache_dir),
-               str(settings.new_tokens), repr(time.time())]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
-    if done.returncode != 0:
-        last_line = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"start-up run failed ({done.returncode}): {last_line}")
-    return json.loads(done.stdout)["first_answer_s"]
 
+def first_published_answer_seconds(config: Path, broker: BrokerAddress) -> float:
+    """Launch `edge-agent run --config config`; seconds until a subscriber receives its first answer."""
+    received, subscribed = threading.Event(), threading.Event()
+    subscriber = mqtt.Client(CallbackAPIVersion.VERSION2,
+                             protocol=mqtt.MQTTv5 if broker.protocol == "5" else mqtt.MQTTv311)
 
-def _first_answer_child(model: str, device: str, cache_dir: str, new_tokens: str, launched_at: str) -> None:
-    engine = Engine.load(model, device=device, cache_dir=cache_dir)
-    context = engine.encode(synthetic_frame(0))
-    engine.answer(context, standing_questions(1), max_new_tokens=int(new_tokens), ignore_eos=True)
-    print(json.dumps({"first_answer_s": time.time() - float(launched_at)}))
+    def on_message(client, userdata, message) -> None:
+        if not message.retain:  # answers are retained: the last run's is replayed on subscribing
+            received.set()
+
+    subscriber.on_message = on_message
+    subscriber.on_subscribe = lambda *args: subscribed.set()
+    subscriber.connect(broker.host, broker.port)
+    subscriber.subscribe(f"edge-agent/{STARTUP_AGENT_ID}/answers/#", qos=1)
+    subscriber.loop_start()
+    try:
+        if not subscribed.wait(timeout=10):
+            raise RuntimeError(f"the broker on {broker.host}:{broker.port} did not confirm the subscription")
+        started = time.monotonic()
+        agent = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            while not received.wait(timeout=0.05):
+                if agent.poll() is not None:
+                    last_line = (agent.stderr.read().strip().splitlines() or ["no output"])[-1]
+                    raise RuntimeError(f"the agent exited ({agent.returncode}) before answering: {last_line}")
+                if time.monotonic() - started > STARTUP_TIMEOUT_S:
+                    raise RuntimeError(f"no answer within {STARTUP_TIMEOUT_S} s of starting the agent")
+            return time.monotonic() - started
+        finally:
+            agent.terminate()
+            agent.communicate(timeout=60)
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -242,11 +291,9 @@ def format_report(report: dict) -> str:
         f"unchanged      {report['unchanged_frame_ms']:.3f} ms per frame (scene gate only): "
         f"{report['new_vs_unchanged_frame']:.0f}x cheaper than a new frame",
         f"peak RSS       {report['peak_rss_mib']:.0f} MiB (model files {report['model_files_mib']:.0f} MiB)",
-        f"first answer   {startup['cold_cache']:.2f} s from process start with a cold compiled-model cache, "
+        f"first answer   {startup['cold_cache']:.2f} s from `edge-agent run` starting to its first answer on MQTT "
+        f"with a cold compiled-model cache, "
         f"{startup['warm_cache']:.2f} s warm",
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    _first_answer_child(*sys.argv[1:])

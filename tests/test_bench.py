@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -88,8 +89,11 @@ def test_memory_and_model_size_are_reported(report):
 
 
 def test_first_answer_is_timed_with_a_cold_and_a_warm_compiled_model_cache(report, cache_dir):
-    assert report["first_answer_s"]["cold_cache"] > 0
-    assert report["first_answer_s"]["warm_cache"] > 0
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import openvino, paho.mqtt.client"], check=True)
+    imports_s = time.monotonic() - started  # a floor: the agent's process has to import them too
+    assert report["first_answer_s"]["cold_cache"] > 0.8 * imports_s
+    assert report["first_answer_s"]["warm_cache"] > 0.8 * imports_s  # not the cold run's retained answer
     assert list(cache_dir.glob("*.blob")), "the measured engine keeps its compiled blobs in --cache-dir"
     assert not list(cache_dir.glob("bench-startup-*")), "the start-up runs' cache is removed afterwards"
 
