@@ -79,7 +79,8 @@ def test_the_exported_graphs_take_both_edits(model_dir):
 def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
     _, prefix, questions = frame_inputs(compiled[True], seed=0, prefix_tokens=23)
     for cached_prefix in (False, True):
-        one, other = LanguageSession(LanguageModel(compiled[True]), prefix), LanguageSession(LanguageModel(compiled[False]), prefix)
+        one = LanguageSession(LanguageModel(compiled[True]), prefix)
+        other = LanguageSession(LanguageModel(compiled[False]), prefix)
         if cached_prefix:
             one.prefill_prefix()
         for first, second in zip(rounds(one, questions, 3, np.random.default_rng(1)),
@@ -114,7 +115,8 @@ def test_the_first_round_prefills_prefix_and_questions_in_one_call(compiled):
     model.request = CountingRequest(model.request)
     session = LanguageSession(model, prefix)
     calls = model.request.calls
-    logits, ahead = session.prefill_questions(questions, [(0, embeddings(rng, 2, hidden)), (3, embeddings(rng, 1, hidden))])
+    branches = [(0, embeddings(rng, 2, hidden)), (3, embeddings(rng, 1, hidden))]
+    logits, ahead = session.prefill_questions(questions, branches)
     assert len(calls) == 1
     assert calls[0]["inputs_embeds"].shape[1] == 30 + sum(QUESTION_LENGTHS) + 3
     assert logits.shape[0] == len(QUESTION_LENGTHS) and [len(a) for a in ahead] == [2, 1]

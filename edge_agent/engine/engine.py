@@ -212,8 +212,8 @@ class Engine:
             if session.garbage > session.prefix_len:
                 session.restart()
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
-            logits, ahead = session.prefill_questions(embedded[:len(suffixes)],
-                                                      [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])])
+            branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
+            logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds)
             prefill_ms = watch.lap()
             chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
             generated = self._decode(session, prompts, logits, ignore_eos)

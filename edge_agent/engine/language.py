@@ -72,7 +72,7 @@ def _new_input(model: ov.Model, name: str, shape: list[int], element_type: ov.Ty
 
 
 def causal(mask: np.ndarray, width: int) -> np.ndarray:
-    """The usual rule as `attention_allowed`: each of the last `width` positions sees unmasked positions up to itself."""
+    """The usual rule as `attention_allowed`: each of the last `width` positions sees the unmasked ones up to it."""
     keys = mask.shape[1]
     up_to_itself = np.arange(keys)[None, :] <= np.arange(keys - width, keys)[:, None]  # [width, keys]
     return (mask.astype(bool)[:, None, :] & up_to_itself[None])[:, None]
@@ -205,10 +205,12 @@ class LanguageSession:
             if parent is not None:
                 allowed[span, cached + spans[parent].start:cached + spans[parent].stop] = True
                 first_position += len(questions[parent])
-            allowed[span, cached + span.start:cached + span.stop] = np.tril(np.ones((span.stop - span.start,) * 2, bool))
-            positions[span] = first_position + np.arange(span.stop - span.start)
+            length = span.stop - span.start
+            allowed[span, cached + span.start:cached + span.stop] = np.tril(np.ones((length, length), dtype=bool))
+            positions[span] = first_position + np.arange(length)
         question_spans, branch_spans = spans[:len(questions)], spans[len(questions):]
-        logits_at = [span.stop - 1 for span in question_spans] + [i for span in branch_spans for i in range(span.start, span.stop)]
+        logits_at = ([span.stop - 1 for span in question_spans]
+                     + [i for span in branch_spans for i in range(span.start, span.stop)])
         logits = self._run(sequence, np.ones((1, cached + width), dtype=np.int64), positions[None],
                            beam_idx=np.zeros(1, dtype=np.int32), logits_at=logits_at, allowed=allowed[None, None])[0]
         self._mask = np.zeros((len(questions), cached + width), dtype=np.int64)
@@ -217,8 +219,8 @@ class LanguageSession:
             self._mask[row, cached + span.start:cached + span.stop] = 1
         self._next_position = np.array([prefix + len(question) for question in questions])
         self._physical = np.zeros(len(questions), dtype=np.int32)
-        ahead = logits[len(questions):]
-        return logits[:len(questions)], np.split(ahead, np.cumsum([len(c) for _, c in branches])[:-1]) if branches else []
+        ahead = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
+        return logits[:len(questions)], ahead if branches else []
 
     def extend(self, rows, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
         """Append left-padded token chunks [B, W, hidden] to `rows` (a row may be repeated).
