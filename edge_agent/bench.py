@@ -33,9 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from .capture.gate import GateSettings, SceneGate
 from .config import SceneGateSettings
@@ -232,8 +230,7 @@ def startup_config(settings: BenchSettings, video: Path, broker: BrokerAddress, 
 def first_published_answer_seconds(config: Path, broker: BrokerAddress) -> float:
     """Launch `edge-agent run --config config`; seconds until a subscriber receives its first answer."""
     received, subscribed = threading.Event(), threading.Event()
-    subscriber = mqtt.Client(CallbackAPIVersion.VERSION2,
-                             protocol=mqtt.MQTTv5 if broker.protocol == "5" else mqtt.MQTTv311)
+    subscriber = broker.client()
 
     def on_message(client, userdata, message) -> None:
         if not message.retain:  # answers are retained: the last run's is replayed on subscribing

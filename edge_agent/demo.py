@@ -16,8 +16,6 @@ import tempfile
 import threading
 import time
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import parse_config
 from .errors import UserError
@@ -79,8 +77,7 @@ class AnswerPrinter:
         self._timeline, self._video_seconds, self._out = timeline, video_seconds, out
         self.started = time.time()
         self.received: list[dict] = []
-        v5 = broker.protocol == "5"
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+        self._client = broker.client()
         self._client.on_message = self._on_message
         self._client.connect(broker.host, broker.port)
         self._client.subscribe("edge-agent/demo/answers/#", qos=1)

@@ -14,6 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from ..errors import UserError
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -25,6 +28,10 @@ class BrokerAddress:
     port: int
     protocol: str  # "5" or "3.1.1"
     kind: str  # what serves it, for the progress line
+
+    def client(self) -> mqtt.Client:
+        """A paho client (callback API 2) speaking this broker's protocol; set callbacks, then connect."""
+        return mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311)
 
 
 def free_port() -> int:
