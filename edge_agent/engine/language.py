@@ -127,9 +127,12 @@ class LanguageSession:
     def _claim(self) -> None:
         """Make the request's cache this session's; if another session has used it since, ours is gone."""
         if self._model.holder is not self:
-            self._model.holder = self
-            self._request.reset_state()
-            self.kv_len = 0
+            self._empty_cache()
+
+    def _empty_cache(self) -> None:
+        self._model.holder = self
+        self._request.reset_state()
+        self.kv_len = 0
 
     @property
     def garbage(self) -> int:
@@ -138,13 +141,11 @@ class LanguageSession:
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again (in the same call where possible)."""
-        self._request.reset_state()
-        self.kv_len = 0
+        self._empty_cache()
 
     def prefill_prefix(self) -> None:
         """Cache the prefix on its own, now (the questions would otherwise bring it along)."""
-        self._model.holder = self
-        self._request.reset_state()
+        self._empty_cache()
         length = self.prefix_len
         self._run(self._prefix, np.ones((1, length), dtype=np.int64), np.arange(length)[None],
                   beam_idx=np.zeros(1, dtype=np.int32), logits_at=[length - 1])
