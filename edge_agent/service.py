@@ -204,7 +204,7 @@ class Agent:
         answers = self._engine.answer(context, [engine_prompt(q, default) for q in questions])
         self.metrics.inferences.inc()
         timings = answers[0].timings
-        self.metrics.observe_stages({"prefill": (timings.prefix_ms + timings.question_prefill_ms) / 1000,
+        self.metrics.observe_stages({"prefill": timings.question_prefill_ms / 1000,
                                      "decode": timings.decode_ms / 1000,
                                      "total": time.perf_counter() - started})
         return answers
