@@ -88,6 +88,26 @@ def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
             np.testing.assert_allclose(first, second, atol=1e-4)
 
 
+def test_decode_steps_keep_one_cache_row_while_rows_leave(compiled):
+    """Rows drop out step by step (as finished answers do) with the same logits as forked rows."""
+    _, prefix, questions = frame_inputs(compiled[True], seed=8, prefix_tokens=27)
+    schedule = [[0, 1, 2, 3], [0, 2, 3], [1, 2], [0, 1], [1]]  # each: indices into the last step's rows
+    model = LanguageModel(compiled[True])
+    model.request = CountingRequest(model.request)
+    logits = {}
+    for shared, session in ((True, LanguageSession(model, prefix)),
+                            (False, LanguageSession(LanguageModel(compiled[False]), prefix))):
+        rng = np.random.default_rng(9)
+        session.prefill_questions(questions)
+        logits[shared] = [session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows))
+                          for rows in schedule]
+    for first, second in zip(logits[True], logits[False]):
+        np.testing.assert_allclose(first, second, atol=1e-4)
+    steps = model.request.calls[1:]
+    assert [call["inputs_embeds"].shape[:2] for call in steps] == [(1, len(rows)) for rows in schedule]
+    assert all(len(call["beam_idx"]) == 1 for call in steps)
+
+
 def test_branches_score_the_same_as_extra_forked_rows(compiled):
     rng, prefix, questions = frame_inputs(compiled[True], seed=5, prefix_tokens=19)
     hidden = prefix.shape[2]

@@ -8,11 +8,12 @@ before every call. Two small edits of the graph make a shared prefix cheap:
   the compressed matmuls costs nearly as much for 64 tokens as for 600: the prefix and the questions share
   one pass over the weights instead of paying for two.
 - `logits_positions`: the LM head runs only at the positions the caller reads.
-Questions then decode as a batch: the first step forks the one cache row into a row per question
-(`beam_idx = [0] * N`) and finished rows drop out. Positions a row must not see (other questions, earlier
-rounds' leftovers, padding) stay in the cache, masked out; `garbage` tells the caller when it is cheaper to
-start again from the prefix. A graph the mask edit does not fit prefills the questions as a batch of rows
-forked from the prefix instead (same answers, one more call).
+Questions then decode in the same sequence: each step appends one token per unfinished question, which
+sees the prefix, its question and its own answer so far. The prefix stays in the cache once and each step
+reads it once, not once per question. Positions a token must not see (other questions and answers, earlier
+rounds' leftovers) stay in the cache, masked out; `garbage` tells the caller when it is cheaper to start
+again from the prefix. A graph the mask edit does not fit prefills the questions as a batch of rows forked
+from the prefix instead (`beam_idx = [0] * N`, one more call) and decodes them as rows of a batch.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class LanguageSession:
     """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it.
 
     The session works in rows: row i of the last call's answer. `_physical[i]` is the cache row holding
-    row i (a row of one shared sequence points at that sequence's cache row until a step forks it).
+    row i (every row of
+    the shared sequence points at cache row 0).
     """
 
     def __init__(self, model: LanguageModel, prefix: np.ndarray):
@@ -247,14 +249,35 @@ class LanguageSession:
         return logits
 
     def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """One decode step for `rows` (indices into the last call's rows), embeds [len(rows), 1, hidden]."""
+        """One decode step for `rows` (indices into the last call's rows), embeds [len(rows), 1, hidden].
+
+        Returns the next-token logits [len(rows), vocab]; afterwards row i is `rows[i]`.
+        """
         rows = np.asarray(rows, dtype=np.int32)
+        if self._model.takes_allowed:
+            return self._step_shared_sequence(embeds, rows)
         mask = np.concatenate([self._mask[rows], np.ones((len(rows), 1), dtype=np.int64)], axis=1)
         positions = self._next_position[rows]
         logits = self._run(embeds, mask, positions[:, None], beam_idx=self._physical[rows], logits_at=[0])[:, 0]
         self._mask = mask
         self._next_position = positions + 1
         self._physical = np.arange(len(rows), dtype=np.int32)
+        return logits
+
+    def _step_shared_sequence(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The rows' next tokens appended to the one cache row, each seeing what its row saw and itself.
+
+        The prefix stays in the cache once and is read once per step, whatever the number of rows.
+        """
+        count = len(rows)
+        seen = np.concatenate([self._mask[rows], np.eye(count, dtype=np.int64)], axis=1)
+        positions = self._next_position[rows]
+        logits = self._run(embeds.reshape(1, count, -1), np.ones((1, seen.shape[1]), dtype=np.int64), positions[None],
+                           beam_idx=np.zeros(1, dtype=np.int32), logits_at=list(range(count)),
+                           allowed=seen.astype(bool)[None, None])[0]
+        self._mask = seen
+        self._next_position = positions + 1
+        self._physical = np.zeros(count, dtype=np.int32)
         return logits
 
     def _run(self, embeds, mask, positions, beam_idx, logits_at: list[int], allowed=None) -> np.ndarray:
