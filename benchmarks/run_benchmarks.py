@@ -271,14 +271,15 @@ def roofline(exported: Path, ours: dict) -> dict:
 
 
 def decode_step_bytes(exported: Path, text: dict, prefix: int) -> float:
-    """Bytes one decode step of 4 rows reads: every language-model weight once, plus each row's KV cache.
+    """Bytes one decode step of 4 answers reads: every language-model weight once, plus the KV cache once.
 
-    The CPU plugin keeps the KV cache in u8 by default (1 byte per value; its scales are negligible). Each
-    row attends to the prefix, its question (about 16 tokens) and half its answer on average.
+    The CPU plugin keeps the KV cache in u8 by default (1 byte per value; its scales are negligible). The
+    answers share one cache row: the prefix, the questions (about 16 tokens each) and, on average, half of
+    each answer.
     """
     weights = (exported / "openvino_language_model.bin").stat().st_size
     kv_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim(text)
-    return weights + TARGET_QUESTIONS * kv_per_token * (prefix + 16 + NEW_TOKENS / 2)
+    return weights + kv_per_token * (prefix + TARGET_QUESTIONS * (16 + NEW_TOKENS / 2))
 
 
 def head_dim(text: dict) -> int:
@@ -554,8 +555,8 @@ def roofline_section(results: dict) -> str:
     return (
         "## Against the hardware\n\n"
         f"- Copy bandwidth (numpy, one thread per core, read + write): **{r['copy_bandwidth_gbs']:.1f} GB/s**. "
-        f"One decode step of 4 rows reads {r['decode_step_bytes'] / 1e6:.0f} MB (all INT4 LM weights once, plus "
-        f"each row's u8 KV cache): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
+        f"One decode step of 4 answers reads {r['decode_step_bytes'] / 1e6:.0f} MB (all INT4 LM weights once, "
+        f"plus the u8 KV cache row they share): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
         f"{r['decode_step_ms']:.1f} ms ({r['decode_roofline_ms'] / r['decode_step_ms']:.0%} of the roofline).\n"
         f"- Matmul peak (OpenVINO MatMul on the CPU, default precision, best of the prefix shape and 2048^3): "
         f"**{r['matmul_peak_gflops']:.0f} GFLOP/s**. Prefix prefill: {r['prefix_gflop']:.0f} GFLOP in "

@@ -283,7 +283,7 @@ def format_report(report: dict) -> str:
     ]
     if decode["tokens_per_s"] is not None:
         lines.append(f"decode         {decode['tokens_per_s']:.1f} tokens/s "
-                     f"({decode['step_ms']:.1f} ms per step of {report['questions']} rows)")
+                     f"({decode['step_ms']:.1f} ms per step of {report['questions']} answers)")
     lines += [
         f"unchanged      {report['unchanged_frame_ms']:.3f} ms per frame (scene gate only): "
         f"{report['new_vs_unchanged_frame']:.0f}x cheaper than a new frame",
