@@ -26,6 +26,7 @@ from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, opt
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
 from .language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
+from .mapped_files import drop_mapped_pages
 from .model_dir import ModelDir
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
@@ -105,6 +106,7 @@ class Engine:
         self._language = LanguageModel(core.compile_model(language, devices.language,
                                                           compile_properties(devices.language, inference_precision)))
         self._lock = threading.Lock()
+        self._weights_still_mapped = {"vision", "language"}
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
 
     @classmethod
@@ -137,6 +139,16 @@ class Engine:
         return self._core.compile_model(graph, self.devices.vision,
                                         compile_properties(self.devices.vision, inference_precision))
 
+    def _drop_mapped_weights_after_first_use(self, submodel: str) -> None:
+        """After a submodel's first inference the device holds its weights: let go of the mapped files' pages.
+
+        Vision's go before the language model first runs, so the two copies of each never add up.
+        """
+        if submodel in self._weights_still_mapped:
+            self._weights_still_mapped.discard(submodel)
+            cache_dir = self._core.get_property("CACHE_DIR")
+            drop_mapped_pages([self.model.path] + ([Path(cache_dir)] if cache_dir else []))
+
     # -- encoding a frame -------------------------------------------------------------------------------
 
     def encode(self, frame_bgr: np.ndarray, prefill: bool = False) -> FrameContext:
@@ -153,6 +165,7 @@ class Engine:
             preprocess_ms = watch.lap()
             features = self._image_features(prepared.pixel_values, prepared.image_size)
             vision_ms = watch.lap()
+            self._drop_mapped_weights_after_first_use("vision")
             prefix_ids = self._prefix_ids()
             prefix_embeds = np.concatenate([self._embed_ids(prefix_ids[None]), features[None]], axis=1)
             session = LanguageSession(self._language, prefix_embeds)
@@ -218,6 +231,7 @@ class Engine:
             chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
             generated = self._decode(session, prompts, logits, ignore_eos)
             decode_ms = watch.lap()
+            self._drop_mapped_weights_after_first_use("language")
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
                           prefill_ms, decode_ms)
         answers = []

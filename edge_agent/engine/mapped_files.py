@@ -1,0 +1,61 @@
+"""Give back the pages of weight files that a device has already copied into its own buffers.
+
+OpenVINO memory-maps a model's `.bin` files (and the compiled blobs of its cache). On a model's first
+inference the CPU plugin repacks the weights into buffers of its own layout and afterwards reads the
+mapping only for a few small constants, yet the pages it read stay resident: the process holds the
+weights twice. On the bench model that is 460 of 1240 MiB. `madvise(MADV_DONTNEED)` on a read-only
+shared file mapping drops its pages from the process and loses nothing: a later read faults them back in
+from the page cache or the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from pathlib import Path
+
+MADV_DONTNEED = 4
+MAPS = Path("/proc/self/maps")
+
+
+def drop_mapped_pages(directories: list[Path]) -> int:
+    """Drop the resident pages of this process's read-only shared mappings of files under `directories`.
+
+    Returns the size of the address ranges dropped in bytes (0 where /proc or madvise is unavailable).
+    """
+    madvise = _madvise()
+    if madvise is None or not MAPS.exists():
+        return 0
+    roots = [Path(directory).resolve() for directory in directories]
+    dropped = 0
+    for start, end in read_only_shared_mappings(roots):
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
+def read_only_shared_mappings(roots: list[Path]) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of read-only shared mappings of files under `roots`, from /proc/self/maps."""
+    ranges = []
+    for line in MAPS.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[1] != "r--s":
+            continue
+        path = Path(fields[5])
+        if any(path.is_relative_to(root) for root in roots):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@functools.cache
+def _madvise():
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    madvise = getattr(ctypes.CDLL(library, use_errno=True), "madvise", None)
+    if madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+    return madvise
