@@ -578,7 +578,13 @@ def startup_section(results: dict) -> str:
         f"cache, {start['warm_cache']:.1f} s warm (`CACHE_DIR`).\n"
         f"- Peers' model load (in process, no compiled cache): {loads}.\n"
         f"- Peak RSS: edge-agent {ours['peak_rss_mib']:.0f} MiB for {results['model_files_mib']:.0f} MiB of model "
-        f"files; peers {peers_rss}.\n")
+        f"files{after_frames(ours)}; peers {peers_rss}.\n")
+
+
+def after_frames(ours: dict) -> str:
+    """The agent's resident memory once the frames are done (older results do not have it)."""
+    rss = ours.get("rss_after_frames_mib")
+    return f" ({rss:.0f} MiB after the frames)" if rss else ""
 
 
 def plot(results: dict, path: Path) -> None:

@@ -85,6 +85,7 @@ def test_unchanged_scene_cost_is_reported_against_a_new_frame(report):
 
 def test_memory_and_model_size_are_reported(report):
     assert report["peak_rss_mib"] > 0
+    assert 0 < report["rss_after_frames_mib"] <= report["peak_rss_mib"]
     assert report["model_files_mib"] > 0
 
 
