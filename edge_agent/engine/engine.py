@@ -142,7 +142,8 @@ class Engine:
     def _drop_mapped_weights_after_first_use(self, submodel: str) -> None:
         """After a submodel's first inference the device holds its weights: let go of the mapped files' pages.
 
-        Vision's go before the language model first runs, so the two copies of each never add up.
+        Vision's pages go before the language model's first pass: at the peak only the language model's weights
+        are resident twice.
         """
         if submodel in self._weights_still_mapped:
             self._weights_still_mapped.discard(submodel)

@@ -109,8 +109,7 @@ class LanguageSession:
     """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it.
 
     The session works in rows: row i of the last call's answer. `_physical[i]` is the cache row holding
-    row i (every row of
-    the shared sequence points at cache row 0).
+    row i (every row of the shared sequence points at cache row 0).
     """
 
     def __init__(self, model: LanguageModel, prefix: np.ndarray):
