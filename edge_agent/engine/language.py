@@ -108,8 +108,8 @@ class LanguageModel:
 class LanguageSession:
     """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it.
 
-    The session works in rows: row i of the last call's answer. `_physical[i]` is the cache row holding
-    row i (every row of the shared sequence points at cache row 0).
+    The session works in rows: row i of the last call's answer. In the shared sequence every row lives in
+    the one cache row; forked rows each have their own cache row, row i in cache row i.
     """
 
     def __init__(self, model: LanguageModel, prefix: np.ndarray):
@@ -119,7 +119,6 @@ class LanguageSession:
         self.kv_len = 0  # 0: nothing cached, the prefix goes in with the next questions
         self._mask = np.zeros((0, 0), dtype=np.int64)  # per row: which cache positions it attends to
         self._next_position = np.zeros(0, dtype=np.int64)  # per row: position id of its next token
-        self._physical = np.zeros(0, dtype=np.int32)
 
     @property
     def _request(self) -> ov.InferRequest:
@@ -220,7 +219,6 @@ class LanguageSession:
         for row, span in enumerate(question_spans):
             self._mask[row, cached + span.start:cached + span.stop] = 1
         self._next_position = np.array([prefix + len(question) for question in questions])
-        self._physical = np.zeros(len(questions), dtype=np.int32)
         ahead = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
         return logits[:len(questions)], ahead if branches else []
 
@@ -231,7 +229,7 @@ class LanguageSession:
         [B, W, vocab] (position j predicts the token after chunk token j).
         """
         rows = np.asarray(rows, dtype=np.int32)
-        return self._append(self._mask[rows], embeds, lengths, beam_idx=self._physical[rows],
+        return self._append(self._mask[rows], embeds, lengths, beam_idx=rows,
                             start=self._next_position[rows], logits_at=list(range(embeds.shape[1])))
 
     def _append(self, base_mask, embeds, lengths, beam_idx, start, logits_at: list[int]) -> np.ndarray:
@@ -244,7 +242,6 @@ class LanguageSession:
         logits = self._run(embeds, mask, positions, beam_idx=beam_idx, logits_at=logits_at)
         self._mask = mask
         self._next_position = start + lengths
-        self._physical = np.arange(len(mask), dtype=np.int32)
         return logits
 
     def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -257,10 +254,9 @@ class LanguageSession:
             return self._step_shared_sequence(embeds, rows)
         mask = np.concatenate([self._mask[rows], np.ones((len(rows), 1), dtype=np.int64)], axis=1)
         positions = self._next_position[rows]
-        logits = self._run(embeds, mask, positions[:, None], beam_idx=self._physical[rows], logits_at=[0])[:, 0]
+        logits = self._run(embeds, mask, positions[:, None], beam_idx=rows, logits_at=[0])[:, 0]
         self._mask = mask
         self._next_position = positions + 1
-        self._physical = np.arange(len(rows), dtype=np.int32)
         return logits
 
     def _step_shared_sequence(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -276,7 +272,6 @@ class LanguageSession:
                            allowed=seen.astype(bool)[None, None])[0]
         self._mask = seen
         self._next_position = positions + 1
-        self._physical = np.zeros(count, dtype=np.int32)
         return logits
 
     def _run(self, embeds, mask, positions, beam_idx, logits_at: list[int], allowed=None) -> np.ndarray:
