@@ -27,8 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.mqtt.loopback import free_port
 from edge_agent.mqtt import AgentLink, AnswerMessage, MqttSettings
+from edge_agent.mqtt.loopback import free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 READY_TIMEOUT_S = 5.0
