@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import mmap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_agent.engine.engine import Engine
-from edge_agent.engine.mapped_files import drop_mapped_pages
+from edge_agent.engine.mapped_files import drop_mapped_pages, mapped_pages_dropped_during
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 
@@ -57,6 +58,20 @@ def test_writable_mappings_and_other_directories_are_left_alone(tmp_path):
     assert writable[0] == 255
     writable.close()
     elsewhere.close()
+
+
+def test_pages_are_dropped_while_the_block_runs_not_only_at_its_end(tmp_path):
+    """A first inference reads each weight once: pages it has read go while it still runs."""
+    directory = tmp_path / "weights"
+    mapping = mapped_file(directory / "model.bin", mmap.ACCESS_READ)
+    with mapped_pages_dropped_during([directory], every=0.01):
+        deadline = time.monotonic() + 5.0
+        while resident_bytes(directory) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident_bytes(directory) == 0
+        assert mapping[:] == (directory / "model.bin").read_bytes()  # read again inside the block
+    assert resident_bytes(directory) == 0  # and dropped once more at its end
+    mapping.close()
 
 
 def test_the_engine_lets_go_of_its_mapped_model_files_after_the_first_answer(tiny_llava_fp32):

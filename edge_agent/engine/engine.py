@@ -12,6 +12,7 @@ prefilled twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -26,7 +27,7 @@ from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, opt
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
 from .language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
-from .mapped_files import drop_mapped_pages
+from .mapped_files import mapped_pages_dropped_during
 from .model_dir import ModelDir
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
@@ -139,16 +140,16 @@ class Engine:
         return self._core.compile_model(graph, self.devices.vision,
                                         compile_properties(self.devices.vision, inference_precision))
 
-    def _drop_mapped_weights_after_first_use(self, submodel: str) -> None:
-        """After a submodel's first inference the device holds its weights: let go of the mapped files' pages.
+    def _first_use(self, submodel: str) -> contextlib.AbstractContextManager:
+        """Around a submodel's first inference: let go of its mapped files' pages as the device copies them.
 
-        Vision's pages go before the language model's first pass: at the peak only the language model's weights
-        are resident twice.
+        After that inference the device holds the weights in its own buffers (see `mapped_files`).
         """
-        if submodel in self._weights_still_mapped:
-            self._weights_still_mapped.discard(submodel)
-            cache_dir = self._core.get_property("CACHE_DIR")
-            drop_mapped_pages([self.model.path] + ([Path(cache_dir)] if cache_dir else []))
+        if submodel not in self._weights_still_mapped:
+            return contextlib.nullcontext()
+        self._weights_still_mapped.discard(submodel)
+        cache_dir = self._core.get_property("CACHE_DIR")
+        return mapped_pages_dropped_during([self.model.path] + ([Path(cache_dir)] if cache_dir else []))
 
     # -- encoding a frame -------------------------------------------------------------------------------
 
@@ -164,15 +165,16 @@ class Engine:
             watch = Stopwatch()
             prepared = self.preprocess(frame_bgr)
             preprocess_ms = watch.lap()
-            features = self._image_features(prepared.pixel_values, prepared.image_size)
+            with self._first_use("vision"):
+                features = self._image_features(prepared.pixel_values, prepared.image_size)
             vision_ms = watch.lap()
-            self._drop_mapped_weights_after_first_use("vision")
             prefix_ids = self._prefix_ids()
             prefix_embeds = np.concatenate([self._embed_ids(prefix_ids[None]), features[None]], axis=1)
             session = LanguageSession(self._language, prefix_embeds)
             prefix_ms = 0.0
             if prefill:
-                session.prefill_prefix()
+                with self._first_use("language"):
+                    session.prefill_prefix()
                 prefix_ms = watch.lap()
             timings = Timings(preprocess_ms=preprocess_ms, vision_ms=vision_ms, prefix_ms=prefix_ms)
         return FrameContext(prefix_ids=prefix_ids, prefix_embeds=prefix_embeds, image_tokens=len(features),
@@ -227,12 +229,12 @@ class Engine:
                 session.restart()
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
             branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
-            logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds)
-            prefill_ms = watch.lap()
-            chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
-            generated = self._decode(session, prompts, logits, ignore_eos)
-            decode_ms = watch.lap()
-            self._drop_mapped_weights_after_first_use("language")
+            with self._first_use("language"):
+                logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds)
+                prefill_ms = watch.lap()
+                chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
+                generated = self._decode(session, prompts, logits, ignore_eos)
+                decode_ms = watch.lap()
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
                           prefill_ms, decode_ms)
         answers = []
