@@ -3,9 +3,11 @@
 One run (half an hour or more on 2 busy cores; see README.md):
 1. builds the random-weight `bench` checkpoint (CLIP ViT-L/14-336 tower, 0.4B Llama-style LM) into
    .cache/bench/ once, and exports it with an INT4 language model and an INT8 vision encoder;
-2. measures the median seconds per new 640x480 frame for 1, 4 and 8 questions x 16 new tokens
-   (end-of-sequence ignored) with edge-agent (`edge-agent bench --json`) and with each peer, every path in
-   its own child process so none inherits another's threads, caches or memory:
+2. times edge-agent's stages, memory and start-up (`edge-agent bench --json`), then measures the median
+   seconds per new 640x480 frame for 1, 4 and 8 questions x 16 new tokens (end-of-sequence ignored) with
+   edge-agent and with each peer side by side: every path is loaded in its own child process, so none
+   inherits another's threads, caches or memory, and the paths answer in turn, frame by frame, so that a
+   neighbour on a shared machine slows them alike:
    (a) OpenVINO GenAI `VLMPipeline.generate`, one call per question (its documented use);
    (b) the same with a `ChatHistory` anchor holding the frame, so later questions skip the vision encoder;
    (c) optimum-intel `OVModelForVisualCausalLM.generate`, one call per question;
@@ -31,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +49,9 @@ QUESTION_COUNTS = (1, 4, 8)
 NEW_TOKENS = 16
 TARGET_QUESTIONS = 4
 WARMUP_SEED = 1000
+SETTLE_S = 0.1
+"""Pause before each timed frame, so that the worker threads of the path that ran before, which may spin for
+a moment after their work, are asleep."""
 CHILD_TIMEOUT_S = 3 * 3600
 VERSIONED = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "transformers", "torch", "numpy")
 
@@ -54,10 +59,21 @@ AskAll = Callable[[np.ndarray, list], None]
 """Answers every question about one BGR frame the way one runtime would."""
 
 
-# -- the peers -------------------------------------------------------------------------------------------
+# -- the paths compared ---------------------------------------------------------------------------------
 
 def rgb(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame[..., ::-1])
+
+
+def edge_agent_batched(exported: Path) -> AskAll:
+    """What `edge-agent bench` times per frame: encode once, then every question in one batch."""
+    from edge_agent.engine import Engine
+
+    engine = Engine.load(exported, cache_dir=CACHE / "compiled")
+
+    def ask_all(frame, questions):
+        engine.answer(engine.encode(frame), questions, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return ask_all
 
 
 def load_genai(exported: Path):
@@ -129,7 +145,7 @@ def hf_generate_per_question(model, processor) -> AskAll:
 
 @dataclass(frozen=True)
 class Peer:
-    """One runtime compared with edge-agent."""
+    """One runtime compared side by side (edge-agent itself is one too)."""
 
     label: str
     """How RESULTS.md names it."""
@@ -141,6 +157,7 @@ class Peer:
     """Measured on `--slow-frames` frames and without the 8-question configuration."""
 
 
+OURS = Peer("**edge-agent** (encode once, questions batched)", edge_agent_batched)
 PEERS = {
     "genai": Peer("(a) OpenVINO GenAI VLMPipeline.generate, per question", genai_per_question),
     "genai_anchor": Peer("(b) OpenVINO GenAI with a ChatHistory anchor", genai_anchored),
@@ -150,23 +167,29 @@ PEERS = {
 }
 
 
-def measure_peer(peer: Peer, model: Path, counts: tuple[int, ...], frames: int) -> dict:
-    """Load time, median seconds per frame for each question count, and peak memory of one peer."""
-    started = time.perf_counter()
-    ask_all = peer.load(model)
-    load_s = time.perf_counter() - started
-    ask_all(synthetic_frame(WARMUP_SEED), standing_questions(1))
-    frame_s = {}
-    for count in counts:
-        questions = standing_questions(count)
-        frame_s[count] = statistics.median(seconds(ask_all, synthetic_frame(seed), questions) for seed in range(frames))
-    return {"load_s": load_s, "frame_s": frame_s, "frames": frames, "peak_rss_mib": peak_rss_mib()}
-
-
 def seconds(ask_all: AskAll, frame: np.ndarray, questions: list) -> float:
     started = time.perf_counter()
     ask_all(frame, questions)
     return time.perf_counter() - started
+
+
+REPLY = "@@bench-reply "
+"""Marks the child's protocol lines on its stdout, which the libraries it loads may print to as well."""
+
+
+def serve(path: Peer, model: Path) -> None:
+    """Child process: load one path, then time one frame per request line from stdin until it closes."""
+    started = time.perf_counter()
+    ask_all = path.load(model)
+    reply({"load_s": time.perf_counter() - started})
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply({"seconds": seconds(ask_all, synthetic_frame(request["seed"]), standing_questions(request["count"]))})
+    reply({"peak_rss_mib": peak_rss_mib()})
+
+
+def reply(message: dict) -> None:
+    print(REPLY + json.dumps(message), flush=True)
 
 
 # -- running every path in its own process -------------------------------------------------------------
@@ -186,26 +209,91 @@ def run_ours(exported: Path, questions: int, frames: int, yes_no: bool = False) 
                       "--cache-dir", str(CACHE / "compiled"), "--json", *(["--yes-no"] if yes_no else [])])
 
 
-def run_peer(name: str, model: Path, counts: tuple[int, ...], frames: int) -> dict:
-    return run_child([sys.executable, __file__, "--measure", name, "--model", str(model),
-                      "--counts", ",".join(map(str, counts)), "--frames", str(frames)])
+@dataclass
+class Contender:
+    """One path loaded in its child process (`serve`), timing frames on request."""
+
+    name: str
+    model: Path
+    counts: tuple[int, ...]
+    frames: int
+    seconds: dict = field(default_factory=dict)  # question count -> seconds of each measured frame
+    load_s: float = field(init=False, default=0.0)
+    _child: subprocess.Popen = field(init=False, repr=False)
+    _log: object = field(init=False, repr=False)
+
+    def start(self) -> None:
+        self._log = (CACHE / f"{self.name}.log").open("w")
+        self._child = subprocess.Popen(
+            [sys.executable, __file__, "--serve", self.name, "--model", str(self.model)], text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.load_s = self._reply()["load_s"]
+
+    def time_frame(self, count: int, seed: int) -> float:
+        time.sleep(SETTLE_S)
+        self._child.stdin.write(json.dumps({"count": count, "seed": seed}) + "\n")
+        self._child.stdin.flush()
+        return self._reply()["seconds"]
+
+    def finish(self) -> dict:
+        """Close the child; what it measured, in the shape RESULTS.md renders."""
+        self._child.stdin.close()
+        peak = self._reply()["peak_rss_mib"]
+        self._child.wait(timeout=60)
+        self._log.close()
+        frame_s = {count: statistics.median(times) for count, times in self.seconds.items()}
+        return {"load_s": self.load_s, "frame_s": frame_s, "frames": self.frames, "peak_rss_mib": peak}
+
+    def _reply(self) -> dict:
+        for line in self._child.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise RuntimeError(f"{self.name} stopped: see {self._log.name}")
+
+
+def measure_side_by_side(contenders: list[Contender]) -> None:
+    """Every contender loaded, then for each question count: one warm-up frame each, then the frames in turn.
+
+    The order rotates from frame to frame, so no path always runs right after the same other one.
+    """
+    for contender in contenders:
+        log(f"loading {contender.name}")
+        contender.start()
+    for count in QUESTION_COUNTS:
+        taking_part = [c for c in contenders if count in c.counts]
+        log(f"{count} questions: {', '.join(c.name for c in taking_part)}")
+        for contender in taking_part:
+            contender.time_frame(count, WARMUP_SEED)
+        for seed in range(max(c.frames for c in taking_part)):
+            turn = seed % len(taking_part)
+            for contender in taking_part[turn:] + taking_part[:turn]:
+                if seed < contender.frames:
+                    contender.seconds.setdefault(count, []).append(contender.time_frame(count, seed))
+
+
+def contenders(args, checkpoint: Path, exported: Path) -> list[Contender]:
+    found = [Contender("edge_agent", exported, QUESTION_COUNTS, args.frames)]
+    for name, peer in PEERS.items():
+        if name not in args.skip:
+            counts = tuple(c for c in QUESTION_COUNTS if c <= TARGET_QUESTIONS) if peer.slow else QUESTION_COUNTS
+            found.append(Contender(name, checkpoint if peer.uses_checkpoint else exported, counts,
+                                   args.slow_frames if peer.slow else args.frames))
+    return found
 
 
 def measure_all(args, checkpoint: Path, exported: Path) -> dict:
     results = {"started": now(), "load_before": load_average(), "machine": machine(), "model": exported.name,
-               "model_files_mib": files_mib(exported), "ours": {}, "peers": {}}
+               "model_files_mib": files_mib(exported), "ours": {}}
     for count in QUESTION_COUNTS:
         log(f"edge-agent bench, {count} questions")
         results["ours"][count] = run_ours(exported, count, args.frames)
     log("edge-agent bench, 4 yes/no questions")
     results["ours_yes_no"] = run_ours(exported, TARGET_QUESTIONS, args.frames, yes_no=True)
-    for name, peer in PEERS.items():
-        if name in args.skip:
-            continue
-        counts = tuple(c for c in QUESTION_COUNTS if c <= TARGET_QUESTIONS) if peer.slow else QUESTION_COUNTS
-        log(f"{peer.label}")
-        results["peers"][name] = run_peer(name, checkpoint if peer.uses_checkpoint else exported, counts,
-                                          args.slow_frames if peer.slow else args.frames)
+    side_by_side = contenders(args, checkpoint, exported)
+    measure_side_by_side(side_by_side)
+    measured = {contender.name: contender.finish() for contender in side_by_side}
+    results["ours_side_by_side"] = measured.pop("edge_agent")
+    results["peers"] = measured
     log("roofline: copy bandwidth and matmul peak")
     results["roofline"] = roofline(exported, results["ours"][TARGET_QUESTIONS])
     log("profile of the language model")
@@ -386,7 +474,7 @@ def log(message: str) -> None:
 # -- the report -------------------------------------------------------------------------------------------
 
 def ours_frame_s(results: dict, count: int) -> float:
-    return results["ours"][count]["frame_ms"]["median"] / 1000
+    return results["ours_side_by_side"]["frame_s"][str(count)]
 
 
 ANALYSIS_START = "<!-- analysis: written by hand, kept when the report is re-rendered -->"
@@ -443,7 +531,7 @@ def machine_section(results: dict) -> str:
 def load_remark(load_before: str) -> str:
     """Whether other jobs shared the cores when the run started (a load of 1 or more on 2 cores)."""
     if float(load_before.split()[0]) < 1.0:
-        return "The machine was otherwise idle; each path ran alone, one after the other."
+        return "The machine was otherwise idle; the paths answered in turn, one frame at a time."
     return ("Something else had been running (the load average counts the last minutes, so a benchmark run "
             "just before counts too): absolute times may be inflated; the ratios compare paths measured in "
             "the same run.")
@@ -452,9 +540,8 @@ def load_remark(load_before: str) -> str:
 def latency_section(results: dict) -> str:
     header = "| path | " + " | ".join(f"{c} q: s/frame (ours faster by)" for c in QUESTION_COUNTS) + " | frames |"
     rows = [header, "|" + " --- |" * (len(QUESTION_COUNTS) + 2)]
-    ours = results["ours"][QUESTION_COUNTS[0]]
-    rows.append("| **edge-agent** (encode once, questions batched) | "
-                + " | ".join(f"**{ours_frame_s(results, c):.2f}**" for c in QUESTION_COUNTS) + f" | {ours['frames']} |")
+    rows.append(f"| {OURS.label} | " + " | ".join(f"**{ours_frame_s(results, c):.2f}**" for c in QUESTION_COUNTS)
+                + f" | {results['ours_side_by_side']['frames']} |")
     for name, measured in results["peers"].items():
         cells = []
         for count in QUESTION_COUNTS:
@@ -465,8 +552,10 @@ def latency_section(results: dict) -> str:
     rows.append("| unchanged scene (edge-agent: scene gate only) | "
                 + " | ".join(f"{unchanged:.5f}" for _ in QUESTION_COUNTS) + " | 200 calls |")
     return ("## Seconds per new frame (median), questions x 16 tokens\n\n" + "\n".join(rows) + "\n\n"
-            "Each path runs in its own process after one warm-up frame. PyTorch FP32 is slow, so it runs on fewer "
-            "frames and not with 8 questions.\n")
+            "Each path runs in its own process. All of them are loaded side by side and answer in turn, frame by "
+            "frame (the order rotating), after one warm-up frame per question count, so that a neighbour on the "
+            "machine slows them alike. PyTorch FP32 is slow, so it runs on fewer frames and not with 8 "
+            "questions. The stage timings below come from separate `edge-agent bench` runs before.\n")
 
 
 @dataclass(frozen=True)
@@ -641,17 +730,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exported", type=Path, help="the OpenVINO export of --checkpoint")
     parser.add_argument("--report-only", action="store_true", help="re-render RESULTS.md from the last results")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="where RESULTS.md and the plot go")
-    parser.add_argument("--measure", choices=list(PEERS), help=argparse.SUPPRESS)  # child process: one peer
+    parser.add_argument("--serve", choices=["edge_agent", *PEERS], help=argparse.SUPPRESS)  # child: one path
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--counts", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.measure:
-        counts = tuple(int(c) for c in args.counts.split(","))
-        print(json.dumps(measure_peer(PEERS[args.measure], args.model, counts, args.frames)))
+    if args.serve:
+        serve(OURS if args.serve == "edge_agent" else PEERS[args.serve], args.model)
         return 0
     raw = CACHE / "results.json"
     if not args.report_only:
