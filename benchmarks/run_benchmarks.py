@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 
@@ -167,6 +167,8 @@ PEERS = {
 }
 
 
+# -- running every path in its own process -------------------------------------------------------------
+
 def seconds(ask_all: AskAll, frame: np.ndarray, questions: list) -> float:
     started = time.perf_counter()
     ask_all(frame, questions)
@@ -191,8 +193,6 @@ def serve(path: Peer, model: Path) -> None:
 def reply(message: dict) -> None:
     print(REPLY + json.dumps(message), flush=True)
 
-
-# -- running every path in its own process -------------------------------------------------------------
 
 def run_child(command: list[str]) -> dict:
     """Run a measuring child process and parse the JSON object it prints last."""
@@ -220,7 +220,7 @@ class Contender:
     seconds: dict = field(default_factory=dict)  # question count -> seconds of each measured frame
     load_s: float = field(init=False, default=0.0)
     _child: subprocess.Popen = field(init=False, repr=False)
-    _log: object = field(init=False, repr=False)
+    _log: IO[str] = field(init=False, repr=False)
 
     def start(self) -> None:
         self._log = (CACHE / f"{self.name}.log").open("w")
