@@ -1,6 +1,6 @@
 """Compare edge-agent's per-frame latency with the peer runtimes on one exported `bench` LLaVA model.
 
-One run (half an hour or more on 2 busy cores; see README.md):
+One run (about 10 minutes on 2 cores with --frames 5 --slow-frames 2, once the model is built; see README.md):
 1. builds the random-weight `bench` checkpoint (CLIP ViT-L/14-336 tower, 0.4B Llama-style LM) into
    .cache/bench/ once, and exports it with an INT4 language model and an INT8 vision encoder;
 2. times edge-agent's stages, memory and start-up (`edge-agent bench --json`), then measures the median
