@@ -413,7 +413,7 @@ def profile_language_model(exported: Path, prefix_tokens: int, question_tokens: 
     graph = core.read_model(exported / "openvino_language_model.xml")
     add_logits_positions(graph)
     add_attention_allowed(graph)
-    model = LanguageModel(core.compile_model(graph, "CPU", {**compile_properties("CPU", None), "PERF_COUNT": True}))
+    model = LanguageModel(core.compile_model(graph, "CPU", {**compile_properties("CPU", None, graph), "PERF_COUNT": True}))
     hidden = json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"]
     embeds = lambda rows, tokens: np.random.default_rng(rows).standard_normal((rows, tokens, hidden), np.float32)  # noqa: E731
     rows = np.arange(TARGET_QUESTIONS)

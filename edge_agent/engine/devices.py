@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import openvino as ov
 
 from ..errors import UserError
+from .int8_activations import activation_group
 
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
 
@@ -62,17 +63,22 @@ def plan_devices(core: ov.Core, device: str = "CPU", vision: str | None = None,
     )
 
 
-def compile_properties(device: str, inference_precision: str | None) -> dict:
+def compile_properties(device: str, inference_precision: str | None, graph: ov.Model | None = None) -> dict:
     """Latency-oriented settings: one stream, every core on the one request; optional precision pin.
 
-    Pinning `f32` also keeps the CPU's KV cache in f32 (it is u8-compressed by default) and turns off its
-    dynamic int8 quantization of activations (whose rounding depends on how many tokens a call holds), which
-    exact comparisons with a PyTorch reference need.
+    On the CPU, `graph`'s compressed matmuls get int8 activations where that is faster (`int8_activations`).
+    Pinning `f32` instead keeps every activation in f32, and the KV cache too (it is u8-compressed by default):
+    exact comparisons with a PyTorch reference need that, since the rounding of int8 activations depends on
+    how many tokens a call holds.
     """
     properties = {"PERFORMANCE_HINT": "LATENCY"}
-    if inference_precision and device.startswith("CPU"):
+    if not device.startswith("CPU"):
+        return properties
+    if inference_precision:
         properties["INFERENCE_PRECISION_HINT"] = inference_precision
-        if inference_precision == "f32":
-            properties["KV_CACHE_PRECISION"] = "f32"
-            properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+    if inference_precision == "f32":
+        properties["KV_CACHE_PRECISION"] = "f32"
+        properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+    elif graph is not None and (group := activation_group(graph)):
+        properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
     return properties

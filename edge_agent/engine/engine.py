@@ -104,8 +104,8 @@ class Engine:
         language = core.read_model(model.graph("language"))
         add_logits_positions(language)
         add_attention_allowed(language)
-        self._language = LanguageModel(core.compile_model(language, devices.language,
-                                                          compile_properties(devices.language, inference_precision)))
+        self._language = LanguageModel(core.compile_model(
+            language, devices.language, compile_properties(devices.language, inference_precision, language)))
         self._lock = threading.Lock()
         self._weights_still_mapped = {"vision", "language"}
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
@@ -138,7 +138,7 @@ class Engine:
             side = self.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
             graph.reshape({graph.inputs[0].get_any_name(): [1, 3, side, side]})
         return self._core.compile_model(graph, self.devices.vision,
-                                        compile_properties(self.devices.vision, inference_precision))
+                                        compile_properties(self.devices.vision, inference_precision, graph))
 
     def _first_use(self, submodel: str) -> contextlib.AbstractContextManager:
         """Around a submodel's first inference: let go of its mapped files' pages as the device copies them.
