@@ -76,10 +76,10 @@ def edge_agent_batched(exported: Path) -> AskAll:
     return ask_all
 
 
-def load_genai(exported: Path):
+def load_genai(exported: Path, **properties):
     import openvino_genai as genai
 
-    pipe = genai.VLMPipeline(str(exported), "CPU")
+    pipe = genai.VLMPipeline(str(exported), "CPU", **properties)
     return pipe, genai.GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
 
@@ -95,13 +95,13 @@ def genai_per_question(exported: Path) -> AskAll:
     return ask_all
 
 
-def genai_anchored(exported: Path) -> AskAll:
+def genai_anchored(exported: Path, **properties) -> AskAll:
     """GenAI keeps an image's encoding while some ChatHistory that used it is alive: the first question's
     history anchors the frame, and later questions with the same image skip the vision encoder."""
     import openvino as ov
     import openvino_genai as genai
 
-    pipe, config = load_genai(exported)
+    pipe, config = load_genai(exported, **properties)
 
     def ask_all(frame, questions):
         image = ov.Tensor(rgb(frame))
@@ -111,6 +111,17 @@ def genai_anchored(exported: Path) -> AskAll:
             history = genai.ChatHistory([{"role": "user", "content": question}])
             pipe.generate(history, images=[image], generation_config=config)
     return ask_all
+
+
+def genai_anchored_int8_activations(exported: Path) -> AskAll:
+    """(b) given the compile setting edge-agent picks for this CPU: int8 activations in groups as large as the
+    weights allow (`edge_agent.engine.int8_activations`; the plugin's default where that picks none)."""
+    import openvino as ov
+
+    from edge_agent.engine.int8_activations import activation_group
+
+    group = activation_group(ov.Core().read_model(exported / "openvino_language_model.xml"))
+    return genai_anchored(exported, **({"DYNAMIC_QUANTIZATION_GROUP_SIZE": group} if group else {}))
 
 
 def optimum_per_question(exported: Path) -> AskAll:
@@ -161,6 +172,8 @@ OURS = Peer("**edge-agent** (encode once, questions batched)", edge_agent_batche
 PEERS = {
     "genai": Peer("(a) OpenVINO GenAI VLMPipeline.generate, per question", genai_per_question),
     "genai_anchor": Peer("(b) OpenVINO GenAI with a ChatHistory anchor", genai_anchored),
+    "genai_anchor_int8": Peer("(b') GenAI with a ChatHistory anchor and edge-agent's int8 activations, not a target",
+                              genai_anchored_int8_activations),
     "optimum": Peer("(c) optimum-intel OVModelForVisualCausalLM.generate, per question", optimum_per_question),
     "transformers": Peer("(d) transformers PyTorch FP32 generate, per question", transformers_fp32,
                          uses_checkpoint=True, slow=True),
@@ -319,14 +332,20 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * source.nbytes / best / 1e9
 
 
-def matmul_gflops(m: int, k: int, n: int, repeats: int = 10) -> float:
-    """Best GFLOP/s of an [m,k] x [k,n] OpenVINO MatMul on the CPU at its default (fastest) precision."""
+def matmul_gflops(m: int, k: int, n: int, int8: bool = False, repeats: int = 10) -> float:
+    """Best GFLOP/s of an [m,k] x [k,n] OpenVINO MatMul on the CPU at its default (fastest) float precision or,
+    with `int8`, with both operands quantized to 8 bits (FakeQuantize, as in a calibrated int8 model)."""
     import openvino as ov
     import openvino.opset13 as ops
 
     activations = ops.parameter([m, k], ov.Type.f32)
     weights = ops.constant(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32))
-    compiled = ov.Core().compile_model(ov.Model([ops.matmul(activations, weights, False, False)], [activations]),
+    left, right = activations, weights
+    if int8:
+        low, high = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
+        left = ops.fake_quantize(activations, low, high, low, high, 256)
+        right = ops.fake_quantize(weights, low, high, low, high, 255)
+    compiled = ov.Core().compile_model(ov.Model([ops.matmul(left, right, False, False)], [activations]),
                                        "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     data = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
@@ -339,22 +358,31 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 10) -> float:
 
 
 def roofline(exported: Path, ours: dict) -> dict:
-    """Decode against memory bandwidth, prefix prefill and vision against the matmul peak, for 4 questions."""
+    """Decode against memory bandwidth, prefix prefill and vision against the matmul peak of the arithmetic
+    they run in (int8 where the engine gives them int8 activations), for 4 questions."""
+    import openvino as ov
+
+    from edge_agent.engine.int8_activations import activation_group
+
     config = json.loads((exported / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     prefix = ours["prefix_tokens"]
     bandwidth = copy_bandwidth_gbs()
-    peak = max(matmul_gflops(prefix, text["hidden_size"], text["intermediate_size"]), matmul_gflops(2048, 2048, 2048))
+    shapes = ((prefix, text["hidden_size"], text["intermediate_size"]), (2048, 2048, 2048))
+    peak = max(matmul_gflops(*shape) for shape in shapes)
+    int8_peak = max(matmul_gflops(*shape, int8=True) for shape in shapes)
+    int8_activations = {submodel: activation_group(ov.Core().read_model(exported / f"openvino_{submodel}.xml")) is not None
+                        for submodel in ("language_model", "vision_embeddings_model")}
     step_bytes = decode_step_bytes(exported, text, prefix)
     step_ms = ours["decode"]["step_ms"]
-    prefix_flops = lm_prefill_flops(text, prefix)
-    vision_flops = vision_encoder_flops(config, vision, text)
     return {
-        "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak,
+        "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak, "int8_matmul_peak_gops": int8_peak,
         "decode_step_bytes": step_bytes, "decode_step_ms": step_ms,
         "decode_roofline_ms": step_bytes / bandwidth / 1e6,
-        "prefix_gflop": prefix_flops / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],
-        "vision_gflop": vision_flops / 1e9, "vision_ms": ours["stages_ms"]["vision"],
+        "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],
+        "prefix_int8": int8_activations["language_model"],
+        "vision_gflop": vision_encoder_flops(config, vision, text) / 1e9, "vision_ms": ours["stages_ms"]["vision"],
+        "vision_int8": int8_activations["vision_embeddings_model"],
     }
 
 
@@ -639,19 +667,26 @@ def operations_section(results: dict) -> str:
 
 def roofline_section(results: dict) -> str:
     r = results["roofline"]
-    prefix_gflops = r["prefix_gflop"] / (r["prefix_ms"] / 1000)
-    vision_gflops = r["vision_gflop"] / (r["vision_ms"] / 1000)
+    int8_peak = r.get("int8_matmul_peak_gops")
+
+    def against_peak(stage: str, label: str) -> str:
+        rate = r[f"{stage}_gflop"] / (r[f"{stage}_ms"] / 1000)
+        peak, arithmetic = ((int8_peak, "int8") if r.get(f"{stage}_int8") and int8_peak
+                            else (r["matmul_peak_gflops"], "float"))
+        return (f"{label}: {r[f'{stage}_gflop']:.0f} GFLOP in {r[f'{stage}_ms']:.0f} ms = {rate:.0f} GFLOP/s "
+                f"({rate / peak:.0%} of the {arithmetic} peak)")
+
+    peaks = f"**{r['matmul_peak_gflops']:.0f} GFLOP/s** at the default float precision"
+    if int8_peak:
+        peaks += f", **{int8_peak:.0f} GOP/s** with 8-bit operands"
     return (
         "## Against the hardware\n\n"
         f"- Copy bandwidth (numpy, one thread per core, read + write): **{r['copy_bandwidth_gbs']:.1f} GB/s**. "
         f"One decode step of 4 answers reads {r['decode_step_bytes'] / 1e6:.0f} MB (all INT4 LM weights once, "
         f"plus the u8 KV cache row they share): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
         f"{r['decode_step_ms']:.1f} ms ({r['decode_roofline_ms'] / r['decode_step_ms']:.0%} of the roofline).\n"
-        f"- Matmul peak (OpenVINO MatMul on the CPU, default precision, best of the prefix shape and 2048^3): "
-        f"**{r['matmul_peak_gflops']:.0f} GFLOP/s**. Prefix prefill: {r['prefix_gflop']:.0f} GFLOP in "
-        f"{r['prefix_ms']:.0f} ms = {prefix_gflops:.0f} GFLOP/s ({prefix_gflops / r['matmul_peak_gflops']:.0%} of "
-        f"peak). Vision encoder: {r['vision_gflop']:.0f} GFLOP in {r['vision_ms']:.0f} ms = {vision_gflops:.0f} "
-        f"GFLOP/s ({vision_gflops / r['matmul_peak_gflops']:.0%} of peak).\n")
+        f"- Matmul peak (OpenVINO MatMul on the CPU, best of the prefix shape and 2048^3): {peaks}. "
+        f"{against_peak('prefix', 'Prefix prefill')}. {against_peak('vision', 'Vision encoder')}.\n")
 
 
 def startup_section(results: dict) -> str:
