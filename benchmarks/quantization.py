@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.report_only:
         CACHE.mkdir(parents=True, exist_ok=True)
-        RESULTS_JSON.write_text(json.dumps(run(args.models, args.frames), indent=2) + "\n")
+        kept = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}  # other models' last run
+        RESULTS_JSON.write_text(json.dumps({**kept, **run(args.models, args.frames)}, indent=2) + "\n")
     write_section(format_section(json.loads(RESULTS_JSON.read_text())))
     print(RESULTS_MD)
 
