@@ -4,9 +4,10 @@ Exported models keep their matmul weights at int8 or int4, and OpenVINO's CPU pl
 inside the matmul. With `DYNAMIC_QUANTIZATION_GROUP_SIZE` set it also quantizes each token's activations to
 int8 on the fly, one scale per group of that many input channels, and multiplies with VNNI int8 dot
 products. Its default group is 32 channels; every group then needs its own rescaling of the partial sums,
-and that overhead ate the int8 gain: on a 2-core AMD EPYC (AVX-512 with VNNI and BF16, no AMX) the bench
-model's vision encoder and its language model's one pass over prefix and questions ran no faster than with
-bf16 activations. Groups of 128 made both about 1.3x faster, and each 4-answer decode step about 1.2x
+and that overhead eats most of the int8 gain: on a 2-core AMD EPYC (AVX-512 with VNNI and BF16, no AMX) the
+bench model's vision encoder and its language model's one pass over prefix and questions ran only about 8%
+faster than with bf16 activations. Groups of 128 made them 1.2x and 1.3x faster than the default, at 84-85%
+of the CPU's int8 matmul peak; decode steps, bound by unpacking the int4 weights, gained little
 (benchmarks/RESULTS.md). On CPUs with AMX the group made no difference to a decode step (measured on an
 Intel Xeon) and the bf16 tile kernels are the fast path, so those keep the plugin's default.
 
