@@ -371,7 +371,8 @@ def roofline(exported: Path, ours: dict) -> dict:
     shapes = ((prefix, text["hidden_size"], text["intermediate_size"]), (2048, 2048, 2048))
     peak = max(matmul_gflops(*shape) for shape in shapes)
     int8_peak = max(matmul_gflops(*shape, int8=True) for shape in shapes)
-    int8_activations = {submodel: activation_group(ov.Core().read_model(exported / f"openvino_{submodel}.xml")) is not None
+    core = ov.Core()
+    int8_activations = {submodel: activation_group(core.read_model(exported / f"openvino_{submodel}.xml")) is not None
                         for submodel in ("language_model", "vision_embeddings_model")}
     step_bytes = decode_step_bytes(exported, text, prefix)
     step_ms = ours["decode"]["step_ms"]
@@ -441,7 +442,8 @@ def profile_language_model(exported: Path, prefix_tokens: int, question_tokens: 
     graph = core.read_model(exported / "openvino_language_model.xml")
     add_logits_positions(graph)
     add_attention_allowed(graph)
-    model = LanguageModel(core.compile_model(graph, "CPU", {**compile_properties("CPU", None, graph), "PERF_COUNT": True}))
+    properties = {**compile_properties("CPU", None, graph), "PERF_COUNT": True}
+    model = LanguageModel(core.compile_model(graph, "CPU", properties))
     hidden = json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"]
     embeds = lambda rows, tokens: np.random.default_rng(rows).standard_normal((rows, tokens, hidden), np.float32)  # noqa: E731
     rows = np.arange(TARGET_QUESTIONS)
