@@ -474,10 +474,12 @@ def operation_ms(session) -> dict:
 # -- the machine --------------------------------------------------------------------------------------------
 
 def machine() -> dict:
+    from edge_agent.engine.int8_activations import host_cpu_flags
+
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    flags = host_cpu_flags()
     meminfo = Path("/proc/meminfo").read_text().split()
     return {
         "cpu": model, "cores": os.cpu_count(),
