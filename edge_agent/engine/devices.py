@@ -14,6 +14,7 @@ import openvino as ov
 
 from ..errors import UserError
 from .int8_activations import activation_group
+from .kv_cache import kv_cache_precision
 
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
 
@@ -66,7 +67,8 @@ def plan_devices(core: ov.Core, device: str = "CPU", vision: str | None = None,
 def compile_properties(device: str, inference_precision: str | None, graph: ov.Model | None = None) -> dict:
     """Latency-oriented settings: one stream, every core on the one request; optional precision pin.
 
-    On the CPU, `graph`'s compressed matmuls get int8 activations where that is faster (`int8_activations`).
+    On the CPU, `graph`'s compressed matmuls get int8 activations where that is faster (`int8_activations`),
+    and a language model's KV cache is kept in bf16 where the CPU computes in bf16 (`kv_cache`).
     Pinning `f32` instead keeps every activation in f32, and the KV cache too (it is u8-compressed by default):
     exact comparisons with a PyTorch reference need that, since the rounding of int8 activations depends on
     how many tokens a call holds.
@@ -79,6 +81,9 @@ def compile_properties(device: str, inference_precision: str | None, graph: ov.M
     if inference_precision == "f32":
         properties["KV_CACHE_PRECISION"] = "f32"
         properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
-    elif graph is not None and (group := activation_group(graph)):
-        properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
+    elif graph is not None:
+        if group := activation_group(graph):
+            properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
+        if kv_precision := kv_cache_precision(graph):
+            properties["KV_CACHE_PRECISION"] = kv_precision
     return properties

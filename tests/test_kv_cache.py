@@ -1,0 +1,74 @@
+"""The language model's KV cache is kept in bf16 on CPUs with bf16 arithmetic, and answers stay close."""
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from edge_agent.engine import Engine
+from edge_agent.engine.devices import compile_properties
+from edge_agent.engine.int8_activations import host_cpu_flags
+from edge_agent.engine.kv_cache import BF16_FLAGS, kv_cache_precision
+from edge_agent.engine.language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
+
+WITH_BF16 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # e.g. AMD EPYC (Zen 4/5)
+WITH_AMX = WITH_BF16 | {"amx_bf16", "amx_int8", "amx_tile"}
+WITHOUT_BF16 = frozenset({"avx2", "avx512f", "avx512_vnni"})
+
+
+def graph(model_dir, submodel: str) -> ov.Model:
+    return ov.Core().read_model(model_dir / f"openvino_{submodel}.xml")
+
+
+@pytest.mark.parametrize("flags", [WITH_BF16, WITH_AMX], ids=["avx512-bf16", "amx"])
+def test_a_stateful_language_model_gets_a_bf16_cache_where_the_cpu_has_bf16(tiny_llava_int4, flags):
+    assert kv_cache_precision(graph(tiny_llava_int4, "language_model"), flags) == "bf16"
+
+
+def test_cpus_without_bf16_and_graphs_without_a_cache_keep_the_default(tiny_llava_int4):
+    assert kv_cache_precision(graph(tiny_llava_int4, "language_model"), WITHOUT_BF16) is None
+    assert kv_cache_precision(graph(tiny_llava_int4, "vision_embeddings_model"), WITH_BF16) is None
+
+
+def test_f32_keeps_the_cache_in_f32(tiny_llava_int4):
+    assert compile_properties("CPU", "f32", graph(tiny_llava_int4, "language_model"))["KV_CACHE_PRECISION"] == "f32"
+
+
+def test_the_engine_compiles_its_language_model_with_the_chosen_cache(tiny_llava_int4):
+    compiled = Engine.load(tiny_llava_int4)._language.compiled
+    plugin_default = ov.Core().get_property("CPU", "KV_CACHE_PRECISION")
+    expected = kv_cache_precision(graph(tiny_llava_int4, "language_model"))
+    assert compiled.get_property("KV_CACHE_PRECISION") == (ov.Type.bf16 if expected else plugin_default)
+
+
+def decoded_logits(model_dir, **properties) -> np.ndarray:
+    """The logits of 4 questions' prefill and 6 decode steps, all rows in one step, after a 40-token prefix."""
+    core = ov.Core()
+    language = graph(model_dir, "language_model")
+    add_logits_positions(language)
+    add_attention_allowed(language)
+    compiled = core.compile_model(language, "CPU", {**compile_properties("CPU", None, language), **properties})
+    hidden = compiled.input("inputs_embeds").get_partial_shape()[2].get_length()
+    rng = np.random.default_rng(0)
+    session = LanguageSession(LanguageModel(compiled), rng.standard_normal((1, 40, hidden), np.float32))
+    seen = [session.prefill_questions(list(rng.standard_normal((4, 6, hidden), np.float32)))[0]]
+    for _ in range(6):
+        seen.append(session.step(rng.standard_normal((4, 1, hidden), np.float32), np.arange(4)))
+    return np.stack(seen)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_a_bf16_cache_keeps_what_an_f32_cache_keeps_better_than_u8(tiny_llava_int4):
+    """Under bf16 inference the keys and values are computed in bf16, so a bf16 cache loses little or nothing;
+    the plugin's u8 default rounds them to 256 levels per token and head."""
+    if not BF16_FLAGS & host_cpu_flags():
+        pytest.skip("this CPU has no bf16 arithmetic and keeps the plugin's u8 cache")
+    f32 = decoded_logits(tiny_llava_int4, KV_CACHE_PRECISION="f32")
+    u8 = decoded_logits(tiny_llava_int4, KV_CACHE_PRECISION="u8")
+    bf16 = decoded_logits(tiny_llava_int4)
+    assert not np.array_equal(u8, bf16)  # the setting is in effect
+    assert cosine(f32, bf16) > 0.9999
+    assert cosine(f32, bf16) >= cosine(f32, u8)
+    assert (f32.argmax(-1) == bf16.argmax(-1)).mean() >= (f32.argmax(-1) == u8.argmax(-1)).mean()
