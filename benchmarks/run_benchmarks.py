@@ -14,7 +14,8 @@ One run (about 10 minutes on 2 cores with --frames 5 --slow-frames 2, once the m
    (d) transformers PyTorch FP32 `generate`, one call per question: slow, so fewer frames and no 8-question run;
 3. puts decode against the memory-bandwidth roofline (weight and KV-cache bytes read per step over a measured
    copy bandwidth) and prefill against a measured OpenVINO matmul peak;
-4. writes benchmarks/RESULTS.md and benchmarks/latency.png; the raw numbers stay in .cache/bench/results.json
+4. profiles decode steps (`decode_profile.py`): step time by answer rows and prefix length, sampled CPU time;
+5. writes benchmarks/RESULTS.md and benchmarks/latency.png; the raw numbers stay in .cache/bench/results.json
    so `--report-only` can re-render them.
 
 Needs the `export` extra, openvino-genai and matplotlib. Never run by the tests or CI.
@@ -43,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edge_agent.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
+
+import decode_profile  # noqa: E402  (benchmarks/, beside this script)
 
 CACHE = REPO / ".cache" / "bench"
 QUESTION_COUNTS = (1, 4, 8)
@@ -113,15 +116,16 @@ def genai_anchored(exported: Path, **properties) -> AskAll:
     return ask_all
 
 
-def genai_anchored_int8_activations(exported: Path) -> AskAll:
-    """(b) given the compile setting edge-agent picks for this CPU: int8 activations in groups as large as the
-    weights allow (`edge_agent.engine.int8_activations`; the plugin's default where that picks none)."""
+def genai_anchored_edge_settings(exported: Path) -> AskAll:
+    """(b) given the compile settings edge-agent picks for this CPU (`edge_agent.engine.devices.compile_properties`
+    for the language model): int8 activations in groups as large as the weights allow, and a bf16 KV cache
+    where the CPU computes in bf16."""
     import openvino as ov
 
-    from edge_agent.engine.int8_activations import activation_group
+    from edge_agent.engine.devices import compile_properties
 
-    group = activation_group(ov.Core().read_model(exported / "openvino_language_model.xml"))
-    return genai_anchored(exported, **({"DYNAMIC_QUANTIZATION_GROUP_SIZE": group} if group else {}))
+    language = ov.Core().read_model(exported / "openvino_language_model.xml")
+    return genai_anchored(exported, **compile_properties("CPU", None, language))
 
 
 def optimum_per_question(exported: Path) -> AskAll:
@@ -172,8 +176,8 @@ OURS = Peer("**edge-agent** (encode once, questions batched)", edge_agent_batche
 PEERS = {
     "genai": Peer("(a) OpenVINO GenAI VLMPipeline.generate, per question", genai_per_question),
     "genai_anchor": Peer("(b) OpenVINO GenAI with a ChatHistory anchor", genai_anchored),
-    "genai_anchor_int8": Peer("(b') GenAI with a ChatHistory anchor and edge-agent's int8 activations, not a target",
-                              genai_anchored_int8_activations),
+    "genai_anchor_tuned": Peer("(b') GenAI with a ChatHistory anchor and edge-agent's CPU settings, not a target",
+                               genai_anchored_edge_settings),
     "optimum": Peer("(c) optimum-intel OVModelForVisualCausalLM.generate, per question", optimum_per_question),
     "transformers": Peer("(d) transformers PyTorch FP32 generate, per question", transformers_fp32,
                          uses_checkpoint=True, slow=True),
@@ -309,8 +313,8 @@ def measure_all(args, checkpoint: Path, exported: Path) -> dict:
     results["peers"] = measured
     log("roofline: copy bandwidth and matmul peak")
     results["roofline"] = roofline(exported, results["ours"][TARGET_QUESTIONS])
-    log("profile of the language model")
-    results["profile"] = profile_language_model(exported, results["ours"][TARGET_QUESTIONS]["prefix_tokens"])
+    log("decode profile: steps by answer rows, and where the CPU is")
+    results["decode_profile"] = decode_profile.measure(exported, results["ours"][TARGET_QUESTIONS]["prefix_tokens"])
     results["load_after"] = load_average()
     results["finished"] = now()
     return results
@@ -363,6 +367,7 @@ def roofline(exported: Path, ours: dict) -> dict:
     import openvino as ov
 
     from edge_agent.engine.int8_activations import activation_group
+    from edge_agent.engine.kv_cache import kv_cache_precision
 
     config = json.loads((exported / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
@@ -374,11 +379,12 @@ def roofline(exported: Path, ours: dict) -> dict:
     core = ov.Core()
     int8_activations = {submodel: activation_group(core.read_model(exported / f"openvino_{submodel}.xml")) is not None
                         for submodel in ("language_model", "vision_embeddings_model")}
-    step_bytes = decode_step_bytes(exported, text, prefix)
+    kv_precision = kv_cache_precision(core.read_model(exported / "openvino_language_model.xml")) or "u8"
+    step_bytes = decode_step_bytes(exported, text, prefix, kv_precision)
     step_ms = ours["decode"]["step_ms"]
     return {
         "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak, "int8_matmul_peak_gops": int8_peak,
-        "decode_step_bytes": step_bytes, "decode_step_ms": step_ms,
+        "decode_step_bytes": step_bytes, "decode_step_ms": step_ms, "kv_cache_precision": kv_precision,
         "decode_roofline_ms": step_bytes / bandwidth / 1e6,
         "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],
         "prefix_int8": int8_activations["language_model"],
@@ -387,15 +393,16 @@ def roofline(exported: Path, ours: dict) -> dict:
     }
 
 
-def decode_step_bytes(exported: Path, text: dict, prefix: int) -> float:
+def decode_step_bytes(exported: Path, text: dict, prefix: int, kv_precision: str) -> float:
     """Bytes one decode step of 4 answers reads: every language-model weight once, plus the KV cache once.
 
-    The CPU plugin keeps the KV cache in u8 by default (1 byte per value; its scales are negligible). The
-    answers share one cache row: the prefix, the questions (about 16 tokens each) and, on average, half of
-    each answer.
+    The KV cache holds 1 byte per value in the CPU plugin's default u8 (its scales are negligible), 2 in
+    bf16 (`edge_agent.engine.kv_cache`). The answers share one cache row: the prefix,
+    the questions (about 16 tokens each) and, on average, half of each answer.
     """
     weights = (exported / "openvino_language_model.bin").stat().st_size
-    kv_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim(text)
+    value_bytes = 2 if kv_precision == "bf16" else 1
+    kv_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim(text) * value_bytes
     return weights + kv_per_token * (prefix + TARGET_QUESTIONS * (16 + NEW_TOKENS / 2))
 
 
@@ -423,52 +430,6 @@ def vision_encoder_flops(config: dict, vision: dict, text: dict) -> float:
     embed = 2 * patches * 3 * patch * patch * hidden
     projector = 2 * patches * (hidden * text["hidden_size"] + text["hidden_size"] ** 2)
     return layers * per_layer + embed + projector
-
-
-# -- a profile of the language model ----------------------------------------------------------------------
-
-def profile_language_model(exported: Path, prefix_tokens: int, question_tokens: int = 16) -> dict:
-    """Milliseconds per operation type in each phase of 4 questions, from OpenVINO's own counters.
-
-    Runs the engine's `LanguageSession` on random embeddings with the engine's compile settings plus
-    PERF_COUNT; the second of two rounds counts (the first compiles kernels for the new shapes).
-    """
-    import openvino as ov
-
-    from edge_agent.engine.devices import compile_properties
-    from edge_agent.engine.language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
-
-    core = ov.Core()
-    graph = core.read_model(exported / "openvino_language_model.xml")
-    add_logits_positions(graph)
-    add_attention_allowed(graph)
-    properties = {**compile_properties("CPU", None, graph), "PERF_COUNT": True}
-    model = LanguageModel(core.compile_model(graph, "CPU", properties))
-    hidden = json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"]
-    embeds = lambda rows, tokens: np.random.default_rng(rows).standard_normal((rows, tokens, hidden), np.float32)  # noqa: E731
-    rows = np.arange(TARGET_QUESTIONS)
-    for _ in range(2):
-        alone = LanguageSession(model, embeds(1, prefix_tokens))
-        alone.prefill_prefix()
-        phases = {"prefix alone": operation_ms(alone)}
-        session = LanguageSession(model, embeds(1, prefix_tokens))
-        session.prefill_questions(list(embeds(TARGET_QUESTIONS, question_tokens)))
-        phases["prefix + questions (one pass)"] = operation_ms(session)
-        steps = []
-        for _ in range(NEW_TOKENS - 1):
-            session.step(embeds(TARGET_QUESTIONS, 1), rows)
-            steps.append(operation_ms(session))
-        phases["decode step (mean)"] = {op: statistics.mean(step.get(op, 0.0) for step in steps)
-                                        for op in set().union(*steps)}
-    return phases
-
-
-def operation_ms(session) -> dict:
-    """Milliseconds per operation type of the session's last inference (the engine keeps its request private)."""
-    totals: dict = {}
-    for node in session._request.get_profiling_info():
-        totals[node.node_type] = totals.get(node.node_type, 0.0) + node.real_time.total_seconds() * 1000
-    return totals
 
 
 # -- the machine --------------------------------------------------------------------------------------------
@@ -541,7 +502,8 @@ def render(results: dict, analysis: str) -> str:
         f"({results['started']} to {results['finished']}); see README.md for what is measured and how.\n",
         machine_section(results), latency_section(results), targets_section(results),
         f"## Why targets are missed\n\n{ANALYSIS_START}\n{analysis}\n{ANALYSIS_END}\n",
-        profile_section(results), roofline_section(results), operations_section(results), startup_section(results),
+        profile_section(results), roofline_section(results), decode_profile.section(results["decode_profile"]),
+        startup_section(results),
         "![seconds per new frame](latency.png)\n",
     ]
     return "\n".join(sections)
@@ -654,21 +616,6 @@ def profile_section(results: dict) -> str:
             "`question_prefill` the rest of the one pass.\n")
 
 
-def operations_section(results: dict) -> str:
-    phases = results["profile"]
-    totals = {phase: sum(ops.values()) for phase, ops in phases.items()}
-    busiest = sorted({op for ops in phases.values() for op in ops},
-                     key=lambda op: -max(ops.get(op, 0.0) / totals[phase] for phase, ops in phases.items()))[:6]
-    rows = ["| operation | " + " | ".join(phases) + " |", "|" + " --- |" * (len(phases) + 1)]
-    for op in busiest:
-        rows.append(f"| {op} | " + " | ".join(f"{ops.get(op, 0.0) / totals[phase]:.0%}" for phase, ops in phases.items())
-                    + " |")
-    return ("## Language model, share of each operation (OpenVINO PERF_COUNT, 4 questions)\n\n" + "\n".join(rows)
-            + "\n\nThe engine's `LanguageSession` on random embeddings, same compile settings, run after the other "
-            "measurements. Only shares are shown: on this build the per-node times do not add up to the wall time "
-            "(in decode their sum is several times the step's wall time), so they are not milliseconds.\n")
-
-
 def roofline_section(results: dict) -> str:
     r = results["roofline"]
     int8_peak = r.get("int8_matmul_peak_gops")
@@ -687,7 +634,7 @@ def roofline_section(results: dict) -> str:
         "## Against the hardware\n\n"
         f"- Copy bandwidth (numpy, one thread per core, read + write): **{r['copy_bandwidth_gbs']:.1f} GB/s**. "
         f"One decode step of 4 answers reads {r['decode_step_bytes'] / 1e6:.0f} MB (all INT4 LM weights once, "
-        f"plus the u8 KV cache row they share): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
+        f"plus the KV cache row they share, {r['kv_cache_precision']}): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
         f"{r['decode_step_ms']:.1f} ms ({r['decode_roofline_ms'] / r['decode_step_ms']:.0%} of the roofline).\n"
         f"- Matmul peak (OpenVINO MatMul on the CPU, best of the prefix shape and 2048^3): {peaks}. "
         f"{against_peak('prefix', 'Prefix prefill')}. {against_peak('vision', 'Vision encoder')}.\n")
