@@ -397,8 +397,8 @@ def decode_step_bytes(exported: Path, text: dict, prefix: int, kv_precision: str
     """Bytes one decode step of 4 answers reads: every language-model weight once, plus the KV cache once.
 
     The KV cache holds 1 byte per value in the CPU plugin's default u8 (its scales are negligible), 2 in
-    bf16 (`edge_agent.engine.kv_cache`). The answers share one cache row: the prefix,
-    the questions (about 16 tokens each) and, on average, half of each answer.
+    bf16 (`edge_agent.engine.kv_cache`). The answers share one cache row: the prefix, the questions (about
+    16 tokens each) and, on average, half of each answer.
     """
     weights = (exported / "openvino_language_model.bin").stat().st_size
     value_bytes = 2 if kv_precision == "bf16" else 1
