@@ -29,8 +29,10 @@ def test_cpus_without_bf16_and_graphs_without_a_cache_keep_the_default(tiny_llav
     assert kv_cache_precision(graph(tiny_llava_int4, "vision_embeddings_model"), WITH_BF16) is None
 
 
-def test_f32_keeps_the_cache_in_f32(tiny_llava_int4):
-    assert compile_properties("CPU", "f32", graph(tiny_llava_int4, "language_model"))["KV_CACHE_PRECISION"] == "f32"
+def test_f32_keeps_the_cache_in_f32_and_f16_leaves_it_to_the_plugin(tiny_llava_int4):
+    language = graph(tiny_llava_int4, "language_model")
+    assert compile_properties("CPU", "f32", language)["KV_CACHE_PRECISION"] == "f32"
+    assert "KV_CACHE_PRECISION" not in compile_properties("CPU", "f16", language)
 
 
 def test_the_engine_compiles_its_language_model_with_the_chosen_cache(tiny_llava_int4):

@@ -68,7 +68,8 @@ def compile_properties(device: str, inference_precision: str | None, graph: ov.M
     """Latency-oriented settings: one stream, every core on the one request; optional precision pin.
 
     On the CPU, `graph`'s compressed matmuls get int8 activations where that is faster (`int8_activations`),
-    and a language model's KV cache is kept in bf16 where the CPU computes in bf16 (`kv_cache`).
+    and a language model's KV cache is kept in bf16 where the CPU computes in bf16 (`kv_cache`; not with an
+    f16 pin, whose keys and values bf16 would round).
     Pinning `f32` instead keeps every activation in f32, and the KV cache too (it is u8-compressed by default):
     exact comparisons with a PyTorch reference need that, since the rounding of int8 activations depends on
     how many tokens a call holds.
@@ -84,6 +85,6 @@ def compile_properties(device: str, inference_precision: str | None, graph: ov.M
     elif graph is not None:
         if group := activation_group(graph):
             properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
-        if kv_precision := kv_cache_precision(graph):
+        if inference_precision in (None, "bf16") and (kv_precision := kv_cache_precision(graph)):
             properties["KV_CACHE_PRECISION"] = kv_precision
     return properties
