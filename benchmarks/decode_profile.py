@@ -52,15 +52,10 @@ def open_language_model(exported: Path):
     """The engine's language model with the engine's graph edits and compile settings, and its hidden size."""
     import openvino as ov
 
-    from edge_agent.engine.devices import compile_properties
-    from edge_agent.engine.language import LanguageModel, add_attention_allowed, add_logits_positions
+    from edge_agent.engine.language import LanguageModel
 
-    core = ov.Core()
-    graph = core.read_model(exported / "openvino_language_model.xml")
-    add_logits_positions(graph)
-    add_attention_allowed(graph)
     hidden = json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"]
-    return LanguageModel(core.compile_model(graph, "CPU", compile_properties("CPU", None, graph))), hidden
+    return LanguageModel.load(ov.Core(), exported / "openvino_language_model.xml", "CPU"), hidden
 
 
 def prefilled_session(model, hidden: int, prefix_tokens: int, rows: int):

@@ -26,7 +26,7 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
+from .language import LanguageModel, LanguageSession
 from .mapped_files import mapped_pages_dropped_during
 from .model_dir import ModelDir
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
@@ -101,11 +101,7 @@ class Engine:
         self._vision = self._compile_vision(inference_precision)
         self._embed = core.compile_model(model.graph("text_embeddings"), devices.language,
                                          compile_properties(devices.language, inference_precision))
-        language = core.read_model(model.graph("language"))
-        add_logits_positions(language)
-        add_attention_allowed(language)
-        self._language = LanguageModel(core.compile_model(
-            language, devices.language, compile_properties(devices.language, inference_precision, language)))
+        self._language = LanguageModel.load(core, model.graph("language"), devices.language, inference_precision)
         self._lock = threading.Lock()
         self._weights_still_mapped = {"vision", "language"}
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}

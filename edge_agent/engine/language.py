@@ -18,9 +18,13 @@ from the prefix instead (`beam_idx = [0] * N`, one more call) and decodes them a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+
+from .devices import compile_properties
 
 ATTENTION_ALLOWED = "attention_allowed"
 LOGITS_POSITIONS = "logits_positions"
@@ -103,6 +107,17 @@ class LanguageModel:
         self.gathers_logits = LOGITS_POSITIONS in names
         self.takes_allowed = ATTENTION_ALLOWED in names
         self.holder: LanguageSession | None = None
+
+    @classmethod
+    def load(cls, core: ov.Core, graph_path: Path, device: str, inference_precision: str | None = None,
+             **overrides) -> "LanguageModel":
+        """Read an exported language model, make both edits where they fit and compile it with the engine's
+        settings for `device` (`overrides` replace single compile properties, for measurements)."""
+        graph = core.read_model(graph_path)
+        add_logits_positions(graph)
+        add_attention_allowed(graph)
+        properties = {**compile_properties(device, inference_precision, graph), **overrides}
+        return cls(core.compile_model(graph, device, properties))
 
 
 class LanguageSession:
