@@ -8,14 +8,11 @@ import pytest
 from edge_agent.engine import Engine
 from edge_agent.engine.devices import compile_properties
 from edge_agent.engine.int8_activations import activation_group, host_cpu_flags, weight_group_widths
+from tests.support.cpu import AVX512_VNNI_BF16 as VNNI_WITHOUT_AMX
+from tests.support.cpu import WITH_AMX, cosine
+from tests.support.cpu import submodel_graph as graph
 
-VNNI_WITHOUT_AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # e.g. AMD EPYC (Zen 4/5)
-WITH_AMX = VNNI_WITHOUT_AMX | {"amx_bf16", "amx_int8", "amx_tile"}  # Intel Xeon, 4th generation and later
 WITHOUT_VNNI = frozenset({"avx2", "avx512f"})
-
-
-def graph(model_dir, submodel: str) -> ov.Model:
-    return ov.Core().read_model(model_dir / f"openvino_{submodel}.xml")
 
 
 def test_the_group_follows_the_int4_weights_groups(tiny_llava_int4):
@@ -75,6 +72,4 @@ def test_int8_activations_stay_close_to_float_ones(tiny_llava_int8):
     float_activations = core.compile_model(vision, "CPU", {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})(pixels)[0]
     int8_activations = core.compile_model(vision, "CPU", compile_properties("CPU", None, vision))(pixels)[0]
     assert not np.array_equal(float_activations, int8_activations)  # the setting is in effect
-    cosine = float((float_activations * int8_activations).sum()
-                   / np.linalg.norm(float_activations) / np.linalg.norm(int8_activations))
-    assert cosine > 0.999
+    assert cosine(float_activations, int8_activations) > 0.999

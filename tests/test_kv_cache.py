@@ -8,15 +8,12 @@ from edge_agent.engine import Engine
 from edge_agent.engine.devices import compile_properties
 from edge_agent.engine.int8_activations import host_cpu_flags
 from edge_agent.engine.kv_cache import BF16_FLAGS, kv_cache_precision
-from edge_agent.engine.language import LanguageModel, LanguageSession, add_attention_allowed, add_logits_positions
+from edge_agent.engine.language import LanguageModel, LanguageSession
+from tests.support.cpu import AVX512_VNNI_BF16 as WITH_BF16
+from tests.support.cpu import WITH_AMX, cosine
+from tests.support.cpu import submodel_graph as graph
 
-WITH_BF16 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # e.g. AMD EPYC (Zen 4/5)
-WITH_AMX = WITH_BF16 | {"amx_bf16", "amx_int8", "amx_tile"}
 WITHOUT_BF16 = frozenset({"avx2", "avx512f", "avx512_vnni"})
-
-
-def graph(model_dir, submodel: str) -> ov.Model:
-    return ov.Core().read_model(model_dir / f"openvino_{submodel}.xml")
 
 
 @pytest.mark.parametrize("flags", [WITH_BF16, WITH_AMX], ids=["avx512-bf16", "amx"])
@@ -44,22 +41,14 @@ def test_the_engine_compiles_its_language_model_with_the_chosen_cache(tiny_llava
 
 def decoded_logits(model_dir, **properties) -> np.ndarray:
     """The logits of 4 questions' prefill and 6 decode steps, all rows in one step, after a 40-token prefix."""
-    core = ov.Core()
-    language = graph(model_dir, "language_model")
-    add_logits_positions(language)
-    add_attention_allowed(language)
-    compiled = core.compile_model(language, "CPU", {**compile_properties("CPU", None, language), **properties})
-    hidden = compiled.input("inputs_embeds").get_partial_shape()[2].get_length()
+    model = LanguageModel.load(ov.Core(), model_dir / "openvino_language_model.xml", "CPU", **properties)
+    hidden = model.compiled.input("inputs_embeds").get_partial_shape()[2].get_length()
     rng = np.random.default_rng(0)
-    session = LanguageSession(LanguageModel(compiled), rng.standard_normal((1, 40, hidden), np.float32))
+    session = LanguageSession(model, rng.standard_normal((1, 40, hidden), np.float32))
     seen = [session.prefill_questions(list(rng.standard_normal((4, 6, hidden), np.float32)))[0]]
     for _ in range(6):
         seen.append(session.step(rng.standard_normal((4, 1, hidden), np.float32), np.arange(4)))
     return np.stack(seen)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def test_a_bf16_cache_keeps_what_an_f32_cache_keeps_better_than_u8(tiny_llava_int4):
