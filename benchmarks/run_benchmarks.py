@@ -377,9 +377,10 @@ def roofline(exported: Path, ours: dict) -> dict:
     peak = max(matmul_gflops(*shape) for shape in shapes)
     int8_peak = max(matmul_gflops(*shape, int8=True) for shape in shapes)
     core = ov.Core()
-    int8_activations = {submodel: activation_group(core.read_model(exported / f"openvino_{submodel}.xml")) is not None
-                        for submodel in ("language_model", "vision_embeddings_model")}
-    kv_precision = kv_cache_precision(core.read_model(exported / "openvino_language_model.xml")) or "u8"
+    graphs = {submodel: core.read_model(exported / f"openvino_{submodel}.xml")
+              for submodel in ("language_model", "vision_embeddings_model")}
+    int8_activations = {submodel: activation_group(graph) is not None for submodel, graph in graphs.items()}
+    kv_precision = kv_cache_precision(graphs["language_model"]) or "u8"
     step_bytes = decode_step_bytes(exported, text, prefix, kv_precision)
     step_ms = ours["decode"]["step_ms"]
     return {

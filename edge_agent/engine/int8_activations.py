@@ -7,8 +7,8 @@ products. Its default group is 32 channels; every group then needs its own resca
 and that overhead eats most of the int8 gain: on a 2-core AMD EPYC (AVX-512 with VNNI and BF16, no AMX) the
 bench model's vision encoder and its language model's one pass over prefix and questions ran only about 8%
 faster than with bf16 activations. Groups of 128 made them 1.2x and 1.3x faster than the default, at 84-85%
-of the CPU's int8 matmul peak; decode steps, bound by unpacking the int4 weights, gained little
-(benchmarks/RESULTS.md). On CPUs with AMX the group made no difference to a decode step (measured on an
+of the CPU's int8 matmul peak; decode steps, whose few rows leave the matmuls bound by their cost per
+call, gained little (benchmarks/RESULTS.md). On CPUs with AMX the group made no difference to a decode step (measured on an
 Intel Xeon) and the bf16 tile kernels are the fast path, so those keep the plugin's default.
 
 The group divides every weight group of the graph: NNCF's int4 groups (128 by default, smaller for small
