@@ -8,7 +8,8 @@ OpenVINO's own per-node counters (PERF_COUNT) do not add up to a decode step's w
    timestamps; only samples inside the steps' time windows count, not the prefill). Each sample is put
    under the code it landed in: kernels generated at run time (the matmuls, norms, RoPE), the CPU plugin's
    compiled code (attention, mostly), the thread pool and the OS kernel, or the rest.
-The steps run the engine's `LanguageSession` on random embeddings with the engine's compile settings.
+The steps run the engine's language model (paged on the CPU, `edge_agent/engine/paged.py`) on random
+embeddings with the engine's compile settings.
 
 `run_benchmarks.py` calls `measure` and renders `section`; run alone it prints the section:
     python benchmarks/decode_profile.py [--model DIR] [--prefix-tokens N]
@@ -52,18 +53,16 @@ def open_language_model(exported: Path):
     """The engine's language model with the engine's graph edits and compile settings, and its hidden size."""
     import openvino as ov
 
-    from edge_agent.engine.language import LanguageModel
+    from edge_agent.engine.paged import load_language_model
 
     hidden = json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"]
-    return LanguageModel.load(ov.Core(), exported / "openvino_language_model.xml", "CPU"), hidden
+    return load_language_model(ov.Core(), exported / "openvino_language_model.xml", "CPU"), hidden
 
 
 def prefilled_session(model, hidden: int, prefix_tokens: int, rows: int):
     """A session holding a random prefix and `rows` random 16-token questions, ready to decode."""
-    from edge_agent.engine.language import LanguageSession
-
     rng = np.random.default_rng(rows)
-    session = LanguageSession(model, rng.standard_normal((1, prefix_tokens, hidden), np.float32))
+    session = model.session(rng.standard_normal((1, prefix_tokens, hidden), np.float32))
     session.prefill_questions(list(rng.standard_normal((rows, QUESTION_TOKENS, hidden), np.float32)))
     return session
 

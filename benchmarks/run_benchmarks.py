@@ -398,8 +398,8 @@ def decode_step_bytes(exported: Path, text: dict, prefix: int, kv_precision: str
     """Bytes one decode step of 4 answers reads: every language-model weight once, plus the KV cache once.
 
     The KV cache holds 1 byte per value in the CPU plugin's default u8 (its scales are negligible), 2 in
-    bf16 (`edge_agent.engine.kv_cache`). The answers share one cache row: the prefix, the questions (about
-    16 tokens each) and, on average, half of each answer.
+    bf16 (`edge_agent.engine.kv_cache`). The answers share the prefix's keys and values, counted once; each
+    adds its question (about 16 tokens) and, on average, half of its answer.
     """
     weights = (exported / "openvino_language_model.bin").stat().st_size
     value_bytes = 2 if kv_precision == "bf16" else 1
@@ -635,7 +635,7 @@ def roofline_section(results: dict) -> str:
         "## Against the hardware\n\n"
         f"- Copy bandwidth (numpy, one thread per core, read + write): **{r['copy_bandwidth_gbs']:.1f} GB/s**. "
         f"One decode step of 4 answers reads {r['decode_step_bytes'] / 1e6:.0f} MB (all INT4 LM weights once, "
-        f"plus the KV cache row they share, {r['kv_cache_precision']}): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
+        f"plus the KV cache: the prefix they share once and their own tokens, {r['kv_cache_precision']}): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
         f"{r['decode_step_ms']:.1f} ms ({r['decode_roofline_ms'] / r['decode_step_ms']:.0%} of the roofline).\n"
         f"- Matmul peak (OpenVINO MatMul on the CPU, best of the prefix shape and 2048^3): {peaks}. "
         f"{against_peak('prefix', 'Prefix prefill')}. {against_peak('vision', 'Vision encoder')}.\n")

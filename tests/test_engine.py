@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import openvino as ov
 import pytest
 
 from edge_agent.engine import Engine
+from edge_agent.engine.language import LanguageModel
 from tests.support.reference import random_frame
 
 QUESTIONS = ["Is the door open?", "How many people are in the room?", "What color is the cup on the counter?"]
@@ -54,17 +56,36 @@ def test_many_questions_on_one_context_equal_each_alone(request, arch):
     assert [a.token_ids for a in together] == [a.token_ids for a in alone]
 
 
-def test_a_context_serves_many_rounds_and_restarts_from_its_prefix(llava, monkeypatch):
-    context = llava.encode(random_frame(48, 64))
+@pytest.fixture(scope="module")
+def stateful_llava(tiny_llava_fp32) -> Engine:
+    """The engine with the stateful language model it runs on devices other than the CPU."""
+    engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
+    engine._language = LanguageModel.load(ov.Core(), tiny_llava_fp32 / "openvino_language_model.xml", "CPU", "f32")
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["llava", "stateful_llava"])
+def test_a_context_serves_many_rounds_from_its_prefix(request, arch, monkeypatch):
+    """Paged, each round's answers give their blocks back; stateful, later rounds mask out earlier ones until
+    the leftovers outgrow the prefix and the session restarts from it."""
+    engine = request.getfixturevalue(arch)
+    context = engine.encode(random_frame(48, 64))
     restarts = []
     restart = context.session.restart
     monkeypatch.setattr(context.session, "restart", lambda: restarts.append(1) or restart())
-    first = [a.token_ids for a in llava.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    first = [a.token_ids for a in engine.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
     assert not restarts  # a fresh context answers straight from its prefix
-    for _ in range(4):  # later rounds mask out earlier ones until the leftovers outgrow the prefix
-        again = [a.token_ids for a in llava.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    for _ in range(4):
+        again = [a.token_ids for a in engine.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
         assert again == first
-    assert restarts
+    assert bool(restarts) == (arch == "stateful_llava")
+
+
+def test_the_stateful_model_answers_as_the_paged_one(llava, stateful_llava):
+    frame = random_frame(64, 48)
+    paged = llava.answer(llava.encode(frame), QUESTIONS * 2, max_new_tokens=MAX_NEW_TOKENS)
+    stateful = stateful_llava.answer(stateful_llava.encode(frame), QUESTIONS * 2, max_new_tokens=MAX_NEW_TOKENS)
+    assert [a.token_ids for a in stateful] == [a.token_ids for a in paged]
 
 
 def test_contexts_take_turns_on_one_cache_and_keep_their_answers(llava):

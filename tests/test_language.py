@@ -1,4 +1,5 @@
-"""The language session: the prefix and all questions in one pass, and the same logits as a forked batch."""
+"""The stateful language session (the engine's on devices other than the CPU): the prefix and all questions in
+one pass, and the same logits as a forked batch."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pytest
 from edge_agent.engine.devices import compile_properties
 from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, LanguageModel, LanguageSession,
                                         add_attention_allowed, add_logits_positions)
-
-QUESTION_LENGTHS = [5, 9, 1, 7]
+from tests.support.language import QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs, rounds
 
 
 def compiled_language_model(model_dir, shared_sequence: bool) -> ov.CompiledModel:
@@ -31,44 +31,6 @@ def model_dir(request):
 def compiled(model_dir) -> dict[bool, ov.CompiledModel]:
     """The model compiled with the mask edit (one shared sequence) and without it (forked rows)."""
     return {shared: compiled_language_model(model_dir, shared) for shared in (True, False)}
-
-
-def hidden_size(compiled_model: ov.CompiledModel) -> int:
-    return compiled_model.input("inputs_embeds").get_partial_shape()[2].get_length()
-
-
-class CountingRequest:
-    """An infer request that records the inputs of every call."""
-
-    def __init__(self, request: ov.InferRequest):
-        self._request = request
-        self.calls = []
-
-    def infer(self, inputs):
-        self.calls.append(inputs)
-        return self._request.infer(inputs)
-
-    def __getattr__(self, name):
-        return getattr(self._request, name)
-
-
-def embeddings(rng, *shape) -> np.ndarray:
-    return (rng.standard_normal(shape) * 0.5).astype(np.float32)
-
-
-def frame_inputs(compiled_model: ov.CompiledModel, seed: int, prefix_tokens: int):
-    """A random generator, a prefix [1, P, hidden] and one embedding per question of QUESTION_LENGTHS."""
-    hidden = hidden_size(compiled_model)
-    rng = np.random.default_rng(seed)
-    return rng, embeddings(rng, 1, prefix_tokens, hidden), [embeddings(rng, n, hidden) for n in QUESTION_LENGTHS]
-
-
-def rounds(session: LanguageSession, questions, steps: int, rng) -> list[np.ndarray]:
-    """Prefill the questions, then decode `steps` tokens of random embeddings on every row: all logits."""
-    seen = [session.prefill_questions(questions)[0]]
-    for _ in range(steps):
-        seen.append(session.step(embeddings(rng, len(questions), 1, questions[0].shape[1]), np.arange(len(questions))))
-    return seen
 
 
 def test_the_exported_graphs_take_both_edits(model_dir):

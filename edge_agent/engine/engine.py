@@ -5,9 +5,10 @@
     answers = engine.answer(context, ["Is the door open?", "How many people are there?"])
 
 `encode` runs the vision encoder and builds the prompt prefix (system prompt, `USER:`, image tokens); the
-first `answer` prefills that prefix and its questions into the language model's KV cache in one pass, and
-later rounds reuse the cached prefix. Questions decode as one batch, so the image is never encoded or
-prefilled twice.
+first `answer` prefills that prefix with its questions into the language model's KV cache, and later rounds
+reuse the cached prefix. Questions decode as one batch, so the image is never encoded or prefilled twice.
+On the CPU the language model runs with paged attention (`paged.py`), elsewhere as the exported stateful
+graph (`language.py`); both give the same answers.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageModel, LanguageSession
+from .language import LanguageSession
 from .mapped_files import mapped_pages_dropped_during
 from .model_dir import ModelDir
+from .paged import PagedSession, load_language_model
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
 from .tokenizer import Tokenizer
@@ -71,7 +73,7 @@ class FrameContext:
     image_tokens: int
     image_size: tuple[int, int]
     timings: Timings
-    session: LanguageSession = field(repr=False)
+    session: PagedSession | LanguageSession = field(repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -101,7 +103,7 @@ class Engine:
         self._vision = self._compile_vision(inference_precision)
         self._embed = core.compile_model(model.graph("text_embeddings"), devices.language,
                                          compile_properties(devices.language, inference_precision))
-        self._language = LanguageModel.load(core, model.graph("language"), devices.language, inference_precision)
+        self._language = load_language_model(core, model.graph("language"), devices.language, inference_precision)
         self._lock = threading.Lock()
         self._weights_still_mapped = {"vision", "language"}
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
@@ -166,7 +168,7 @@ class Engine:
             vision_ms = watch.lap()
             prefix_ids = self._prefix_ids()
             prefix_embeds = np.concatenate([self._embed_ids(prefix_ids[None]), features[None]], axis=1)
-            session = LanguageSession(self._language, prefix_embeds)
+            session = self._language.session(prefix_embeds)
             prefix_ms = 0.0
             if prefill:
                 with self._first_use("language"):
@@ -322,7 +324,7 @@ class Engine:
         vocabulary = self._language.compiled.output("logits").get_partial_shape()[2].get_length()
         return DigitVocabulary.from_token_texts([self.tokenizer.decode([token]) for token in range(vocabulary)])
 
-    def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray,
+    def _decode(self, session: PagedSession | LanguageSession, prompts: list[Prompt], logits: np.ndarray,
                 ignore_eos: bool) -> dict[int, list[int]]:
         """Greedy decoding of the free rows; a row leaves the batch at a stop token or its limit.
 

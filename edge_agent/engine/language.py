@@ -1,5 +1,8 @@
 """The stateful language model: one KV cache holding a frame's shared prefix, read by one row per question.
 
+The engine runs it on devices other than the CPU, and on the CPU where paged attention (`paged.py`) does not
+fit the graph or its compile settings.
+
 The exported graph keeps its KV cache in OpenVINO state variables and gathers cache rows by `beam_idx`
 before every call. Two small edits of the graph make a shared prefix cheap:
 - `attention_allowed` replaces the graph's own causal-and-padding mask, so the caller decides which cache
@@ -30,11 +33,12 @@ ATTENTION_ALLOWED = "attention_allowed"
 LOGITS_POSITIONS = "logits_positions"
 
 
-def add_logits_positions(model: ov.Model) -> bool:
+def add_logits_positions(model: ov.Model, token_axis: int = 1) -> bool:
     """Compute the LM head only at the positions listed in a new input `logits_positions` (i64 [K]).
 
     Exported graphs compute it for every position: for a 600-token prefix that is 600 x vocab logits nobody
-    reads (about a tenth of the prefix's compute and 75 MB for a 32k vocabulary).
+    reads (about a tenth of the prefix's compute and 75 MB for a 32k vocabulary). Tokens lie along axis 1
+    of the head's input ([batch, tokens, hidden]); a paged-attention graph has them along axis 0.
     Returns False, leaving the graph as it is, when the head is not a MatMul right before the output.
     """
     head = model.output("logits").get_node().input_value(0).get_node()
@@ -43,7 +47,7 @@ def add_logits_positions(model: ov.Model) -> bool:
     if head.get_type_name() != "MatMul":
         return False
     positions = _new_input(model, LOGITS_POSITIONS, [-1], ov.Type.i64)
-    gathered = ops.gather(head.input_value(0), positions, ops.constant(1))
+    gathered = ops.gather(head.input_value(0), positions, ops.constant(token_axis))
     head.input(0).replace_source_output(gathered.output(0))
     model.validate_nodes_and_infer_types()
     return True
@@ -107,6 +111,9 @@ class LanguageModel:
         self.gathers_logits = LOGITS_POSITIONS in names
         self.takes_allowed = ATTENTION_ALLOWED in names
         self.holder: LanguageSession | None = None
+
+    def session(self, prefix: np.ndarray) -> "LanguageSession":
+        return LanguageSession(self, prefix)
 
     @classmethod
     def load(cls, core: ov.Core, graph_path: Path, device: str, inference_precision: str | None = None,

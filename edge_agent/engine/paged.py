@@ -1,0 +1,283 @@
+"""The language model with paged attention: the prefix cached once in blocks that every answer shares.
+
+OpenVINO's `paged_attention_transformation` turns the exported stateful graph into one that reads and
+writes its KV cache through block tables: the cache is a pool of fixed-size blocks (inputs `key_cache.N`,
+`value_cache.N`, block index first), and each sequence of a call lists the blocks that hold its tokens.
+A frame's answers are then sequences whose tables start with the prefix's blocks, so the prefix is cached
+once, and each answer's own tokens go to blocks of its own. On the CPU this graph runs a pass over the
+prefix and a decode step faster than the stateful one (benchmarks/RESULTS.md).
+
+The calls of a round:
+- the prefix, if not cached yet, with the first question after it: one sequence;
+- every other question, each a sequence after the cached prefix, in one call. A sequence owns the block
+  it writes to, so the prefix's last, partly filled block is copied for each of them first;
+- a branch (the first tokens of an answer option, scored and never decoded) is a sequence of its question
+  and itself after the prefix, in the same call;
+- then each decode step appends one token to each unfinished answer's sequence.
+A sequence sees exactly its own tokens, so nothing from other answers or earlier rounds needs masking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import openvino as ov
+from openvino._offline_transformations import paged_attention_transformation
+
+from .devices import compile_properties
+from .language import LOGITS_POSITIONS, LanguageModel, add_logits_positions
+
+CACHE_INPUTS = ("key_cache.", "value_cache.")
+BLOCK_SIZE_AXIS = 2
+"""The CPU plugin's value-cache blocks are [blocks, kv heads, block size, head size (+ u8 scales)]."""
+
+
+def to_paged_attention(graph: ov.Model) -> bool:
+    """Rewrite a stateful language model for paged attention, with the LM head at `logits_positions` only.
+
+    Returns False when the graph holds no KV cache state (it is then left as it is), or when the rewrite
+    yields no cache inputs or no LM head to gather at (it may then be half rewritten: read it again).
+    """
+    if not graph.get_sinks():
+        return False
+    paged_attention_transformation(graph)
+    if not any(name.startswith(CACHE_INPUTS) for port in graph.inputs for name in port.get_names()):
+        return False
+    return add_logits_positions(graph, token_axis=0)
+
+
+class BlockPool:
+    """The cache blocks of every layer, as host tensors of the one infer request, and which are free.
+
+    The pool grows on demand (existing blocks keep their contents); blocks are handed out and given back
+    by index.
+    """
+
+    def __init__(self, compiled: ov.CompiledModel, request: ov.InferRequest):
+        self._ports = [port for port in compiled.inputs if port.get_any_name().startswith(CACHE_INPUTS)]
+        value = next(port for port in self._ports if port.get_any_name().startswith("value_cache."))
+        self.block_size = value.get_partial_shape()[BLOCK_SIZE_AXIS].get_length()
+        self._request = request
+        self._tensors = []
+        self.capacity = 0
+        self._free: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        if count > len(self._free):
+            self._grow(max(self.capacity + count - len(self._free), self.capacity * 3 // 2))
+        taken, self._free = self._free[:count], self._free[count:]
+        return taken
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def give_back(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+    def reset(self) -> None:
+        self._free = list(range(self.capacity))
+
+    def copy(self, source: int, targets: list[int]) -> None:
+        """Copy block `source` (every layer's keys and values) into each of `targets`."""
+        for tensor in self._tensors:
+            data = tensor.data
+            data[targets] = data[source]
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _grow(self, capacity: int) -> None:
+        tensors = []
+        for index, port in enumerate(self._ports):
+            shape = [capacity] + [dim.get_length() for dim in list(port.get_partial_shape())[1:]]
+            tensor = ov.Tensor(port.get_element_type(), shape)
+            if self._tensors:
+                tensor.data[:self.capacity] = self._tensors[index].data
+            self._request.set_tensor(port, tensor)
+            tensors.append(tensor)
+        self._tensors = tensors
+        self._free.extend(range(self.capacity, capacity))
+        self.capacity = capacity
+
+
+@dataclass
+class Sequence:
+    """One sequence of a call: the tokens it adds after `past` cached ones, and the blocks that hold them all."""
+
+    embeds: np.ndarray  # [n, hidden]
+    past: int
+    blocks: list[int]
+    first_position: int
+    logits_at: list[int] = field(default_factory=list)  # indices into `embeds` whose logits are returned
+
+
+class PagedLanguageModel:
+    """The compiled paged-attention language model, its one infer request and its block pool."""
+
+    def __init__(self, compiled: ov.CompiledModel):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.pool = BlockPool(compiled, self.request)
+        self.holder: PagedSession | None = None
+
+    def session(self, prefix: np.ndarray) -> "PagedSession":
+        return PagedSession(self, prefix)
+
+    def run(self, sequences: list[Sequence]) -> np.ndarray:
+        """One call over `sequences`: the logits at each sequence's `logits_at` tokens, in order [K, vocab]."""
+        lengths = [len(s.embeds) for s in sequences]
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        logits_at = [start + i for s, start in zip(sequences, starts) for i in s.logits_at]
+        self.request.infer({
+            "inputs_embeds": np.ascontiguousarray(np.concatenate([s.embeds for s in sequences]), dtype=np.float32),
+            "position_ids": np.concatenate([s.first_position + np.arange(n) for s, n in zip(sequences, lengths)]),
+            "past_lens": np.array([s.past for s in sequences], dtype=np.int32),
+            "subsequence_begins": starts.astype(np.int32),
+            "block_indices": np.concatenate([s.blocks for s in sequences]).astype(np.int32),
+            "block_indices_begins": np.concatenate([[0], np.cumsum([len(s.blocks) for s in sequences])]).astype(np.int32),
+            "max_context_len": np.array(max(s.past + n for s, n in zip(sequences, lengths)), dtype=np.int32),
+            LOGITS_POSITIONS: np.asarray(logits_at, dtype=np.int64),
+        })
+        return self.request.get_tensor("logits").data[:, 0].copy()
+
+
+class PagedSession:
+    """One frame's prefix in the pool's blocks, and the blocks of the answers of its last round.
+
+    Same interface as `LanguageSession`: row i is question i of the last round, or `rows[i]` of the last step.
+    """
+
+    def __init__(self, model: PagedLanguageModel, prefix: np.ndarray):
+        self._model = model
+        self._prefix = prefix[0]  # [P, hidden]
+        self.prefix_len = len(self._prefix)
+        self._prefix_blocks: list[int] = []  # empty: the prefix is not cached
+        self._rows: list[tuple[list[int], int]] = []  # per row: its blocks, its length (prefix included)
+
+    @property
+    def _pool(self) -> BlockPool:
+        return self._model.pool
+
+    @property
+    def garbage(self) -> int:
+        """Always 0: earlier rounds' answers live in blocks of their own, given back when the next round starts."""
+        return 0
+
+    def restart(self) -> None:
+        """Drop the cache; the next questions prefill the prefix again, with the first of them."""
+        self._claim()
+        self._drop_rows()
+        self._pool.give_back(self._prefix_blocks)
+        self._prefix_blocks = []
+
+    def prefill_prefix(self) -> None:
+        """Cache the prefix on its own, now (the first question would otherwise bring it along)."""
+        self.restart()
+        self._prefix_blocks = self._pool.take(self._pool.blocks_for(self.prefix_len))
+        self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
+
+    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = ()
+                          ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
+
+        Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
+        predicts the token after branch token j), as `LanguageSession.prefill_questions` does.
+        """
+        self._claim()
+        self._drop_rows()
+        logits = []
+        later = list(range(len(questions)))
+        if not self._prefix_blocks:
+            logits.append(self._prefill_prefix_with(questions[0]))
+            later = later[1:]
+        sequences = [self._after_prefix(questions[row]) for row in later]
+        sequences += [self._after_prefix(np.concatenate([questions[row], chunk]), branch_of=len(chunk))
+                      for row, chunk in branches]
+        if sequences:
+            logits.append(self._model.run(sequences))
+        for sequence in sequences[:len(later)]:
+            self._rows.append((sequence.blocks, self.prefix_len + len(sequence.embeds)))
+        for sequence in sequences[len(later):]:
+            self._pool.give_back(sequence.blocks)
+        logits = np.concatenate(logits)
+        ahead = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
+        return logits[:len(questions)], ahead if branches else []
+
+    def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """One decode step for `rows` (indices into the last call's rows), embeds [len(rows), 1, hidden].
+
+        Returns the next-token logits [len(rows), vocab]; afterwards row i is `rows[i]`.
+        """
+        kept = {int(row) for row in rows}
+        for row, (blocks, _) in enumerate(self._rows):
+            if row not in kept:
+                self._pool.give_back(self._own(blocks))
+        self._rows = [self._rows[row] for row in rows]
+        sequences = []
+        for index, (blocks, length) in enumerate(self._rows):
+            if length == len(blocks) * self._pool.block_size:
+                blocks.append(self._pool.take(1)[0])
+            sequences.append(Sequence(embeds[index], length, blocks, length, [0]))
+            self._rows[index] = (blocks, length + 1)
+        return self._model.run(sequences)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        """Make the pool this session's; if another session has used it since, our cached prefix is gone."""
+        if self._model.holder is not self:
+            self._model.holder = self
+            self._pool.reset()
+            self._prefix_blocks = []
+            self._rows = []
+
+    def _prefill_prefix_with(self, question: np.ndarray) -> np.ndarray:
+        """Prefix and first question as one sequence: the prefix's blocks, and row 0 continuing in the last."""
+        length = self.prefix_len + len(question)
+        blocks = self._pool.take(self._pool.blocks_for(length))
+        self._prefix_blocks = blocks[:self._pool.blocks_for(self.prefix_len)]
+        self._rows.append((blocks, length))
+        return self._model.run([Sequence(np.concatenate([self._prefix, question]), 0, blocks, 0, [length - 1])])
+
+    def _after_prefix(self, tokens: np.ndarray, branch_of: int = 0) -> Sequence:
+        """A sequence of `tokens` after the cached prefix, in blocks of its own past the prefix's full ones.
+
+        Its logits: at its last token, or (a branch) at each of its last `branch_of` tokens.
+        """
+        full = self.prefix_len // self._pool.block_size
+        own = self._pool.take(self._pool.blocks_for(self.prefix_len + len(tokens)) - full)
+        if full < len(self._prefix_blocks):  # the prefix's partly filled last block: each sequence its own copy
+            self._pool.copy(self._prefix_blocks[full], own[:1])
+        logits_at = list(range(len(tokens) - branch_of, len(tokens))) if branch_of else [len(tokens) - 1]
+        return Sequence(tokens, self.prefix_len, self._prefix_blocks[:full] + own, self.prefix_len, logits_at)
+
+    def _own(self, blocks: list[int]) -> list[int]:
+        """A row's blocks that are not the prefix's."""
+        return [block for block in blocks if block not in self._prefix_blocks]
+
+    def _drop_rows(self) -> None:
+        """Give back the blocks of the last round's answers (never the prefix's)."""
+        for blocks, _ in self._rows:
+            self._pool.give_back(self._own(blocks))
+        self._rows = []
+
+
+def load_language_model(core: ov.Core, graph_path, device: str, inference_precision: str | None = None,
+                        **overrides) -> "PagedLanguageModel | LanguageModel":
+    """The engine's language model: paged on the CPU, the stateful graph elsewhere or where it cannot be paged.
+
+    Compiled with the engine's settings for `device` (`overrides` replace single compile properties, for
+    measurements). The settings are chosen on the exported graph, whose KV cache state they look at. The
+    plugin's paged attention accepts fewer combinations of inference and cache precision than its stateful
+    attention (an f32 cache needs f32 inference), so a paged graph it refuses falls back to the stateful one.
+    """
+    if device.startswith("CPU"):
+        graph = core.read_model(graph_path)
+        properties = {**compile_properties(device, inference_precision, graph), **overrides}
+        if to_paged_attention(graph):
+            with contextlib.suppress(RuntimeError):
+                return PagedLanguageModel(core.compile_model(graph, device, properties))
+    return LanguageModel.load(core, graph_path, device, inference_precision, **overrides)
