@@ -97,17 +97,25 @@ def test_rows_leave_step_by_step_with_the_stateful_sessions_logits(models):
         np.testing.assert_allclose(first, second, atol=ATOL)
 
 
-def test_branches_score_as_in_the_stateful_session(models):
+def test_branches_score_as_in_the_stateful_session_and_leave_their_rows_as_they_were(models):
+    """A question's first branch rides along in its sequence and further ones repeat the question; either
+    way the rows decode afterwards as if no branch had been scored."""
     paged, stateful = models
     rng, prefix, questions = frame_inputs(models[1].compiled, seed=5, prefix_tokens=19)
     hidden = prefix.shape[2]
     branches = [(0, embeddings(rng, 3, hidden)), (1, embeddings(rng, 1, hidden)), (1, embeddings(rng, 2, hidden))]
-    one = paged.session(prefix).prefill_questions(questions, branches)
-    other = stateful.session(prefix).prefill_questions(questions, branches)
-    np.testing.assert_allclose(one[0], other[0], atol=ATOL)
-    assert [len(a) for a in one[1]] == [3, 1, 2]
-    for first, second in zip(one[1], other[1]):
+    step = embeddings(rng, len(questions), 1, hidden)
+    results = []
+    for model in (paged, stateful):
+        session = model.session(prefix)
+        logits, ahead = session.prefill_questions(questions, branches)
+        results.append((logits, ahead, session.step(step, np.arange(len(questions)))))
+    (logits, ahead, stepped), (expected, expected_ahead, expected_step) = results
+    np.testing.assert_allclose(logits, expected, atol=ATOL)
+    assert [len(a) for a in ahead] == [3, 1, 2]
+    for first, second in zip(ahead, expected_ahead):
         np.testing.assert_allclose(first, second, atol=ATOL)
+    np.testing.assert_allclose(stepped, expected_step, atol=ATOL)
 
 
 def test_a_new_frame_takes_two_calls_and_a_cached_prefix_one(models, paged):

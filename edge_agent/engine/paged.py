@@ -11,8 +11,9 @@ The calls of a round:
 - the prefix, if not cached yet, with the first question after it: one sequence;
 - every other question, each a sequence after the cached prefix, in one call. A sequence owns the block
   it writes to, so the prefix's last, partly filled block is copied for each of them first;
-- a branch (the first tokens of an answer option, scored and never decoded) is a sequence of its question
-  and itself after the prefix, in the same call;
+- a branch (the first tokens of an answer option, scored and never decoded) rides along in its question's
+  sequence, past the end the question's row keeps; a question's further branches are sequences of the
+  question again and the branch;
 - then each decode step appends one token to each unfinished answer's sequence.
 A sequence sees exactly its own tokens, so nothing from other answers or earlier rounds needs masking.
 """
@@ -184,27 +185,39 @@ class PagedSession:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
-        predicts the token after branch token j), as `LanguageSession.prefill_questions` does.
+        predicts the token after branch token j), as `LanguageSession.prefill_questions` does. A question's
+        first branch rides along in the question's own sequence, past the end the row keeps; further branches
+        of the same question are sequences of the question again and the branch.
         """
         self._claim()
         self._drop_rows()
-        logits = []
-        later = list(range(len(questions)))
+        riders: dict[int, int] = {}  # question row -> index of the branch in its own sequence
+        for index, (row, _) in enumerate(branches):
+            riders.setdefault(row, index)
+        jobs = [(row, riders.get(row)) for row in range(len(questions))]
+        jobs += [(row, index) for index, (row, _) in enumerate(branches) if riders[row] != index]
+        results = []  # per job: the logits after its question, then after each branch token
         if not self._prefix_blocks:
-            logits.append(self._prefill_prefix_with(questions[0]))
-            later = later[1:]
-        sequences = [self._after_prefix(questions[row]) for row in later]
-        sequences += [self._after_prefix(np.concatenate([questions[row], chunk]), branch_of=len(chunk))
-                      for row, chunk in branches]
+            results.append(self._prefill_prefix_with(*self._tokens(jobs[0], questions, branches)))
+        sequences = [self._after_prefix(*self._tokens(job, questions, branches)) for job in jobs[len(results):]]
         if sequences:
-            logits.append(self._model.run(sequences))
-        for sequence in sequences[:len(later)]:
-            self._rows.append((sequence.blocks, self.prefix_len + len(sequence.embeds)))
-        for sequence in sequences[len(later):]:
+            logits = self._model.run(sequences)
+            results += np.split(logits, np.cumsum([len(s.logits_at) for s in sequences])[:-1])
+        first_row = len(jobs) - len(sequences)
+        for row, sequence in enumerate(sequences[:len(questions) - first_row], start=first_row):
+            self._rows.append((sequence.blocks, self.prefix_len + len(questions[row])))
+        for sequence in sequences[len(questions) - first_row:]:
             self._pool.give_back(sequence.blocks)
-        logits = np.concatenate(logits)
-        ahead = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
-        return logits[:len(questions)], ahead if branches else []
+        ahead = {branch: result[1:] for (_, branch), result in zip(jobs, results) if branch is not None}
+        return np.stack([result[0] for result in results[:len(questions)]]), [ahead[i] for i in range(len(branches))]
+
+    @staticmethod
+    def _tokens(job: tuple[int, int | None], questions, branches) -> tuple[np.ndarray, list[int]]:
+        """A job's tokens after the prefix (its question, then its branch if any) and where its logits are read."""
+        row, branch = job
+        question = questions[row]
+        tokens = question if branch is None else np.concatenate([question, branches[branch][1]])
+        return tokens, list(range(len(question) - 1, len(tokens)))
 
     def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """One decode step for `rows` (indices into the last call's rows), embeds [len(rows), 1, hidden].
@@ -234,24 +247,22 @@ class PagedSession:
             self._prefix_blocks = []
             self._rows = []
 
-    def _prefill_prefix_with(self, question: np.ndarray) -> np.ndarray:
-        """Prefix and first question as one sequence: the prefix's blocks, and row 0 continuing in the last."""
-        length = self.prefix_len + len(question)
+    def _prefill_prefix_with(self, tokens: np.ndarray, logits_at: list[int]) -> np.ndarray:
+        """The prefix and the first question (and its riding branch) as one sequence: the prefix's blocks, and
+        row 0 continuing in the last of them. Logits at `logits_at`, indices into `tokens`."""
+        length = self.prefix_len + len(tokens)
         blocks = self._pool.take(self._pool.blocks_for(length))
         self._prefix_blocks = blocks[:self._pool.blocks_for(self.prefix_len)]
-        self._rows.append((blocks, length))
-        return self._model.run([Sequence(np.concatenate([self._prefix, question]), 0, blocks, 0, [length - 1])])
+        self._rows.append((blocks, self.prefix_len + logits_at[0] + 1))
+        return self._model.run([Sequence(np.concatenate([self._prefix, tokens]), 0, blocks, 0,
+                                         [self.prefix_len + i for i in logits_at])])
 
-    def _after_prefix(self, tokens: np.ndarray, branch_of: int = 0) -> Sequence:
-        """A sequence of `tokens` after the cached prefix, in blocks of its own past the prefix's full ones.
-
-        Its logits: at its last token, or (a branch) at each of its last `branch_of` tokens.
-        """
+    def _after_prefix(self, tokens: np.ndarray, logits_at: list[int]) -> Sequence:
+        """A sequence of `tokens` after the cached prefix, in blocks of its own past the prefix's full ones."""
         full = self.prefix_len // self._pool.block_size
         own = self._pool.take(self._pool.blocks_for(self.prefix_len + len(tokens)) - full)
         if full < len(self._prefix_blocks):  # the prefix's partly filled last block: each sequence its own copy
             self._pool.copy(self._prefix_blocks[full], own[:1])
-        logits_at = list(range(len(tokens) - branch_of, len(tokens))) if branch_of else [len(tokens) - 1]
         return Sequence(tokens, self.prefix_len, self._prefix_blocks[:full] + own, self.prefix_len, logits_at)
 
     def _own(self, blocks: list[int]) -> list[int]:
