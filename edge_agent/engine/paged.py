@@ -284,10 +284,14 @@ def load_language_model(core: ov.Core, graph_path, device: str, inference_precis
     measurements). The settings are chosen on the exported graph, whose KV cache state they look at. The
     plugin's paged attention accepts fewer combinations of inference and cache precision than its stateful
     attention (an f32 cache needs f32 inference), so a paged graph it refuses falls back to the stateful one.
+
+    The paged graph is compiled without the model cache: OpenVINO 2026.4's CPU plugin exports it, but its
+    import fails (the attention nodes lose their head sizes, runtime info the plugin requires), so every start
+    would compile it again and rewrite the blob.
     """
     if device.startswith("CPU"):
         graph = core.read_model(graph_path)
-        properties = {**compile_properties(device, inference_precision, graph), **overrides}
+        properties = {**compile_properties(device, inference_precision, graph), "CACHE_DIR": "", **overrides}
         if to_paged_attention(graph):
             with contextlib.suppress(RuntimeError):
                 return PagedLanguageModel(core.compile_model(graph, device, properties))
