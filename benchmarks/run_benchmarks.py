@@ -612,9 +612,10 @@ def profile_section(results: dict) -> str:
                     + f" | {run['frame_ms']['median']:.0f} | {'-' if speed is None else f'{speed:.1f}'} |")
     return ("## Where edge-agent's time goes (median ms per frame, `edge-agent bench`)\n\n" + "\n".join(rows)
             + f"\n\nThe shared prefix is {results['ours'][TARGET_QUESTIONS]['prefix_tokens']} tokens "
-            "(system prompt, `USER:` and the image tokens). The agent prefills it together with the questions, in "
-            "one pass; `prefix` is the prefix prefilled alone (a second encoding of each frame) and "
-            "`question_prefill` the rest of the one pass.\n")
+            "(system prompt, `USER:` and the image tokens). The agent prefills it with the first question in one "
+            "call and the other questions in a second; `prefix` is the prefix prefilled alone (a second encoding "
+            "of each frame) and `question_prefill` the rest, a difference of two medians (with one question it "
+            "can come out a few ms below zero).\n")
 
 
 def roofline_section(results: dict) -> str:

@@ -4,8 +4,8 @@ For an exported model it measures, on synthetic 640x480 frames:
 - the prompt prefix every question shares (system prompt, `USER:`, image tokens), in tokens;
 - each stage of a new frame (preprocess, vision encoder, prefix prefill, question prefill, decode) and the
   whole frame's wall time, as medians over the measured frames (one warm-up frame is not counted). The
-  agent prefills the prefix and the questions in one pass; to split that pass, each frame is encoded a
-  second time with its prefix prefilled alone: `prefix` is that, `question_prefill` the rest of the pass;
+  agent prefills the prefix together with the questions; to split that prefill, each frame is encoded a
+  second time with its prefix prefilled alone: `prefix` is that, `question_prefill` the rest;
 - the new frame against its vision encoding plus prefix prefill alone (what no question can avoid);
 - decode speed: tokens per second over all questions of the batch, and milliseconds per decode step;
 - an unchanged-scene frame: the scene gate's comparison of an identical frame, which is all the agent does
@@ -140,8 +140,8 @@ def synthetic_frame(seed: int) -> np.ndarray:
 def time_new_frame(engine: Engine, frame: np.ndarray, questions: list[str | Prompt], new_tokens: int) -> dict:
     """Encode `frame` and answer `questions` as the agent does: the stage timings and the wall time.
 
-    The prefix is prefilled with the questions, in one pass (`prefill_ms`); a second encoding of the frame
-    with the prefix prefilled alone splits that pass into `prefix` and `question_prefill`.
+    The prefix is prefilled together with the questions (`prefill_ms`); a second encoding of the frame
+    with the prefix prefilled alone splits that into `prefix` and `question_prefill`.
     """
     started = time.perf_counter()
     context = engine.encode(frame)
@@ -289,7 +289,7 @@ def format_report(report: dict) -> str:
         f"{report['prefix_tokens']}-token shared prefix, median of {report['frames']} frames: "
         f"{frame['median']:.1f} ms (min {frame['min']:.1f}, max {frame['max']:.1f})",
         *(f"  {stage:<17}{ms:10.1f} ms" for stage, ms in report["stages_ms"].items()),
-        f"  (prefix and questions are prefilled in one pass of {report['prefill_ms']:.1f} ms; the prefix alone "
+        f"  (prefix and questions are prefilled together in {report['prefill_ms']:.1f} ms; the prefix alone "
         f"was timed on a second encoding of each frame)",
         f"  whole frame      {report['frame_over_vision_and_prefix']:.2f}x the vision encoder and the prefix alone "
         f"({report['vision_and_prefix_ms']:.1f} ms)",

@@ -10,6 +10,8 @@ ms), and left one answer's steps as they were (medians of 8 frames, interleaved)
 memory of a u8 cache: 34 instead of 17 MB for the bench model's 700 tokens, about 370 instead of 180 MB
 for LLaVA-1.5-7B's. Nothing is lost: on such CPUs the plugin computes in bf16 by default, so the keys and
 values are bf16 before they are cached. CPUs without bf16 arithmetic keep the plugin's default.
+Those measurements ran the stateful graph; with paged attention (`paged.py`, the engine's on the CPU) a bf16
+cache still made steps of 4 and 8 answers 7-9% faster than u8.
 """
 
 from __future__ import annotations
