@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import openvino as ov
@@ -115,6 +116,15 @@ class Sequence:
     logits_at: list[int] = field(default_factory=list)  # indices into `embeds` whose logits are returned
 
 
+class Job(NamedTuple):
+    """One sequence of a round's prefill: a question, with branch `branch` (an index) riding along or not;
+    `keeps_row`: the question's own row, kept for decoding, or a further branch, whose blocks go back."""
+
+    row: int
+    branch: int | None
+    keeps_row: bool
+
+
 class PagedLanguageModel:
     """The compiled paged-attention language model, its one infer request and its block pool."""
 
@@ -194,29 +204,29 @@ class PagedSession:
         riders: dict[int, int] = {}  # question row -> index of the branch in its own sequence
         for index, (row, _) in enumerate(branches):
             riders.setdefault(row, index)
-        jobs = [(row, riders.get(row)) for row in range(len(questions))]
-        jobs += [(row, index) for index, (row, _) in enumerate(branches) if riders[row] != index]
+        jobs = [Job(row, riders.get(row), keeps_row=True) for row in range(len(questions))]
+        jobs += [Job(row, index, keeps_row=False) for index, (row, _) in enumerate(branches) if riders[row] != index]
         results = []  # per job: the logits after its question, then after each branch token
         if not self._prefix_blocks:
             results.append(self._prefill_prefix_with(*self._tokens(jobs[0], questions, branches)))
-        sequences = [self._after_prefix(*self._tokens(job, questions, branches)) for job in jobs[len(results):]]
+        later = jobs[len(results):]
+        sequences = [self._after_prefix(*self._tokens(job, questions, branches)) for job in later]
         if sequences:
             logits = self._model.run(sequences)
             results += np.split(logits, np.cumsum([len(s.logits_at) for s in sequences])[:-1])
-        first_row = len(jobs) - len(sequences)
-        for row, sequence in enumerate(sequences[:len(questions) - first_row], start=first_row):
-            self._rows.append((sequence.blocks, self.prefix_len + len(questions[row])))
-        for sequence in sequences[len(questions) - first_row:]:
-            self._pool.give_back(sequence.blocks)
-        ahead = {branch: result[1:] for (_, branch), result in zip(jobs, results) if branch is not None}
+        for job, sequence in zip(later, sequences):
+            if job.keeps_row:
+                self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
+            else:
+                self._pool.give_back(sequence.blocks)
+        ahead = {job.branch: result[1:] for job, result in zip(jobs, results) if job.branch is not None}
         return np.stack([result[0] for result in results[:len(questions)]]), [ahead[i] for i in range(len(branches))]
 
     @staticmethod
-    def _tokens(job: tuple[int, int | None], questions, branches) -> tuple[np.ndarray, list[int]]:
+    def _tokens(job: "Job", questions, branches) -> tuple[np.ndarray, list[int]]:
         """A job's tokens after the prefix (its question, then its branch if any) and where its logits are read."""
-        row, branch = job
-        question = questions[row]
-        tokens = question if branch is None else np.concatenate([question, branches[branch][1]])
+        question = questions[job.row]
+        tokens = question if job.branch is None else np.concatenate([question, branches[job.branch][1]])
         return tokens, list(range(len(question) - 1, len(tokens)))
 
     def step(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
