@@ -92,7 +92,8 @@ def test_rows_leave_step_by_step_with_the_stateful_sessions_logits(models):
         rng = np.random.default_rng(9)
         session = model.session(prefix)
         session.prefill_questions(questions)
-        logits.append([session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows)) for rows in schedule])
+        logits.append([session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows))
+                       for rows in schedule])
     for first, second in zip(*logits):
         np.testing.assert_allclose(first, second, atol=ATOL)
 

@@ -21,7 +21,7 @@ A sequence sees exactly its own tokens, so nothing from other answers or earlier
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -113,7 +113,7 @@ class Sequence:
     past: int
     blocks: list[int]
     first_position: int
-    logits_at: list[int] = field(default_factory=list)  # indices into `embeds` whose logits are returned
+    logits_at: list[int]  # indices into `embeds` whose logits are returned
 
 
 class Job(NamedTuple):
@@ -148,7 +148,8 @@ class PagedLanguageModel:
             "past_lens": np.array([s.past for s in sequences], dtype=np.int32),
             "subsequence_begins": starts.astype(np.int32),
             "block_indices": np.concatenate([s.blocks for s in sequences]).astype(np.int32),
-            "block_indices_begins": np.concatenate([[0], np.cumsum([len(s.blocks) for s in sequences])]).astype(np.int32),
+            "block_indices_begins": np.concatenate([[0], np.cumsum([len(s.blocks) for s in sequences])])
+                                    .astype(np.int32),
             "max_context_len": np.array(max(s.past + n for s, n in zip(sequences, lengths)), dtype=np.int32),
             LOGITS_POSITIONS: np.asarray(logits_at, dtype=np.int64),
         })
@@ -206,15 +207,16 @@ class PagedSession:
             riders.setdefault(row, index)
         jobs = [Job(row, riders.get(row), keeps_row=True) for row in range(len(questions))]
         jobs += [Job(row, index, keeps_row=False) for index, (row, _) in enumerate(branches) if riders[row] != index]
-        results = []  # per job: the logits after its question, then after each branch token
+        sequences, results = [], []  # per job: its sequence; the logits after its question and its branch tokens
         if not self._prefix_blocks:
-            results.append(self._prefill_prefix_with(*self._tokens(jobs[0], questions, branches)))
-        later = jobs[len(results):]
-        sequences = [self._after_prefix(*self._tokens(job, questions, branches)) for job in later]
-        if sequences:
-            logits = self._model.run(sequences)
-            results += np.split(logits, np.cumsum([len(s.logits_at) for s in sequences])[:-1])
-        for job, sequence in zip(later, sequences):
+            first = self._with_prefix(*self._tokens(jobs[0], questions, branches))
+            results += self._run_each([first])
+            sequences.append(first)
+        # only once the prefix's call has run: `_after_prefix` copies the prefix's last block
+        later = [self._after_prefix(*self._tokens(job, questions, branches)) for job in jobs[len(sequences):]]
+        results += self._run_each(later)
+        sequences += later
+        for job, sequence in zip(jobs, sequences):
             if job.keeps_row:
                 self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
             else:
@@ -257,15 +259,19 @@ class PagedSession:
             self._prefix_blocks = []
             self._rows = []
 
-    def _prefill_prefix_with(self, tokens: np.ndarray, logits_at: list[int]) -> np.ndarray:
-        """The prefix and the first question (and its riding branch) as one sequence: the prefix's blocks, and
-        row 0 continuing in the last of them. Logits at `logits_at`, indices into `tokens`."""
-        length = self.prefix_len + len(tokens)
-        blocks = self._pool.take(self._pool.blocks_for(length))
+    def _with_prefix(self, tokens: np.ndarray, logits_at: list[int]) -> Sequence:
+        """The prefix with `tokens` (the first question, and its riding branch) after it, as one sequence: the
+        prefix's blocks, the first question's row continuing in the last of them."""
+        blocks = self._pool.take(self._pool.blocks_for(self.prefix_len + len(tokens)))
         self._prefix_blocks = blocks[:self._pool.blocks_for(self.prefix_len)]
-        self._rows.append((blocks, self.prefix_len + logits_at[0] + 1))
-        return self._model.run([Sequence(np.concatenate([self._prefix, tokens]), 0, blocks, 0,
-                                         [self.prefix_len + i for i in logits_at])])
+        return Sequence(np.concatenate([self._prefix, tokens]), 0, blocks, 0, [self.prefix_len + i for i in logits_at])
+
+    def _run_each(self, sequences: list[Sequence]) -> list[np.ndarray]:
+        """One call over `sequences` (none: no call); each sequence's logits [len(logits_at), vocab]."""
+        if not sequences:
+            return []
+        logits = self._model.run(sequences)
+        return np.split(logits, np.cumsum([len(s.logits_at) for s in sequences])[:-1])
 
     def _after_prefix(self, tokens: np.ndarray, logits_at: list[int]) -> Sequence:
         """A sequence of `tokens` after the cached prefix, in blocks of its own past the prefix's full ones."""
