@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import openvino as ov
+import threading
+
 import pytest
 
 from edge_agent.engine import Engine
+from edge_agent.engine import engine as engine_module
 from edge_agent.engine.language import LanguageModel
+from edge_agent.engine.paged import load_language_model
+from edge_agent.errors import UserError
 from tests.support.reference import random_frame
 
 QUESTIONS = ["Is the door open?", "How many people are in the room?", "What color is the cup on the counter?"]
@@ -59,9 +63,42 @@ def test_many_questions_on_one_context_equal_each_alone(request, arch):
 @pytest.fixture(scope="module")
 def stateful_llava(tiny_llava_fp32) -> Engine:
     """The engine with the stateful language model it runs on devices other than the CPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "load_language_model", LanguageModel.load)
+        return Engine.load(tiny_llava_fp32, inference_precision="f32")
+
+
+def test_stateful_fixture_runs_the_stateful_graph(stateful_llava, llava):
+    assert type(stateful_llava._language) is LanguageModel
+    assert type(llava._language) is not LanguageModel
+
+
+def test_load_returns_while_the_language_model_compiles(tiny_llava_fp32, monkeypatch):
+    """The first frame can be encoded meanwhile; the first use of the language model waits for it."""
+    compiling, release = threading.Event(), threading.Event()
+
+    def slow_compile(*args):
+        compiling.set()
+        release.wait(timeout=60)
+        return load_language_model(*args)
+
+    monkeypatch.setattr(engine_module, "load_language_model", slow_compile)
     engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
-    engine._language = LanguageModel.load(ov.Core(), tiny_llava_fp32 / "openvino_language_model.xml", "CPU", "f32")
-    return engine
+    assert compiling.wait(timeout=10)
+    assert not engine._language_compiling.done()
+    release.set()
+    answer = engine.answer(engine.encode(random_frame(48, 64)), QUESTIONS[:1], max_new_tokens=MAX_NEW_TOKENS)[0]
+    assert len(answer.token_ids) > 0
+
+
+def test_a_failed_language_model_compile_is_one_line_at_first_use(tiny_llava_fp32, monkeypatch):
+    def failing_compile(*args):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:109:\nout of memory")
+
+    monkeypatch.setattr(engine_module, "load_language_model", failing_compile)
+    engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
+    with pytest.raises(UserError, match=r"^cannot load model .+: Exception from src/inference/src/cpp/core.cpp:109:$"):
+        engine.encode(random_frame(48, 64))
 
 
 @pytest.mark.parametrize("arch", ["llava", "stateful_llava"])

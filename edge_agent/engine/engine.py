@@ -9,10 +9,17 @@ first `answer` prefills that prefix with its questions into the language model's
 reuse the cached prefix. Questions decode as one batch, so the image is never encoded or prefilled twice.
 On the CPU the language model runs with paged attention (`paged.py`), elsewhere as the exported stateful
 graph (`language.py`); both give the same answers.
+
+The paged language model cannot come from OpenVINO's compiled-model cache (see `load_language_model`), and
+compiling it is the longest step of a start (about 1.5 s for the 0.4B bench model on 2 cores, one core busy
+and the other mostly idle). So it compiles on a thread of its own: `Engine.load` returns once the other
+submodels are ready, and the first frame is encoded meanwhile. An error of that compile surfaces where the
+language model is first needed, as the same one-line `UserError` that `Engine.load` raises.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import threading
@@ -27,10 +34,10 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageSession
+from .language import LanguageModel, LanguageSession
 from .mapped_files import mapped_pages_dropped_during
 from .model_dir import ModelDir
-from .paged import PagedSession, load_language_model
+from .paged import PagedLanguageModel, PagedSession, load_language_model
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
 from .tokenizer import Tokenizer
@@ -77,6 +84,20 @@ class FrameContext:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
+def in_background(function, *args) -> concurrent.futures.Future:
+    """Run `function(*args)` on a thread of its own, which ends with it; its result or exception in the future."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
+    future = executor.submit(function, *args)
+    executor.shutdown(wait=False)
+    return future
+
+
+def load_error(model: ModelDir, exc: RuntimeError) -> UserError:
+    """OpenVINO's error while loading `model`, as one line."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"cannot load model {model.path}: {first_line}")
+
+
 class Stopwatch:
     def __init__(self):
         self._start = time.perf_counter()
@@ -100,10 +121,11 @@ class Engine:
         self.template = ChatTemplate(model.chat_template, model.special_tokens, system_prompt)
         settings = ProcessorSettings.from_dict(model.processor)
         self.preprocess = AnyresPreprocessor(settings) if model.model_type == "llava_next" else ClipPreprocessor(settings)
+        self._language_compiling = in_background(load_language_model, core, model.graph("language"),
+                                                 devices.language, inference_precision)
         self._vision = self._compile_vision(inference_precision)
         self._embed = core.compile_model(model.graph("text_embeddings"), devices.language,
                                          compile_properties(devices.language, inference_precision))
-        self._language = load_language_model(core, model.graph("language"), devices.language, inference_precision)
         self._lock = threading.Lock()
         self._weights_still_mapped = {"vision", "language"}
         self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
@@ -122,12 +144,19 @@ class Engine:
         try:
             return cls(model, core, devices, inference_precision, system_prompt)
         except RuntimeError as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load model {model.path}: {first_line}") from None
+            raise load_error(model, exc) from None
 
     @property
     def name(self) -> str:
         return self.model.name
+
+    @property
+    def _language(self) -> PagedLanguageModel | LanguageModel:
+        """The language model; the first use waits for its compile to finish."""
+        try:
+            return self._language_compiling.result()
+        except RuntimeError as exc:
+            raise load_error(self.model, exc) from None
 
     def _compile_vision(self, inference_precision: str | None) -> ov.CompiledModel:
         graph = self._core.read_model(self.model.graph("vision"))
