@@ -83,10 +83,12 @@ def test_load_returns_while_the_language_model_compiles(tiny_llava_fp32, monkeyp
         return load_language_model(*args)
 
     monkeypatch.setattr(engine_module, "load_language_model", slow_compile)
-    engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
-    assert compiling.wait(timeout=10)
-    assert not engine._language_compiling.done()
-    release.set()
+    try:
+        engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
+        assert compiling.wait(timeout=10)
+        assert not engine._language_compiling.done()
+    finally:
+        release.set()
     answer = engine.answer(engine.encode(random_frame(48, 64)), QUESTIONS[:1], max_new_tokens=MAX_NEW_TOKENS)[0]
     assert len(answer.token_ids) > 0
 
