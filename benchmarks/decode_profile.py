@@ -152,6 +152,15 @@ def measure(exported: Path, prefix_tokens: int) -> dict:
             "samples": {rows: sampled_shares(exported, prefix_tokens, rows) for rows in SAMPLED_ROWS}}
 
 
+def prefix_attention_remark(extra_ms: float) -> str:
+    """What the extra cost per row after the long prefix says: attention over it, unless noise hid it."""
+    if extra_ms <= 0:
+        return (f"The difference, {extra_ms:.1f} ms per row, is within this run's noise: it did not show the "
+                "attention over the longer prefix that each row computes again.")
+    return (f"The difference, {extra_ms:.1f} ms per row, is attention over the longer prefix: each row computes "
+            "it again, though the rows share the cached prefix.")
+
+
 def section(profile: dict) -> str:
     """RESULTS.md's decode profile: step times by rows and prefix, then the sampled shares."""
     prefix = profile["prefix_tokens"]
@@ -165,9 +174,8 @@ def section(profile: dict) -> str:
     per_row_short = (short[4] - short[1]) / 3
     text = ("## Decode, profiled (language model alone, ms per step)\n\n" + "\n".join(lines) + "\n\n"
             f"From 1 to 4 rows, each row adds {per_row:.1f} ms per step after the {prefix}-token prefix and "
-            f"{per_row_short:.1f} ms after a {SHORT_PREFIX}-token one. The difference, "
-            f"{per_row - per_row_short:.1f} ms per row, is attention over the longer prefix: each row computes "
-            "it again, though the rows share the cached prefix. Medians of "
+            f"{per_row_short:.1f} ms after a {SHORT_PREFIX}-token one. "
+            + prefix_attention_remark(per_row - per_row_short) + " Medians of "
             f"{ROUNDS - 1} interleaved rounds of {STEPS} steps, random embeddings, the engine's settings.\n")
     samples = {int(rows): shares for rows, shares in profile["samples"].items()}
     if any("unavailable" in shares for shares in samples.values()):
