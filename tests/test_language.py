@@ -10,7 +10,8 @@ import pytest
 from edge_agent.engine.devices import compile_properties
 from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, LanguageModel, LanguageSession,
                                         add_attention_allowed, add_logits_positions)
-from tests.support.language import QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs, rounds
+from tests.support.language import (QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs,
+                                    gathers_of_logits_positions, rounds)
 
 
 def compiled_language_model(model_dir, shared_sequence: bool) -> ov.CompiledModel:
@@ -36,6 +37,26 @@ def compiled(model_dir) -> dict[bool, ov.CompiledModel]:
 def test_the_exported_graphs_take_both_edits(model_dir):
     names = {name for port in compiled_language_model(model_dir, True).inputs for name in port.get_names()}
     assert {ATTENTION_ALLOWED, LOGITS_POSITIONS} <= names
+
+
+def test_the_last_layer_after_its_attention_runs_only_at_the_logits_positions(model_dir):
+    """The rows are gathered before the last layer's output projection and residual add, not the LM head."""
+    graph = ov.Core().read_model(model_dir / "openvino_language_model.xml")
+    assert add_logits_positions(graph)
+    assert gathers_of_logits_positions(graph) == ["Add", "MatMul"]
+
+
+def test_logits_at_the_positions_equal_the_unedited_graphs(model_dir):
+    core = ov.Core()
+    unedited = core.compile_model(model_dir / "openvino_language_model.xml", "CPU", compile_properties("CPU", "f32"))
+    edited = compiled_language_model(model_dir, shared_sequence=False)
+    _, prefix, _ = frame_inputs(edited, seed=3, prefix_tokens=21)
+    inputs = {"inputs_embeds": prefix, "attention_mask": np.ones((1, 21), dtype=np.int64),
+              "position_ids": np.arange(21)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
+    positions = np.array([20, 3, 11])
+    everywhere = unedited.create_infer_request().infer(inputs)["logits"]
+    gathered = edited.create_infer_request().infer({**inputs, LOGITS_POSITIONS: positions})["logits"]
+    np.testing.assert_allclose(gathered, everywhere[:, positions], atol=1e-4)
 
 
 def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):

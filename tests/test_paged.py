@@ -12,7 +12,8 @@ from edge_agent.engine.kv_cache import BF16_FLAGS
 from edge_agent.engine.language import LanguageModel
 from edge_agent.engine.paged import PagedLanguageModel, load_language_model, to_paged_attention
 from tests.support.cpu import submodel_graph
-from tests.support.language import QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs, rounds
+from tests.support.language import (QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs,
+                                    gathers_of_logits_positions, rounds)
 
 LONG_QUESTIONS = QUESTION_LENGTHS + [40]  # one question that spans blocks of its own
 ATOL = 5e-4
@@ -173,6 +174,12 @@ def test_sessions_take_turns_on_the_pool_and_restart_when_another_used_it(models
     for a, b in zip(first, again):
         np.testing.assert_allclose(a, b, atol=ATOL)
     assert paged.holder is session
+
+
+def test_the_paged_graphs_last_layer_after_attention_runs_only_at_the_logits_positions(model_dir):
+    graph = ov.Core().read_model(model_dir / "openvino_language_model.xml")
+    assert to_paged_attention(graph)
+    assert gathers_of_logits_positions(graph) == ["Add", "MatMul"]
 
 
 def test_graphs_without_a_kv_cache_are_not_paged(tiny_llava_fp32):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import openvino as ov
 
+from edge_agent.engine.language import LOGITS_POSITIONS
+
 QUESTION_LENGTHS = [5, 9, 1, 7]
 
 
@@ -45,3 +47,10 @@ def rounds(session, questions, steps: int, rng) -> list[np.ndarray]:
     for _ in range(steps):
         seen.append(session.step(embeddings(rng, len(questions), 1, questions[0].shape[1]), np.arange(len(questions))))
     return seen
+
+
+def gathers_of_logits_positions(graph: ov.Model) -> list[str]:
+    """What each Gather of the `logits_positions` input feeds: the op type of its reader."""
+    positions = next(p for p in graph.get_parameters() if LOGITS_POSITIONS in p.output(0).get_names())
+    gathers = [target.get_node() for target in positions.output(0).get_target_inputs()]
+    return sorted(next(iter(g.output(0).get_target_inputs())).get_node().get_type_name() for g in gathers)
