@@ -259,7 +259,8 @@ class Contender:
         self._child.wait(timeout=60)
         self._log.close()
         frame_s = {count: statistics.median(times) for count, times in self.seconds.items()}
-        return {"load_s": self.load_s, "frame_s": frame_s, "frames": self.frames, "peak_rss_mib": peak}
+        return {"load_s": self.load_s, "frame_s": frame_s, "frames": self.frames, "peak_rss_mib": peak,
+                "each_frame_s": self.seconds}
 
     def _reply(self) -> dict:
         for line in self._child.stdout:
@@ -412,13 +413,18 @@ def head_dim(text: dict) -> int:
 
 
 def lm_prefill_flops(text: dict, tokens: int) -> float:
-    """Multiply-adds x2 of prefilling `tokens` causally, with logits for every position (as exported)."""
+    """Multiply-adds x2 of a pass over `tokens` as the engine runs it (`edge_agent.engine.language`): every
+    layer up to the last one's attention for every token, causally; the last layer's output projection and
+    MLP, and the LM head, for the last token only."""
     hidden, heads, kv_heads = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
     dim = head_dim(text)
-    per_layer = hidden * dim * (2 * heads + 2 * kv_heads) + 3 * hidden * text["intermediate_size"]
-    linear = 2 * tokens * (text["num_hidden_layers"] * per_layer + hidden * text["vocab_size"])
-    attention = 2 * text["num_hidden_layers"] * heads * dim * tokens * tokens  # QK^T and AV, causal half
-    return linear + attention
+    projections = hidden * dim * (heads + 2 * kv_heads)  # q, k, v
+    after_attention = hidden * dim * heads + 3 * hidden * text["intermediate_size"]  # o, then the MLP
+    layers = text["num_hidden_layers"]
+    every_token = 2 * tokens * (layers * projections + (layers - 1) * after_attention)
+    last_token = 2 * (after_attention + hidden * text["vocab_size"])
+    attention = 2 * layers * heads * dim * tokens * tokens  # QK^T and AV, causal half
+    return every_token + last_token + attention
 
 
 def vision_encoder_flops(config: dict, vision: dict, text: dict) -> float:
