@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+import openvino as ov
 import pytest
 
 from edge_agent.engine import Engine
@@ -143,6 +145,13 @@ def test_encode_runs_the_vision_encoder_once_and_answer_never(llava, monkeypatch
     llava.answer(context, QUESTIONS, max_new_tokens=4)
     llava.answer(context, QUESTIONS[:1], max_new_tokens=4)
     assert len(calls) == 1
+
+
+def test_the_vision_encoder_runs_static_tiles(llava, llava_next):
+    """One tile per frame for LLaVA-1.5; LLaVA-NeXT's tile count follows the frame, their size does not."""
+    for engine, tiles in ((llava, 1), (llava_next, -1)):
+        side = engine.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
+        assert engine._vision.input(0).get_partial_shape() == ov.PartialShape([tiles, 3, side, side])
 
 
 def test_rows_stop_independently(llava):
