@@ -83,3 +83,11 @@ def test_the_engine_lets_go_of_its_mapped_model_files_after_the_first_answer(tin
     model_files = sum(path.stat().st_size for path in Path(tiny_llava_fp32).glob("*.bin"))
     assert left < model_files / 10
     assert [answer.token_ids for answer in again] == [answer.token_ids for answer in first]
+
+
+def test_the_engine_lets_go_of_the_vision_encoders_files_as_it_compiles_it(tiny_llava_fp32):
+    """Compiled for static tiles, the encoder is repacked by the compile itself, before any inference."""
+    engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
+    weights = Path(tiny_llava_fp32) / "openvino_vision_embeddings_model.bin"
+    assert resident_bytes(weights) < weights.stat().st_size / 10
+    assert engine.encode(np.full((120, 160, 3), 90, np.uint8)).image_tokens > 0

@@ -169,8 +169,10 @@ class Engine:
         side = self.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
         one_tile = "NPU" in self.devices.vision or self.model.model_type != "llava_next"
         graph.reshape({graph.inputs[0].get_any_name(): [1 if one_tile else -1, 3, side, side]})
-        return self._core.compile_model(graph, self.devices.vision,
-                                        compile_properties(self.devices.vision, inference_precision, graph))
+        # With static shapes the CPU plugin repacks the weights while compiling, not at the first inference.
+        with mapped_pages_dropped_during(self._mapped_directories()):
+            return self._core.compile_model(graph, self.devices.vision,
+                                            compile_properties(self.devices.vision, inference_precision, graph))
 
     def _first_use(self, submodel: str) -> contextlib.AbstractContextManager:
         """Around a submodel's first inference: let go of its mapped files' pages as the device copies them.
@@ -180,8 +182,12 @@ class Engine:
         if submodel not in self._weights_still_mapped:
             return contextlib.nullcontext()
         self._weights_still_mapped.discard(submodel)
+        return mapped_pages_dropped_during(self._mapped_directories())
+
+    def _mapped_directories(self) -> list[Path]:
+        """Where the files OpenVINO maps for this model are: the model and the compiled-model cache."""
         cache_dir = self._core.get_property("CACHE_DIR")
-        return mapped_pages_dropped_during([self.model.path] + ([Path(cache_dir)] if cache_dir else []))
+        return [self.model.path] + ([Path(cache_dir)] if cache_dir else [])
 
     # -- encoding a frame -------------------------------------------------------------------------------
 
