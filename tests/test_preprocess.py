@@ -77,3 +77,26 @@ def test_grayscale_frames_are_expanded_to_three_channels():
     color = np.repeat(gray[:, :, None], 3, axis=2)
     assert np.array_equal(ClipPreprocessor(settings)(gray).pixel_values,
                           ClipPreprocessor(settings)(color).pixel_values)
+
+
+@pytest.mark.parametrize("raw, shape", [
+    ({"size": {"shortest_edge": 32}, "crop_size": {"height": 30, "width": 28}}, (30, 28)),
+    ({"size": {"height": 24, "width": 40}, "do_center_crop": False}, (24, 40)),
+    ({"size": {"shortest_edge": 32}, "do_center_crop": False}, None),
+])
+def test_the_tile_shape_is_fixed_only_where_every_frame_gives_it(raw, shape):
+    """The engine compiles the vision encoder for this shape; None keeps it dynamic."""
+    preprocess = ClipPreprocessor(ProcessorSettings.from_dict({**raw, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    assert preprocess.tile_shape == shape
+    tiles = {preprocess(frame(*size)).pixel_values.shape[-2:] for size in SIZES[:4]}
+    assert tiles == {shape} if shape else len(tiles) > 1
+
+
+def test_anyres_tiles_are_square_whatever_the_processor_crops():
+    settings = ProcessorSettings.from_dict({"size": {"shortest_edge": 32}, "do_center_crop": False,
+                                            "image_grid_pinpoints": [[32, 64], [64, 32]],
+                                            "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    preprocess = AnyresPreprocessor(settings)
+    assert preprocess.tile_shape == (32, 32)
+    for size in SIZES[:4]:
+        assert preprocess(frame(*size)).pixel_values.shape[-2:] == (32, 32)

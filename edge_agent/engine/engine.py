@@ -159,20 +159,30 @@ class Engine:
             raise load_error(self.model, exc) from None
 
     def _compile_vision(self, inference_precision: str | None) -> ov.CompiledModel:
-        """The vision encoder, compiled for the preprocessor's tile size.
-
-        Exported with dynamic shapes, it is given static ones: the CPU plugin runs the bench model's encoder
-        about 3% faster with them, and the NPU compiles nothing else. LLaVA-NeXT's tile count depends on the
-        frame's shape, so it stays open there, except on the NPU, which takes one tile at a time.
-        """
+        """The vision encoder, compiled for the preprocessor's tiles where their shape is fixed."""
         graph = self._core.read_model(self.model.graph("vision"))
-        side = self.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
-        one_tile = "NPU" in self.devices.vision or self.model.model_type != "llava_next"
-        graph.reshape({graph.inputs[0].get_any_name(): [1 if one_tile else -1, 3, side, side]})
+        shape = self._vision_input_shape()
+        if shape is not None:
+            graph.reshape({graph.inputs[0].get_any_name(): shape})
         # With static shapes the CPU plugin repacks the weights while compiling, not at the first inference.
         with mapped_pages_dropped_during(self._mapped_directories()):
             return self._core.compile_model(graph, self.devices.vision,
                                             compile_properties(self.devices.vision, inference_precision, graph))
+
+    def _vision_input_shape(self) -> list[int] | None:
+        """The encoder's input shape to compile, or None to keep the export's dynamic one.
+
+        Static shapes run faster on the CPU (the bench model's encoder by about 3%), and the NPU compiles
+        nothing else: there, one square tile at a time. Elsewhere the tile's height and width are fixed where
+        the preprocessor's are, and LLaVA-NeXT's tile count stays open: it follows the frame's shape.
+        """
+        if "NPU" in self.devices.vision:
+            side = self.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
+            return [1, 3, side, side]
+        tile = self.preprocess.tile_shape
+        if tile is None:
+            return None
+        return [-1 if self.model.model_type == "llava_next" else 1, 3, *tile]
 
     def _first_use(self, submodel: str) -> contextlib.AbstractContextManager:
         """Around a submodel's first inference: let go of its mapped files' pages as the device copies them.

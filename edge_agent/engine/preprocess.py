@@ -96,6 +96,12 @@ class ClipPreprocessor:
         rgb = to_rgb(frame_bgr)
         return PreparedImage(self.tile_values(rgb)[None], image_size=rgb.shape[:2])
 
+    @property
+    def tile_shape(self) -> tuple[int, int] | None:
+        """(height, width) of every tile whatever the frame, or None where it follows the frame's aspect ratio
+        (a shortest-edge resize without a crop)."""
+        return self.settings.crop or self.settings.resize_to
+
     def tile_values(self, rgb: np.ndarray) -> np.ndarray:
         """One RGB uint8 image -> float32 [3, H, W] after resize, crop, rescale and normalize."""
         s = self.settings
@@ -146,6 +152,11 @@ class AnyresPreprocessor(ClipPreprocessor):
             raise ValueError("llava_next preprocessing needs image_grid_pinpoints")
         side = (settings.crop or settings.resize_to or (settings.shortest_edge,))[0]
         self.tile = (side, side)  # transformers cuts square tiles of the crop height
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """Square tiles go in, so a shortest-edge resize without a crop keeps them square too."""
+        return super().tile_shape or self.tile
 
     def __call__(self, frame_bgr: np.ndarray) -> PreparedImage:
         rgb = to_rgb(frame_bgr)
