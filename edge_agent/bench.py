@@ -184,20 +184,35 @@ def decode_speed(decode_ms: float, questions: int, new_tokens: int) -> dict:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB).
+    """Peak resident memory of this process so far, in MiB.
 
-    The kernel updates its high-water mark lazily, so the resident memory of this moment counts too.
+    Read from the kernel's high-water mark of this process's own memory (`VmHWM`), which starts afresh when
+    the program is executed. `getrusage`'s `ru_maxrss` is only the fallback where /proc is missing: Linux
+    carries it over from the parent when a process is spawned, so a child of a large process (a benchmark
+    that has just exported a model, say) would report the parent's peak. The kernel updates the high-water
+    mark lazily, so the resident memory of this moment counts too.
     """
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, rss_mib() or 0.0)
+    peak, now = status_mib("VmHWM"), status_mib("VmRSS")
+    if peak is None or now is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    return max(peak, now)
 
 
 def rss_mib() -> float | None:
     """Resident memory of this process now, in MiB (None where /proc is unavailable)."""
-    status = Path("/proc/self/status")
-    if not status.exists():
+    return status_mib("VmRSS")
+
+
+def status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (reported in kB), in MiB; None where it cannot be read."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
         return None
-    line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024.0
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return None
 
 
 def files_mib(directory: Path) -> float:

@@ -89,6 +89,15 @@ def test_memory_and_model_size_are_reported(report):
     assert report["model_files_mib"] > 0
 
 
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """Linux hands a spawned process its parent's `ru_maxrss`: a bench run started by a large process (a
+    benchmark that has just exported its model) must still report its own peak."""
+    parents_memory = b"\x01" * (600 * 2**20)  # written, so resident
+    child = subprocess.run([sys.executable, "-c", "from edge_agent.bench import peak_rss_mib; print(peak_rss_mib())"],
+                           capture_output=True, text=True, check=True)
+    assert len(parents_memory) and float(child.stdout) < 300
+
+
 def test_first_answer_is_timed_with_a_cold_and_a_warm_compiled_model_cache(report, cache_dir):
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", "import openvino, paho.mqtt.client"], check=True)
