@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edge_agent.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
+from edge_agent.engine.float_precision import float_precision  # noqa: E402
 
 import decode_profile  # noqa: E402  (benchmarks/, beside this script)
 
@@ -338,8 +339,9 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def matmul_gflops(m: int, k: int, n: int, int8: bool = False, repeats: int = 10) -> float:
-    """Best GFLOP/s of an [m,k] x [k,n] OpenVINO MatMul on the CPU at its default (fastest) float precision or,
-    with `int8`, with both operands quantized to 8 bits (FakeQuantize, as in a calibrated int8 model)."""
+    """Best GFLOP/s of an [m,k] x [k,n] OpenVINO MatMul on the CPU at the engine's float precision (the plugin's
+    default or, where bf16 is slower, f32: `edge_agent.engine.float_precision`) or, with `int8`, with both
+    operands quantized to 8 bits (FakeQuantize, as in a calibrated int8 model)."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -350,8 +352,9 @@ def matmul_gflops(m: int, k: int, n: int, int8: bool = False, repeats: int = 10)
         low, high = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
         left = ops.fake_quantize(activations, low, high, low, high, 256)
         right = ops.fake_quantize(weights, low, high, low, high, 255)
+    precision = {"INFERENCE_PRECISION_HINT": hint} if (hint := float_precision()) else {}
     compiled = ov.Core().compile_model(ov.Model([ops.matmul(left, right, False, False)], [activations]),
-                                       "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+                                       "CPU", {"PERFORMANCE_HINT": "LATENCY", **precision})
     request = compiled.create_infer_request()
     data = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     best = float("inf")
@@ -367,8 +370,8 @@ def roofline(exported: Path, ours: dict) -> dict:
     they run in (int8 where the engine gives them int8 activations), for 4 questions."""
     import openvino as ov
 
+    from edge_agent.engine.devices import compile_properties
     from edge_agent.engine.int8_activations import activation_group
-    from edge_agent.engine.kv_cache import kv_cache_precision
 
     config = json.loads((exported / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
@@ -381,11 +384,12 @@ def roofline(exported: Path, ours: dict) -> dict:
     graphs = {submodel: core.read_model(exported / f"openvino_{submodel}.xml")
               for submodel in ("language_model", "vision_embeddings_model")}
     int8_activations = {submodel: activation_group(graph) is not None for submodel, graph in graphs.items()}
-    kv_precision = kv_cache_precision(graphs["language_model"]) or "u8"
+    kv_precision = compile_properties("CPU", None, graphs["language_model"]).get("KV_CACHE_PRECISION", "u8")
     step_bytes = decode_step_bytes(exported, text, prefix, kv_precision)
     step_ms = ours["decode"]["step_ms"]
     return {
         "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak, "int8_matmul_peak_gops": int8_peak,
+        "float_precision": float_precision() or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string(),
         "decode_step_bytes": step_bytes, "decode_step_ms": step_ms, "kv_cache_precision": kv_precision,
         "decode_roofline_ms": step_bytes / bandwidth / 1e6,
         "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],
@@ -399,11 +403,11 @@ def decode_step_bytes(exported: Path, text: dict, prefix: int, kv_precision: str
     """Bytes one decode step of 4 answers reads: every language-model weight once, plus the KV cache once.
 
     The KV cache holds 1 byte per value in the CPU plugin's default u8 (its scales are negligible), 2 in
-    bf16 (`edge_agent.engine.kv_cache`). The answers share the prefix's keys and values, counted once; each
+    bf16, 4 in f32 (`edge_agent.engine.kv_cache`). The answers share the prefix's keys and values, counted once; each
     adds its question (about 16 tokens) and, on average, half of its answer.
     """
     weights = (exported / "openvino_language_model.bin").stat().st_size
-    value_bytes = 2 if kv_precision == "bf16" else 1
+    value_bytes = {"u8": 1, "bf16": 2, "f32": 4}[kv_precision]
     kv_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim(text) * value_bytes
     return weights + kv_per_token * (prefix + TARGET_QUESTIONS * (16 + NEW_TOKENS / 2))
 
@@ -451,7 +455,7 @@ def machine() -> dict:
     meminfo = Path("/proc/meminfo").read_text().split()
     return {
         "cpu": model, "cores": os.cpu_count(),
-        "isa": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+        "isa": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
                         if f in flags),
         "memory_gib": int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20,
         "python": platform.python_version(),
@@ -635,7 +639,7 @@ def roofline_section(results: dict) -> str:
         return (f"{label}: {r[f'{stage}_gflop']:.0f} GFLOP in {r[f'{stage}_ms']:.0f} ms = {rate:.0f} GFLOP/s "
                 f"({rate / peak:.0%} of the {arithmetic} peak)")
 
-    peaks = f"**{r['matmul_peak_gflops']:.0f} GFLOP/s** at the default float precision"
+    peaks = f"**{r['matmul_peak_gflops']:.0f} GFLOP/s** at the engine's float precision ({r.get('float_precision', 'bf16')})"
     if int8_peak:
         peaks += f", **{int8_peak:.0f} GOP/s** with 8-bit operands"
     return (
