@@ -44,7 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edge_agent.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
-from edge_agent.engine.float_precision import float_precision  # noqa: E402
 
 import decode_profile  # noqa: E402  (benchmarks/, beside this script)
 
@@ -339,9 +338,8 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def matmul_gflops(m: int, k: int, n: int, int8: bool = False, repeats: int = 10) -> float:
-    """Best GFLOP/s of an [m,k] x [k,n] OpenVINO MatMul on the CPU at the engine's float precision (the plugin's
-    default or, where bf16 is slower, f32: `edge_agent.engine.float_precision`) or, with `int8`, with both
-    operands quantized to 8 bits (FakeQuantize, as in a calibrated int8 model)."""
+    """Best GFLOP/s of an [m,k] x [k,n] OpenVINO MatMul on the CPU at its default float precision (the engine's)
+    or, with `int8`, with both operands quantized to 8 bits (FakeQuantize, as in a calibrated int8 model)."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -352,9 +350,8 @@ def matmul_gflops(m: int, k: int, n: int, int8: bool = False, repeats: int = 10)
         low, high = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
         left = ops.fake_quantize(activations, low, high, low, high, 256)
         right = ops.fake_quantize(weights, low, high, low, high, 255)
-    precision = {"INFERENCE_PRECISION_HINT": hint} if (hint := float_precision()) else {}
     compiled = ov.Core().compile_model(ov.Model([ops.matmul(left, right, False, False)], [activations]),
-                                       "CPU", {"PERFORMANCE_HINT": "LATENCY", **precision})
+                                       "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     data = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     best = float("inf")
@@ -389,7 +386,7 @@ def roofline(exported: Path, ours: dict) -> dict:
     step_ms = ours["decode"]["step_ms"]
     return {
         "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak, "int8_matmul_peak_gops": int8_peak,
-        "float_precision": float_precision() or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string(),
+        "float_precision": ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string(),
         "decode_step_bytes": step_bytes, "decode_step_ms": step_ms, "kv_cache_precision": kv_precision,
         "decode_roofline_ms": step_bytes / bandwidth / 1e6,
         "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],

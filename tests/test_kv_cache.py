@@ -1,5 +1,4 @@
-"""The language model's KV cache is kept in the precision the CPU computes in (bf16 or f32), and answers stay
-close."""
+"""The language model's KV cache is kept in bf16 on CPUs with bf16 arithmetic, and answers stay close."""
 
 import json
 
@@ -22,18 +21,12 @@ WITHOUT_BF16 = frozenset({"avx2", "avx512f", "avx512_vnni"})
 
 @pytest.mark.parametrize("flags", [WITH_BF16, WITH_AMX], ids=["avx512-bf16", "amx"])
 def test_a_stateful_language_model_gets_a_bf16_cache_where_the_cpu_has_bf16(tiny_llava_int4, flags):
-    assert kv_cache_precision(graph(tiny_llava_int4, "language_model"), cpu_flags=flags) == "bf16"
-
-
-def test_f32_inference_gets_an_f32_cache_and_an_f16_pin_the_plugins_default(tiny_llava_int4):
-    language = graph(tiny_llava_int4, "language_model")
-    assert kv_cache_precision(language, "f32", cpu_flags=WITH_BF16) == "f32"
-    assert kv_cache_precision(language, "f16", cpu_flags=WITH_BF16) is None
+    assert kv_cache_precision(graph(tiny_llava_int4, "language_model"), flags) == "bf16"
 
 
 def test_cpus_without_bf16_and_graphs_without_a_cache_keep_the_default(tiny_llava_int4):
-    assert kv_cache_precision(graph(tiny_llava_int4, "language_model"), cpu_flags=WITHOUT_BF16) is None
-    assert kv_cache_precision(graph(tiny_llava_int4, "vision_embeddings_model"), "f32", cpu_flags=WITH_BF16) is None
+    assert kv_cache_precision(graph(tiny_llava_int4, "language_model"), WITHOUT_BF16) is None
+    assert kv_cache_precision(graph(tiny_llava_int4, "vision_embeddings_model"), WITH_BF16) is None
 
 
 def test_f32_keeps_the_cache_in_f32_and_f16_leaves_it_to_the_plugin(tiny_llava_int4):
@@ -45,8 +38,8 @@ def test_f32_keeps_the_cache_in_f32_and_f16_leaves_it_to_the_plugin(tiny_llava_i
 def test_the_engine_compiles_its_language_model_with_the_chosen_cache(tiny_llava_int4):
     compiled = Engine.load(tiny_llava_int4)._language.compiled
     plugin_default = ov.Core().get_property("CPU", "KV_CACHE_PRECISION")
-    expected = compile_properties("CPU", None, graph(tiny_llava_int4, "language_model")).get("KV_CACHE_PRECISION")
-    assert compiled.get_property("KV_CACHE_PRECISION") == (getattr(ov.Type, expected) if expected else plugin_default)
+    expected = kv_cache_precision(graph(tiny_llava_int4, "language_model"))
+    assert compiled.get_property("KV_CACHE_PRECISION") == (ov.Type.bf16 if expected else plugin_default)
 
 
 def decoded_logits(model_dir, load=load_language_model, inference_precision=None, **properties) -> np.ndarray:
@@ -68,9 +61,9 @@ def test_a_bf16_cache_keeps_what_an_f32_cache_keeps_better_than_u8(tiny_llava_in
     one whose attention takes an f32 cache under bf16 inference."""
     if not BF16_FLAGS & host_cpu_flags():
         pytest.skip("this CPU has no bf16 arithmetic and keeps the plugin's u8 cache")
-    f32 = decoded_logits(tiny_llava_int4, LanguageModel.load, "bf16", KV_CACHE_PRECISION="f32")
-    u8 = decoded_logits(tiny_llava_int4, LanguageModel.load, "bf16", KV_CACHE_PRECISION="u8")
-    bf16 = decoded_logits(tiny_llava_int4, LanguageModel.load, "bf16")
+    f32 = decoded_logits(tiny_llava_int4, LanguageModel.load, KV_CACHE_PRECISION="f32")
+    u8 = decoded_logits(tiny_llava_int4, LanguageModel.load, KV_CACHE_PRECISION="u8")
+    bf16 = decoded_logits(tiny_llava_int4, LanguageModel.load)
     assert not np.array_equal(u8, bf16)  # the setting is in effect
     assert cosine(f32, bf16) > 0.9999
     assert cosine(f32, bf16) >= cosine(f32, u8)
@@ -81,8 +74,8 @@ def test_the_paged_bf16_cache_stays_as_close_to_f32_inference_as_the_stateful_on
     if not BF16_FLAGS & host_cpu_flags():
         pytest.skip("this CPU has no bf16 arithmetic and keeps the plugin's u8 cache")
     truth = decoded_logits(tiny_llava_int4, inference_precision="f32")
-    paged = decoded_logits(tiny_llava_int4, inference_precision="bf16")
-    stateful = decoded_logits(tiny_llava_int4, LanguageModel.load, "bf16")
-    paged_u8 = decoded_logits(tiny_llava_int4, inference_precision="bf16", KV_CACHE_PRECISION="u8")
+    paged = decoded_logits(tiny_llava_int4)
+    stateful = decoded_logits(tiny_llava_int4, LanguageModel.load)
+    paged_u8 = decoded_logits(tiny_llava_int4, KV_CACHE_PRECISION="u8")
     assert cosine(truth, paged) > cosine(truth, stateful) - 1e-3
     assert cosine(truth, paged) >= cosine(truth, paged_u8)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import openvino as ov
 
 from ..errors import UserError
-from .float_precision import float_precision
 from .int8_activations import activation_group
 from .kv_cache import kv_cache_precision
 
@@ -69,9 +68,8 @@ def compile_properties(device: str, inference_precision: str | None, graph: ov.M
     """Latency-oriented settings: one stream, every core on the one request; optional precision pin.
 
     On the CPU, `graph`'s compressed matmuls get int8 activations where that is faster (`int8_activations`),
-    its float arithmetic is f32 instead of the plugin's bf16 where bf16 is slower (`float_precision`), and
-    a language model's KV cache is kept in the precision the CPU computes in, bf16 or f32 (`kv_cache`; the
-    plugin's default with an f16 pin, whose keys and values bf16 would round).
+    and a language model's KV cache is kept in bf16 where the CPU computes in bf16 (`kv_cache`; not with an
+    f16 pin, whose keys and values bf16 would round).
     Pinning `f32` instead keeps every activation in f32, and the KV cache too (it is u8-compressed by default):
     exact comparisons with a PyTorch reference need that, since the rounding of int8 activations depends on
     how many tokens a call holds.
@@ -87,8 +85,6 @@ def compile_properties(device: str, inference_precision: str | None, graph: ov.M
     elif graph is not None:
         if group := activation_group(graph):
             properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
-        if not inference_precision and (faster := float_precision()):
-            properties["INFERENCE_PRECISION_HINT"] = faster
-        if kv_precision := kv_cache_precision(graph, properties.get("INFERENCE_PRECISION_HINT")):
+        if inference_precision in (None, "bf16") and (kv_precision := kv_cache_precision(graph)):
             properties["KV_CACHE_PRECISION"] = kv_precision
     return properties

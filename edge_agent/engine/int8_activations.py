@@ -70,25 +70,14 @@ def weight_group_widths(graph: ov.Model) -> set[int]:
     return widths
 
 
+@functools.lru_cache(maxsize=1)
 def host_cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this machine's CPU (Linux), empty where they cannot be read."""
-    return frozenset(cpuinfo_field("flags").split())
-
-
-def host_cpu_vendor() -> str:
-    """This machine's CPU vendor as Linux names it (`GenuineIntel`, `AuthenticAMD`), empty where unknown."""
-    return cpuinfo_field("vendor_id")
-
-
-@functools.lru_cache(maxsize=None)
-def cpuinfo_field(name: str) -> str:
-    """The value of a field of the first CPU in /proc/cpuinfo, empty where it cannot be read."""
     try:
         text = CPU_INFO.read_text()
     except OSError:
-        return ""
+        return frozenset()
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return ""
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()

@@ -9,8 +9,7 @@ decode 15% faster for 4 answers (15 steps in 259 instead of 305 ms) and 14% for 
 ms), and left one answer's steps as they were (medians of 8 frames, interleaved). It takes twice the
 memory of a u8 cache: 34 instead of 17 MB for the bench model's 700 tokens, about 370 instead of 180 MB
 for LLaVA-1.5-7B's. Nothing is lost: on such CPUs the plugin computes in bf16 by default, so the keys and
-values are bf16 before they are cached. CPUs without bf16 arithmetic keep the plugin's default, and where
-the engine computes in f32 instead (`float_precision`) the cache is f32 too.
+values are bf16 before they are cached. CPUs without bf16 arithmetic keep the plugin's default.
 Those measurements ran the stateful graph; with paged attention (`paged.py`, the engine's on the CPU) a bf16
 cache still made steps of 4 and 8 answers 7-9% faster than u8.
 """
@@ -24,18 +23,9 @@ from .int8_activations import host_cpu_flags
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-def kv_cache_precision(graph: ov.Model, inference_precision: str | None = None,
-                       cpu_flags: frozenset[str] | None = None) -> str | None:
-    """The KV cache precision for a graph that keeps a cache in its state; None for the plugin's default.
-
-    `f32` under f32 inference (`float_precision` picks it on some CPUs; the plugin's paged attention takes no
-    bf16 cache then), `bf16` under the plugin's default or a bf16 pin on a CPU with bf16 arithmetic.
-    """
-    if not graph.get_sinks():
-        return None
-    if inference_precision == "f32":
-        return "f32"
+def kv_cache_precision(graph: ov.Model, cpu_flags: frozenset[str] | None = None) -> str | None:
+    """`bf16` for a graph that keeps a KV cache in its state, on a CPU with bf16 arithmetic; else None."""
     flags = cpu_flags if cpu_flags is not None else host_cpu_flags()
-    if inference_precision in (None, "bf16") and BF16_FLAGS & flags:
-        return "bf16"
-    return None
+    if not BF16_FLAGS & flags or not graph.get_sinks():
+        return None
+    return "bf16"
