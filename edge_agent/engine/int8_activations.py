@@ -6,7 +6,8 @@ int8 on the fly, one scale per group of that many input channels, and multiplies
 products. Its default group is 32 channels; every group then needs its own rescaling of the partial sums,
 and that overhead eats most of the int8 gain: on a 2-core AMD EPYC (AVX-512 with VNNI and BF16, no AMX) the
 bench model's vision encoder and its language model's one pass over prefix and questions ran only about 8%
-faster than with bf16 activations. Groups of 128 made them 1.2x and 1.3x faster than the default, and
+faster than with bf16 activations. Groups of 128 made them 1.2x and 1.3x faster than the default (the
+vision encoder 1.6x on a 2-core Intel Xeon VM whose AMX the hypervisor hides), and
 decode steps too (19 against 24 ms for 4 answers; 32 ms with bf16 activations), though their few rows leave
 the matmuls bound by their cost per call (benchmarks/RESULTS.md). On CPUs with AMX the group made no
 difference to a decode step (measured on an Intel Xeon) and the bf16 tile kernels are the fast path, so
