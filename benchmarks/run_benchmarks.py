@@ -386,7 +386,7 @@ def roofline(exported: Path, ours: dict) -> dict:
     step_ms = ours["decode"]["step_ms"]
     return {
         "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak, "int8_matmul_peak_gops": int8_peak,
-        "float_precision": ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string(),
+        "float_precision": core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string(),
         "decode_step_bytes": step_bytes, "decode_step_ms": step_ms, "kv_cache_precision": kv_precision,
         "decode_roofline_ms": step_bytes / bandwidth / 1e6,
         "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],
