@@ -10,8 +10,10 @@ import pytest
 
 from edge_agent.engine import Engine
 from edge_agent.engine import engine as engine_module
+from edge_agent.engine.devices import DevicePlan
 from edge_agent.engine.language import LanguageModel
 from edge_agent.engine.paged import load_language_model
+from edge_agent.engine.preprocess import ClipPreprocessor
 from edge_agent.errors import UserError
 from tests.support.reference import random_frame
 
@@ -152,6 +154,37 @@ def test_the_vision_encoder_runs_static_tiles(llava, llava_next):
     for engine, tiles in ((llava, 1), (llava_next, -1)):
         side = engine.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
         assert engine._vision.input(0).get_partial_shape() == ov.PartialShape([tiles, 3, side, side])
+
+
+class StaticOnlyNpu(ov.Core):
+    """The one thing mocked: an Intel NPU. Like the NPU's compiler it refuses dynamic shapes; it runs on the CPU
+    in f32, so that its results can be compared with the CPU engine's."""
+
+    available_devices = ["CPU", "NPU"]
+
+    def compile_model(self, model, device_name, config=None):
+        if device_name == "NPU":
+            if model.is_dynamic():
+                raise RuntimeError("NPU: dynamic shapes are not supported")
+            device_name, config = "CPU", {**(config or {}), "INFERENCE_PRECISION_HINT": "f32"}
+        return super().compile_model(model, device_name, config or {})
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_on_the_npu_the_vision_encoder_runs_one_static_tile_at_a_time(request, arch):
+    on_cpu = request.getfixturevalue(arch)
+    on_npu = Engine(on_cpu.model, StaticOnlyNpu(), DevicePlan(vision="NPU"), inference_precision="f32")
+    assert on_npu._vision.input(0).get_partial_shape() == ov.PartialShape([1, 3, *on_cpu.preprocess.tile_shape])
+    for size in ((48, 64), (100, 37)):
+        frame = random_frame(*size)
+        np.testing.assert_allclose(on_npu.encode(frame).prefix_embeds, on_cpu.encode(frame).prefix_embeds,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_npu_refuses_a_preprocessor_whose_tiles_follow_the_frame(llava, monkeypatch):
+    monkeypatch.setattr(ClipPreprocessor, "tile_shape", property(lambda self: None))
+    with pytest.raises(UserError, match="cannot run on the NPU: its preprocessor sizes images by the frame"):
+        Engine(llava.model, StaticOnlyNpu(), DevicePlan(vision="NPU"), inference_precision="f32")
 
 
 def test_rows_stop_independently(llava):

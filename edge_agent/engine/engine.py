@@ -173,13 +173,15 @@ class Engine:
         """The encoder's input shape to compile, or None to keep the export's dynamic one.
 
         Static shapes run faster on the CPU (the bench model's encoder by about 3%), and the NPU compiles
-        nothing else: there, one square tile at a time. Elsewhere the tile's height and width are fixed where
-        the preprocessor's are, and LLaVA-NeXT's tile count stays open: it follows the frame's shape.
+        nothing else: there, one tile at a time. Elsewhere the tile's height and width are fixed where the
+        preprocessor's are, and LLaVA-NeXT's tile count stays open: it follows the frame's shape.
         """
-        if "NPU" in self.devices.vision:
-            side = self.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
-            return [1, 3, side, side]
         tile = self.preprocess.tile_shape
+        if "NPU" in self.devices.vision:
+            if tile is None:
+                raise UserError(f"the vision encoder of {self.model.path} cannot run on the NPU: its preprocessor "
+                                "sizes images by the frame's aspect ratio, and the NPU needs one fixed tile shape")
+            return [1, 3, *tile]
         if tile is None:
             return None
         return [-1 if self.model.model_type == "llava_next" else 1, 3, *tile]
