@@ -177,14 +177,13 @@ class Engine:
         preprocessor's are, and LLaVA-NeXT's tile count stays open: it follows the frame's shape.
         """
         tile = self.preprocess.tile_shape
-        if "NPU" in self.devices.vision:
-            if tile is None:
+        on_npu = "NPU" in self.devices.vision
+        if tile is None:
+            if on_npu:
                 raise UserError(f"the vision encoder of {self.model.path} cannot run on the NPU: its preprocessor "
                                 "sizes images by the frame's aspect ratio, and the NPU needs one fixed tile shape")
-            return [1, 3, *tile]
-        if tile is None:
             return None
-        return [-1 if self.model.model_type == "llava_next" else 1, 3, *tile]
+        return [-1 if self.model.model_type == "llava_next" and not on_npu else 1, 3, *tile]
 
     def _first_use(self, submodel: str) -> contextlib.AbstractContextManager:
         """Around a submodel's first inference: let go of its mapped files' pages as the device copies them.
