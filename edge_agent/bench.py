@@ -189,13 +189,13 @@ def peak_rss_mib() -> float:
     Read from the kernel's high-water mark of this process's own memory (`VmHWM`), which starts afresh when
     the program is executed. `getrusage`'s `ru_maxrss` is only the fallback where /proc is missing: Linux
     carries it over from the parent when a process is spawned, so a child of a large process (a benchmark
-    that has just exported a model, say) would report the parent's peak. The kernel updates the high-water
-    mark lazily, so the resident memory of this moment counts too.
+    that has just exported a model, say) would report the parent's peak. Both already count the resident
+    memory of this moment: the kernel raises its lazily updated high-water mark to it when they are read.
     """
-    peak, now = status_mib("VmHWM"), status_mib("VmRSS")
-    if peak is None or now is None:
+    peak = status_mib("VmHWM")
+    if peak is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-    return max(peak, now)
+    return peak
 
 
 def rss_mib() -> float | None:
