@@ -9,9 +9,11 @@ bench model's vision encoder and its language model's one pass over prefix and q
 faster than with bf16 activations. Groups of 128 made them 1.2x and 1.3x faster than the default (the
 vision encoder 1.6x on a 2-core Intel Xeon VM whose AMX the hypervisor hides), and
 decode steps too (19 against 24 ms for 4 answers; 32 ms with bf16 activations), though their few rows leave
-the matmuls bound by their cost per call (benchmarks/RESULTS.md). On CPUs with AMX the group made no
-difference to a decode step (measured on an Intel Xeon) and the bf16 tile kernels are the fast path, so
-those keep the plugin's default.
+the matmuls bound by their cost per call (benchmarks/RESULTS.md). On CPUs with AMX the plugin computes
+in bf16 tiles and the group changes nothing (a 2-core Xeon with AMX: 34.0 to 34.4 ms per 4-answer decode
+step with any group). Int8 activations there need f32 inference, which decoded faster and prefilled slower:
+whole frames 4% faster with 4 or 8 questions and 7% slower with one. So those CPUs keep the plugin's
+defaults.
 
 The group divides every weight group of the graph: NNCF's int4 groups (128 by default, smaller for small
 layers) and, to be safe, the input width of per-channel int8 weights. The plugin runs no int8 activations
