@@ -2,8 +2,8 @@
 
 OpenVINO's own per-node counters (PERF_COUNT) do not add up to a decode step's wall time on the CPU plugin
 (their sum is several times the step), so this profile does without them:
-1. Wall time per step with 1, 2, 4 and 8 answer rows, after the bench model's prefix and after a short
-   one. What a row costs, and how much of that is attention over the shared prefix, follow by subtraction.
+1. Wall time per step with 1 to 16 answer rows, after the bench model's prefix and after a short one.
+   What a row costs, and how much of that is attention over the shared prefix, follow by subtraction.
 2. Where the CPU is during the steps, sampled by Linux `perf` (cpu-clock events with CLOCK_MONOTONIC
    timestamps; only samples inside the steps' time windows count, not the prefill). Each sample is put
    under the code it landed in: kernels generated at run time (the matmuls, norms, RoPE), the CPU plugin's
@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 5, 8, 16)
 SAMPLED_ROWS = (1, 4)
 SHORT_PREFIX = 16
 QUESTION_TOKENS = 16
@@ -76,17 +76,34 @@ def decode_steps(session, hidden: int, rows: int) -> tuple[float, float]:
     return started, time.monotonic()
 
 
-def step_ms(exported: Path, prefixes: tuple[int, ...]) -> dict:
-    """{prefix tokens: {rows: median ms per decode step}}, the configurations interleaved round by round."""
+def step_ms(exported: Path, prefixes: tuple[int, ...]) -> tuple[dict, dict]:
+    """{prefix tokens: {rows: median ms per decode step}}, the configurations interleaved round by round, and
+    {rows: the matmul kernels of those steps}, noted in the warm-up round."""
     model, hidden = open_language_model(exported)
     times: dict = {prefix: {rows: [] for rows in ROWS} for prefix in prefixes}
+    kernels = {}
     for round_ in range(ROUNDS):
         for prefix in prefixes:
             for rows in ROWS:
                 start, end = decode_steps(prefilled_session(model, hidden, prefix, rows), hidden, rows)
                 if round_:
                     times[prefix][rows].append((end - start) / STEPS * 1000)
-    return {prefix: {rows: statistics.median(ms) for rows, ms in by_rows.items()} for prefix, by_rows in times.items()}
+                else:
+                    kernels[rows] = matmul_kernels(model.compiled)
+    return ({prefix: {rows: statistics.median(ms) for rows, ms in by_rows.items()} for prefix, by_rows in times.items()},
+            kernels)
+
+
+def matmul_kernels(compiled) -> str:
+    """The kernels the CPU plugin ran the matmuls (FullyConnected nodes) of its last inference with.
+
+    With dynamic shapes the plugin picks a kernel per input shape; its runtime model names the last one."""
+    kinds = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "FullyConnected":
+            kinds.add(info["primitiveType"].astype(str))
+    return ", ".join(sorted(kinds))
 
 
 def decode_loop(exported: Path, prefix_tokens: int, rows: int, seconds: float) -> list[tuple[float, float]]:
@@ -147,8 +164,8 @@ def code_kind(dso: str) -> str:
 
 
 def measure(exported: Path, prefix_tokens: int) -> dict:
-    return {"prefix_tokens": prefix_tokens,
-            "step_ms": step_ms(exported, (prefix_tokens, SHORT_PREFIX)),
+    times, kernels = step_ms(exported, (prefix_tokens, SHORT_PREFIX))
+    return {"prefix_tokens": prefix_tokens, "step_ms": times, "matmul_kernels": kernels,
             "samples": {rows: sampled_shares(exported, prefix_tokens, rows) for rows in SAMPLED_ROWS}}
 
 
@@ -161,21 +178,34 @@ def prefix_attention_remark(extra_ms: float) -> str:
             "it again, though the rows share the cached prefix.")
 
 
+def many_rows_remark(short: dict) -> str:
+    """What a row costs from 8 to 16 rows against 1 to 4, after the short prefix ("" for profiles without 16)."""
+    if 16 not in short:
+        return ""
+    few, many = (short[4] - short[1]) / 3, (short[16] - short[8]) / 8
+    return (f" From 8 to 16 rows, after the {SHORT_PREFIX}-token prefix, a row adds {many:.1f} ms "
+            f"({many / few:.0%} of its cost from 1 to 4 rows).")
+
+
 def section(profile: dict) -> str:
     """RESULTS.md's decode profile: step times by rows and prefix, then the sampled shares."""
     prefix = profile["prefix_tokens"]
     step = {int(p): {int(r): ms for r, ms in by_rows.items()} for p, by_rows in profile["step_ms"].items()}
-    rows_header = " | ".join(f"{rows} {'row' if rows == 1 else 'rows'}" for rows in ROWS)
-    lines = [f"| prefix | {rows_header} |", "|" + " --- |" * (len(ROWS) + 1)]
-    for tokens in (prefix, SHORT_PREFIX):
-        lines.append(f"| {tokens} tokens | " + " | ".join(f"{step[tokens][rows]:.1f}" for rows in ROWS) + " |")
     long, short = step[prefix], step[SHORT_PREFIX]
+    rows_measured = sorted(long)
+    rows_header = " | ".join(f"{rows} {'row' if rows == 1 else 'rows'}" for rows in rows_measured)
+    lines = [f"| prefix | {rows_header} |", "|" + " --- |" * (len(rows_measured) + 1)]
+    for tokens in (prefix, SHORT_PREFIX):
+        lines.append(f"| {tokens} tokens | " + " | ".join(f"{step[tokens][rows]:.1f}" for rows in rows_measured) + " |")
+    if "matmul_kernels" in profile:
+        kernels = {int(rows): kind for rows, kind in profile["matmul_kernels"].items()}
+        lines.append("| matmul kernel | " + " | ".join(f"`{kernels[rows]}`" for rows in rows_measured) + " |")
     per_row = (long[4] - long[1]) / 3
     per_row_short = (short[4] - short[1]) / 3
     text = ("## Decode, profiled (language model alone, ms per step)\n\n" + "\n".join(lines) + "\n\n"
             f"From 1 to 4 rows, each row adds {per_row:.1f} ms per step after the {prefix}-token prefix and "
             f"{per_row_short:.1f} ms after a {SHORT_PREFIX}-token one. "
-            + prefix_attention_remark(per_row - per_row_short) + " Medians of "
+            + prefix_attention_remark(per_row - per_row_short) + many_rows_remark(short) + " Medians of "
             f"{ROUNDS - 1} interleaved rounds of {STEPS} steps, random embeddings, the engine's settings.\n")
     samples = {int(rows): shares for rows, shares in profile["samples"].items()}
     if any("unavailable" in shares for shares in samples.values()):
