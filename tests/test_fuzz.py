@@ -246,8 +246,10 @@ def resident_kib() -> float:
 
 FLOOD_REQUESTERS, FLOOD_PER_REQUESTER = 100, 20
 RSS_GROWTH_LIMIT_KIB = 8 * 1024
-"""About 0.6 MiB measured for 2,000 requests (half of them near the 16 KiB cap); an unbounded queue
-or a kept request would show at once."""
+"""About 0.6 MiB is typical for 2,000 requests (half of them near the 16 KiB cap), and keeping them would
+add about 16 MiB. Once in a while a flood grows the process by more than the limit for reasons of its
+own (8.4 MiB seen once in CI: an allocator arena, or a block pool sized for a larger round of answers),
+so the test floods twice after the warm-up and bounds the smaller growth: a leak grows every flood."""
 
 
 def flood(flooder: Requester, rounds: str) -> None:
@@ -263,19 +265,27 @@ def test_a_flood_of_requests_is_refused_or_answered_one_reply_each_and_memory_st
         tiny_llava_int8, tiny_engine, broker, make_requester, static_video):
     flooder = make_requester("flood")
     total = FLOOD_REQUESTERS * FLOOD_PER_REQUESTER
+
+    def flood_and_wait(rounds: str) -> tuple[float, float]:
+        """Sends a flood, waits for all its replies; returns the RSS growth in KiB and the seconds sending took."""
+        expected_replies = len(flooder.replies) + total
+        before, started = resident_kib(), time.monotonic()
+        flood(flooder, rounds)
+        sending_s = time.monotonic() - started
+        wait_until(lambda: len(flooder.replies) == expected_replies, timeout=120,
+                   what=f"a reply to every request of the {rounds} flood")
+        return resident_kib() - before, sending_s
+
     with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=tiny_engine) as agent:
         wait_until(lambda: agent.metrics.inferences._value.get() >= 1, timeout=30, what="a first answer")
-        flood(flooder, "warm-up")
-        wait_until(lambda: len(flooder.replies) == total, timeout=120, what="a reply to every warm-up request")
-        before, started = resident_kib(), time.monotonic()
-        flood(flooder, "flood")
-        flood_s = time.monotonic() - started
-        wait_until(lambda: len(flooder.replies) == 2 * total, timeout=120, what="a reply to every request")
-        after = resident_kib()
+        flood_and_wait("warm-up")
+        first_growth, flood_s = flood_and_wait("flood")
+        second_growth, _ = flood_and_wait("again")
 
     outcomes = [reply.get("error", "answered").split(":")[0] for key, reply in flooder.replies.items()
                 if key.startswith("flood-")]
-    assert after - before < RSS_GROWTH_LIMIT_KIB, f"RSS grew by {after - before:.0f} KiB"
+    growths = f"RSS grew by {first_growth:.0f} and {second_growth:.0f} KiB"
+    assert min(first_growth, second_growth) < RSS_GROWTH_LIMIT_KIB, growths
     allowed_per_requester = 5 + flood_s * 30 / 60  # the default burst, and 30 per minute
     assert len(outcomes) - outcomes.count("rate limit") <= FLOOD_REQUESTERS * (allowed_per_requester + 1)
     assert set(outcomes) <= {"rate limit", "busy", "answered"}
