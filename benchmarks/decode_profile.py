@@ -179,9 +179,7 @@ def prefix_attention_remark(extra_ms: float) -> str:
 
 
 def many_rows_remark(short: dict) -> str:
-    """What a row costs from 8 to 16 rows against 1 to 4, after the short prefix ("" for profiles without 16)."""
-    if 16 not in short:
-        return ""
+    """What a row costs from 8 to 16 rows against 1 to 4, after the short prefix."""
     few, many = (short[4] - short[1]) / 3, (short[16] - short[8]) / 8
     return (f" From 8 to 16 rows, after the {SHORT_PREFIX}-token prefix, a row adds {many:.1f} ms "
             f"({many / few:.0%} of its cost from 1 to 4 rows).")
@@ -192,14 +190,12 @@ def section(profile: dict) -> str:
     prefix = profile["prefix_tokens"]
     step = {int(p): {int(r): ms for r, ms in by_rows.items()} for p, by_rows in profile["step_ms"].items()}
     long, short = step[prefix], step[SHORT_PREFIX]
-    rows_measured = sorted(long)
-    rows_header = " | ".join(f"{rows} {'row' if rows == 1 else 'rows'}" for rows in rows_measured)
-    lines = [f"| prefix | {rows_header} |", "|" + " --- |" * (len(rows_measured) + 1)]
+    kernels = {int(rows): kind for rows, kind in profile["matmul_kernels"].items()}
+    rows_header = " | ".join(f"{rows} {'row' if rows == 1 else 'rows'}" for rows in ROWS)
+    lines = [f"| prefix | {rows_header} |", "|" + " --- |" * (len(ROWS) + 1)]
     for tokens in (prefix, SHORT_PREFIX):
-        lines.append(f"| {tokens} tokens | " + " | ".join(f"{step[tokens][rows]:.1f}" for rows in rows_measured) + " |")
-    if "matmul_kernels" in profile:
-        kernels = {int(rows): kind for rows, kind in profile["matmul_kernels"].items()}
-        lines.append("| matmul kernel | " + " | ".join(f"`{kernels[rows]}`" for rows in rows_measured) + " |")
+        lines.append(f"| {tokens} tokens | " + " | ".join(f"{step[tokens][rows]:.1f}" for rows in ROWS) + " |")
+    lines.append("| matmul kernel | " + " | ".join(f"`{kernels[rows]}`" for rows in ROWS) + " |")
     per_row = (long[4] - long[1]) / 3
     per_row_short = (short[4] - short[1]) / 3
     text = ("## Decode, profiled (language model alone, ms per step)\n\n" + "\n".join(lines) + "\n\n"
