@@ -19,6 +19,7 @@ language model is first needed, as the same one-line `UserError` that `Engine.lo
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -41,6 +42,11 @@ from .paged import PagedLanguageModel, PagedSession, load_language_model
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
 from .tokenizer import Tokenizer
+
+
+OPTION_CACHE_ENTRIES = 1024
+"""Options whose spellings' token ids are kept (keyed by question and option). Standing questions find
+theirs on every frame; ad hoc questions come and go, and the least recently used entries go with them."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,8 @@ class Engine:
                                          compile_properties(devices.language, inference_precision))
         self._lock = threading.Lock()
         self._weights_still_mapped = {"vision", "language"}
-        self._option_cache: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {}
+        self._option_cache: collections.OrderedDict[tuple[str, str], tuple[tuple[int, ...], ...]] = \
+            collections.OrderedDict()
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "CPU", vision_device: str | None = None,
@@ -279,7 +286,8 @@ class Engine:
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
             branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
             with self._first_use("language"):
-                logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds)
+                logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds,
+                                                          self._branch_log_probs(branches, spelled))
                 prefill_ms = watch.lap()
                 chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
                 generated = self._decode(session, prompts, logits, ignore_eos)
@@ -302,6 +310,15 @@ class Engine:
         if any(not p.text or not p.text.strip() for p in prompts):
             raise UserError("a question is empty")
         return prompts
+
+    def prompt_tokens(self, question: str) -> int:
+        """How many tokens the model reads for `question` after the shared image prefix (the templated
+        question and whatever the template puts after it)."""
+        return len(self._split_prompt(question)[1])
+
+    def option_tokens(self, question: str, option: str) -> int:
+        """How many tokens the longest spelling of `option` takes as an answer to `question` (each is scored)."""
+        return max(len(ids) for ids in self._option_ids(question, option))
 
     def _question_suffix(self, context: FrameContext, question: str) -> np.ndarray:
         prefix, suffix = self._split_prompt(question)
@@ -329,21 +346,39 @@ class Engine:
                        for variants in options for ids in variants if len(ids) > 1})
 
     @staticmethod
+    def _branch_log_probs(branches: list[tuple[int, tuple[int, ...]]], spelled: dict):
+        """How a branch's logits [L, vocab] are reduced as soon as they are read: to {(position, token):
+        log-probability} for the tokens a spelling through it needs (its own next tokens, and at its last
+        position the last token of each spelling it starts), not L x vocab floats per branch."""
+        last_tokens = collections.defaultdict(set)
+        for row, options in spelled.items():
+            for ids in (ids for variants in options for ids in variants if len(ids) > 1):
+                last_tokens[(row, ids[:-1])].add(ids[-1])
+
+        def reduce(index: int, logits: np.ndarray) -> dict[tuple[int, int], float]:
+            branch = branches[index]
+            steps = log_softmax(logits)
+            needed = [(j, branch[1][j + 1]) for j in range(len(branch[1]) - 1)]
+            needed += [(len(branch[1]) - 1, token) for token in last_tokens[branch]]
+            return {(j, token): float(steps[j, token]) for j, token in needed}
+
+        return reduce
+
+    @staticmethod
     def _choose(prompts: list[Prompt], spelled: dict, logits: np.ndarray, ahead: dict) -> dict:
         """For option rows: {row: (option, its best spelling's ids, probability)} from the model's distribution.
 
         A spelling scores the log-probability of its first token from the question's logits plus, for longer
-        spellings, of each later token from its teacher-forced branch's logits (`ahead[(row, ids[:-1])]`).
+        spellings, of each later token from its teacher-forced branch (`ahead[(row, ids[:-1])]`, reduced by
+        `_branch_log_probs`).
         """
         chosen = {}
         for row, options in spelled.items():
             first = log_softmax(logits[row])
 
             def score(ids):
-                if len(ids) == 1:
-                    return first[ids[0]]
-                steps = log_softmax(ahead[(row, ids[:-1])])
-                return first[ids[0]] + sum(steps[j, ids[j + 1]] for j in range(len(ids) - 1))
+                steps = ahead.get((row, ids[:-1]), {})
+                return first[ids[0]] + sum(steps[(j, ids[j + 1])] for j in range(len(ids) - 1))
 
             scores = [[score(ids) for ids in variants] for variants in options]
             probabilities = option_probabilities(scores)
@@ -357,6 +392,9 @@ class Engine:
         key = (question, option)
         if key not in self._option_cache:
             self._option_cache[key] = self._spell_option(question, option)
+            if len(self._option_cache) > OPTION_CACHE_ENTRIES:
+                self._option_cache.popitem(last=False)
+        self._option_cache.move_to_end(key)
         return self._option_cache[key]
 
     def _spell_option(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:

@@ -22,6 +22,7 @@ from the prefix instead (`beam_idx = [0] * N`, one more call) and decodes them a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import openvino as ov
@@ -219,20 +220,22 @@ class LanguageSession:
                   beam_idx=np.zeros(1, dtype=np.int32), logits_at=[length - 1])
         self._next_position = np.array([length])
 
-    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = ()
-                          ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
+                          reduce: Callable[[int, np.ndarray], Any] | None = None) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         A branch (question row, embeds [L, hidden]) is a teacher-forced continuation of that question (the
         first tokens of an answer option); it is scored, never decoded further.
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
-        predicts the token after branch token j). Afterwards row i is question i, seeing the prefix and its
-        own question only.
+        predicts the token after branch token j), or with `reduce`, `reduce(branch index, its logits)`.
+        Afterwards row i is question i, seeing the prefix and its own question only.
         """
         self._claim()
         if self._model.takes_allowed:
-            return self._prefill_shared_sequence(questions, branches)
-        return self._prefill_forked_rows(questions, branches)
+            logits, ahead = self._prefill_shared_sequence(questions, branches)
+        else:
+            logits, ahead = self._prefill_forked_rows(questions, branches)
+        return logits, [reduce(index, each) for index, each in enumerate(ahead)] if reduce else ahead
 
     def _prefill_forked_rows(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
         """Questions as a batch of rows forked from the prefix's row; branches as a second call, extra rows."""

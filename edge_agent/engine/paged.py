@@ -12,8 +12,9 @@ The calls of a round:
 - every other question, each a sequence after the cached prefix, in one call. A sequence owns the block
   it writes to, so the prefix's last, partly filled block is copied for each of them first;
 - a branch (the first tokens of an answer option, scored and never decoded) rides along in its question's
-  sequence, past the end the question's row keeps; a question's further branches are sequences of the
-  question again and the branch;
+  sequence, past the end the question's row keeps; a question's further branches follow in calls of at
+  most `BRANCHES_PER_CALL` sequences, each after its question's cached row (its full blocks shared, its
+  partly filled last block copied) in blocks given back as soon as the call's logits are read;
 - then each decode step appends one token to each unfinished answer's sequence.
 A sequence sees exactly its own tokens, so nothing from other answers or earlier rounds needs masking.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import openvino as ov
@@ -34,6 +35,12 @@ from .language import LOGITS_POSITIONS, LanguageModel, add_logits_positions
 CACHE_INPUTS = ("key_cache.", "value_cache.")
 BLOCK_SIZE_AXIS = 2
 """The CPU plugin's value-cache blocks are [blocks, kv heads, block size, head size (+ u8 scales)]."""
+BRANCHES_PER_CALL = 8
+"""Further branches (answer options' first tokens) scored per call. Each once repeated its whole question,
+all of them in one call: 32 options of 60 characters made that call about 37,000 tokens on the demo model,
+and the block pool and the plugin's buffers kept what it took (RSS 175 -> 593 MiB there; 2.3 GiB on the
+0.4B bench model). After its question's cached row a branch is only its own tokens, and a call holds at
+most 8 branches' logits before `reduce` keeps just the log-probabilities that are needed."""
 
 
 def to_paged_attention(graph: ov.Model) -> bool:
@@ -117,12 +124,10 @@ class Sequence:
 
 
 class Job(NamedTuple):
-    """One sequence of a round's prefill: a question, with branch `branch` (an index) riding along or not;
-    `keeps_row`: the question's own row, kept for decoding, or a further branch, whose blocks go back."""
+    """One question's sequence of a round's prefill, with branch `branch` (an index) riding along or not."""
 
     row: int
     branch: int | None
-    keeps_row: bool
 
 
 class PagedLanguageModel:
@@ -191,22 +196,23 @@ class PagedSession:
         self._prefix_blocks = self._pool.take(self._pool.blocks_for(self.prefix_len))
         self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
 
-    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = ()
-                          ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
+                          reduce: Callable[[int, np.ndarray], Any] | None = None) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
-        predicts the token after branch token j), as `LanguageSession.prefill_questions` does. A question's
-        first branch rides along in the question's own sequence, past the end the row keeps; further branches
-        of the same question are sequences of the question again and the branch.
+        predicts the token after branch token j), as `LanguageSession.prefill_questions` does; with `reduce`,
+        `reduce(branch index, its logits)` instead, taken as each call's logits are read, so no more than one
+        call's logits are held at once. A question's first branch rides along in the question's own sequence,
+        past the end the row keeps; further branches follow after the question rows (`_score_branches`).
         """
+        reduce = reduce or (lambda index, logits: logits)
         self._claim()
         self._drop_rows()
         riders: dict[int, int] = {}  # question row -> index of the branch in its own sequence
         for index, (row, _) in enumerate(branches):
             riders.setdefault(row, index)
-        jobs = [Job(row, riders.get(row), keeps_row=True) for row in range(len(questions))]
-        jobs += [Job(row, index, keeps_row=False) for index, (row, _) in enumerate(branches) if riders[row] != index]
+        jobs = [Job(row, riders.get(row)) for row in range(len(questions))]
         sequences, results = [], []  # per job: its sequence; the logits after its question and its branch tokens
         if not self._prefix_blocks:
             first = self._with_prefix(*self._tokens(jobs[0], questions, branches))
@@ -217,12 +223,36 @@ class PagedSession:
         results += self._run_each(later)
         sequences += later
         for job, sequence in zip(jobs, sequences):
-            if job.keeps_row:
-                self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
-            else:
-                self._pool.give_back(sequence.blocks)
-        ahead = {job.branch: result[1:] for job, result in zip(jobs, results) if job.branch is not None}
-        return np.stack([result[0] for result in results[:len(questions)]]), [ahead[i] for i in range(len(branches))]
+            self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
+        ahead = {job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results)
+                 if job.branch is not None}
+        further = [index for index, (row, _) in enumerate(branches) if riders[row] != index]
+        ahead.update(self._score_branches(branches, further, reduce))
+        return np.stack([result[0] for result in results]), [ahead[i] for i in range(len(branches))]
+
+    def _score_branches(self, branches, indices: list[int], reduce) -> dict[int, Any]:
+        """{index: reduce(index, logits)} for `branches[index]`, each after its question's row, in calls of
+        at most `BRANCHES_PER_CALL` sequences whose own blocks go back to the pool after each call."""
+        scored = {}
+        for start in range(0, len(indices), BRANCHES_PER_CALL):
+            chunk = indices[start:start + BRANCHES_PER_CALL]
+            placed = [self._after_row(*branches[index]) for index in chunk]
+            logits = self._run_each([sequence for sequence, _ in placed])
+            for (_, own), index, branch_logits in zip(placed, chunk, logits):
+                self._pool.give_back(own)
+                scored[index] = reduce(index, branch_logits)
+        return scored
+
+    def _after_row(self, row: int, tokens: np.ndarray) -> tuple[Sequence, list[int]]:
+        """`tokens` after question `row`'s cached tokens, logits at each of them, and the blocks it owns: the
+        row's full blocks are shared, its partly filled last block is copied (it may hold a rider's tokens
+        past the row's end, which this sequence overwrites in its copy)."""
+        blocks, length = self._rows[row]
+        full = length // self._pool.block_size
+        own = self._pool.take(self._pool.blocks_for(length + len(tokens)) - full)
+        if length % self._pool.block_size:
+            self._pool.copy(blocks[full], own[:1])
+        return Sequence(tokens, length, blocks[:full] + own, length, list(range(len(tokens)))), own
 
     @staticmethod
     def _tokens(job: "Job", questions, branches) -> tuple[np.ndarray, list[int]]:
