@@ -159,6 +159,14 @@ class Settings:
         """Rules that involve several fields; raise `InvalidValue` naming the offending key."""
 
 
+MAX_OPTIONS = 20
+"""Most options a choice question may list. Every option is listed in the prompt and each of its spellings
+is scored, so the prompt and the scoring grow with them; Home Assistant shows them as one select list."""
+MAX_OPTION_CHARS = 80
+"""Longest option in characters: an answer, not a paragraph. Its tokens are bounded too, once the model's
+tokenizer is known (`service.MAX_OPTION_TOKENS`)."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Question(Settings):
     """A standing question asked about the camera image, answered with a typed value."""
@@ -199,9 +207,15 @@ class Question(Settings):
             return
         if len(self.options) < 2:
             raise InvalidValue("options", "must list at least 2 options when type is choice")
+        if len(self.options) > MAX_OPTIONS:
+            raise InvalidValue("options", f"lists {len(self.options)} options, more than {MAX_OPTIONS}")
         folded = [option.strip().casefold() for option in self.options]
         if "" in folded:
             raise InvalidValue(f"options[{folded.index('')}]", "must not be empty")
+        too_long = next((index for index, option in enumerate(self.options) if len(option) > MAX_OPTION_CHARS), None)
+        if too_long is not None:
+            raise InvalidValue(f"options[{too_long}]", f"is {len(self.options[too_long])} characters long, "
+                                                       f"more than {MAX_OPTION_CHARS}")
         duplicate = first_duplicate(folded)
         if duplicate is not None:
             raise InvalidValue(f"options[{duplicate}]", f"duplicate option {self.options[duplicate]!r}")

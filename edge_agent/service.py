@@ -25,7 +25,7 @@ import typing
 from . import systemd
 from .capture import CameraReader, CaptureSettings, DeviceMissing, GateSettings, SceneGate, validate_source
 from .capture.reader import Frame
-from .config import Config, Question
+from .config import Config, InvalidValue, Question
 from .engine import Answer, Engine, FrameContext, Prompt
 from .errors import UserError
 from .metrics import Metrics
@@ -40,6 +40,14 @@ ASK_QUEUE_LIMIT = 16
 ASK_QUESTION_TOKEN_LIMIT = 160
 """Longest ad hoc question in model tokens (its prompt cost grows with them); the request format's
 character cap alone would let 500 emoji become about 2,000 byte-level tokens."""
+MAX_OPTION_TOKENS = 32
+"""Longest spelling of an option in model tokens (each spelling is scored token by token). 80 characters of
+words take about 20 tokens; the character cap alone would let 80 emoji become about 320 byte-level tokens."""
+MAX_PROMPT_TOKENS = 768
+"""Longest question prompt in model tokens after the shared image prefix: the question, a choice's options
+and the instruction as the chat template renders them. Every token of it is prefilled and read by every
+decode step; 768 holds a 160-token question with 20 options of 20 to 30 tokens, and keeps the prompt of
+one question near the size of LLaVA-1.5's 576 image tokens."""
 FRAME_WAIT_S = 0.2
 """How long the loop waits for a new frame before it looks at pending ad hoc questions again."""
 
@@ -116,6 +124,7 @@ class Agent:
         systemd.status("loading model")
         if self._engine is None:
             self._engine = load_engine(self.config)
+        check_prompt_lengths(self._engine, self.config.questions)
         if self.config.metrics.listen:
             self.metrics_port = self.metrics.serve(self.config.metrics.listen)
         self._link = AgentLink(mqtt_settings(self.config), self.config.agent_id, on_ask=self._enqueue_ask,
@@ -257,6 +266,10 @@ class Agent:
         except UserError as error:
             self._refuse_ask(request, "invalid", str(error))
             return
+        too_long = prompt_too_long(self._engine, question)
+        if too_long is not None:
+            self._refuse_ask(request, "too_long", str(too_long))
+            return
         limit = request.max_new_tokens or self.config.model.max_new_tokens
         started = time.perf_counter()
         answer = self._engine.answer(self._scene.context, [engine_prompt(question, limit)])[0]
@@ -305,6 +318,36 @@ def engine_prompt(question: Question, default_max_new_tokens: int) -> Prompt:
     options = YES_NO_OPTIONS if question.type == "yes_no" else tuple(question.options)
     return Prompt(build_prompt(question), max_new_tokens=question.max_new_tokens or default_max_new_tokens,
                   options=options, digits=question.type == "number")
+
+
+def prompt_too_long(engine: Engine, question: Question) -> InvalidValue | None:
+    """The question's prompt or one of its options over `MAX_PROMPT_TOKENS` / `MAX_OPTION_TOKENS`, or None.
+
+    The whole prompt is counted first: one tokenizer call refuses a huge one before its options are spelled.
+    """
+    prompt = build_prompt(question)
+    tokens = engine.prompt_tokens(prompt)
+    if tokens > MAX_PROMPT_TOKENS:
+        key, parts = ("options", "question, options") if question.options else ("question", "question")
+        return InvalidValue(key, f"the prompt ({parts} and instruction) is {tokens} tokens long, "
+                                 f"more than {MAX_PROMPT_TOKENS}")
+    for index, option in enumerate(question.options):
+        tokens = engine.option_tokens(prompt, option)
+        if tokens > MAX_OPTION_TOKENS:
+            return InvalidValue(f"options[{index}]", f"is {tokens} tokens long, more than {MAX_OPTION_TOKENS}")
+    return None
+
+
+def check_prompt_lengths(engine: Engine, questions: tuple[Question, ...]) -> None:
+    """Refuse, as one line, a standing question whose prompt the model's tokenizer makes too long.
+
+    The config loader checks option counts and characters; tokens need the model, so this runs once it
+    is loaded, before the agent connects and announces anything.
+    """
+    for index, question in enumerate(questions):
+        problem = prompt_too_long(engine, question)
+        if problem is not None:
+            raise problem.under(f"questions[{index}]")
 
 
 def entity_spec(question: Question) -> EntitySpec:

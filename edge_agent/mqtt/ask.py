@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.config import MAX_OPTION_CHARS, MAX_OPTIONS
+
 MAX_REQUEST_BYTES = 16 * 1024
 MAX_QUESTION_CHARS = 500
 MAX_NEW_TOKENS = 256
-MAX_OPTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,13 @@ def _optional_str(fields: dict, key: str) -> str | None:
 
 
 def _options(fields: dict) -> tuple[str, ...]:
+    """The request's options, bounded as a config question's are (`config.MAX_OPTIONS`, `MAX_OPTION_CHARS`)."""
     options = fields.get("options", [])
-    if (
-        not isinstance(options, list)
-        or len(options) > MAX_OPTIONS
-        or not all(isinstance(option, str) and option for option in options)
-    ):
-        raise BadRequest(f"'options' must be a list of at most {MAX_OPTIONS} non-empty strings")
+    if not isinstance(options, list) or not all(isinstance(option, str) and option for option in options):
+        raise BadRequest("'options' must be a list of non-empty strings")
+    if len(options) > MAX_OPTIONS:
+        raise BadRequest(f"'options' lists {len(options)} options, more than {MAX_OPTIONS}")
+    too_long = next((option for option in options if len(option) > MAX_OPTION_CHARS), None)
+    if too_long is not None:
+        raise BadRequest(f"'options' has an option of {len(too_long)} characters, more than {MAX_OPTION_CHARS}")
     return tuple(options)
