@@ -119,6 +119,7 @@ def _optional_config(path: str, required: bool):
 
 
 def _ask_locally(args, questions: list[str]) -> list[dict]:
+    from .config import usable_cache_dir
     from .engine import Engine
     config = _optional_config(args.config, required=False) if not (args.model and args.device) else None
     model_path = args.model or (config.model.path if config else None)
@@ -128,7 +129,7 @@ def _ask_locally(args, questions: list[str]) -> list[dict]:
     max_new_tokens = args.max_new_tokens or (config.model.max_new_tokens if config else 32)
     frame = _read_image(args.image)
     engine = Engine.load(model_path, device=device, inference_precision=args.precision,
-                         cache_dir=config.model.cache_dir if config and not args.model else None)
+                         cache_dir=usable_cache_dir(config.model.cache_dir) if config and not args.model else None)
     context = engine.encode(frame)
     answers = engine.answer(context, questions, max_new_tokens=max_new_tokens)
     return [{"question": a.question, "answer": a.text, "token_ids": a.token_ids,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
 import socket
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 
 from edge_agent.errors import UserError
+
+log = logging.getLogger(__name__)
 
 REQUIRED: Any = dataclasses.MISSING
 """Default of a setting the user must give."""
@@ -77,6 +81,56 @@ def port_number(value: int) -> str | None:
 
 def not_blank(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
+
+
+def at_most(limit: int, unit: str, why: str) -> Check:
+    """A rule that a positive number is at most `limit`; the reason says `why`."""
+    return lambda value: None if 0 < value <= limit else f"must be between 1 and {limit} {unit} ({why}), got {value}"
+
+
+def all_of(*checks: Check) -> Check:
+    """A rule that each of `checks` holds; the reason is the first broken one's."""
+    return lambda value: next(filter(None, (check(value) for check in checks)), None)
+
+
+def each(check: Check) -> Check:
+    """A rule on every item of a list; the problem names the first item that breaks it (`options[1]`)."""
+
+    def check_items(items: tuple) -> None:
+        for index, item in enumerate(items):
+            reason = check(item)
+            if reason:
+                raise InvalidValue(f"[{index}]", reason)
+
+    return check_items
+
+
+def refused_by_brokers(character: str) -> bool:
+    """Control characters (C0, DEL, C1), surrogates and Unicode non-characters.
+
+    MQTT 5 (1.5.4) lets a server drop a client whose strings hold them, and mosquitto does: a client id or
+    user name with one is refused at every connect, a topic with one ends the connection at every publish.
+    """
+    code = ord(character)
+    return (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF
+            or code & 0xFFFE == 0xFFFE)
+
+
+def mqtt_text(value: str) -> str | None:
+    refused = next((character for character in value if refused_by_brokers(character)), None)
+    if refused is None:
+        return None
+    return f"must not contain U+{ord(refused):04X} (MQTT brokers refuse control characters and non-characters)"
+
+
+IMAGE_PLACEHOLDER = "<image>"
+"""Where LLaVA chat templates put the image; the tokenizer reads this text as the image token anywhere."""
+
+
+def no_image_placeholder(value: str) -> str | None:
+    if IMAGE_PLACEHOLDER not in value:
+        return None
+    return f"must not contain {IMAGE_PLACEHOLDER!r}: the model reads it as a second place for the image"
 
 
 def matches(pattern: str, reason: str) -> Check:
@@ -141,6 +195,31 @@ def read_secret(path: str, key: str) -> str:
     return secret
 
 
+def usable_cache_dir(path: str | None, key: str = "model.cache_dir") -> str | None:
+    """`path` made ready for OpenVINO's compiled-model cache, or None to load the model without one.
+
+    OpenVINO silently caches nothing in a directory it cannot write (read-only or full file system), so
+    one byte is written there first: a directory that takes none is one warning, and the model loads
+    (slowly, compiling everything) without a cache. A path that is a file is a mistake: `UserError`.
+    """
+    if path is None:
+        return None
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{key}: {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, buffering=0) as probe:
+            probe.write(b"\0")
+    except NotADirectoryError:
+        raise UserError(f"{key}: cannot create {directory}: a parent of it is a file") from None
+    except OSError as error:
+        log.warning("%s: %s is not writable (%s); loading the model without a compiled-model cache",
+                    key, directory, error.strerror)
+        return None
+    return str(directory)
+
+
 # The schema --------------------------------------------------------------------------------------
 
 
@@ -150,7 +229,10 @@ class Settings:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             check, value = field.metadata["check"], getattr(self, field.name)
-            reason = check(value) if check and value is not None else None
+            try:
+                reason = check(value) if check and value is not None else None
+            except InvalidValue as error:  # a rule on list items names the item
+                raise error.under(field.name) from None
             if reason:
                 raise InvalidValue(field.name, reason)
         self.check_together()
@@ -175,12 +257,15 @@ class Question(Settings):
         REQUIRED, "Unique name used in MQTT topics and Home Assistant ids (letters, digits, '_', '-').",
         check=topic_safe,
     )
-    question: str = setting(REQUIRED, "The question, in plain language.", check=not_blank)
+    question: str = setting(
+        REQUIRED, "The question, in plain language.", check=all_of(not_blank, no_image_placeholder)
+    )
     type: Literal["yes_no", "choice", "number", "text"] = setting(
         REQUIRED, "Answer type (yes_no, choice, number or text): decides prompt, parsing and entity."
     )
     options: tuple[str, ...] = setting(
-        (), "The allowed answers of a choice question (at least 2, unique); only for type choice."
+        (), "The allowed answers of a choice question (at least 2, unique); only for type choice.",
+        check=each(no_image_placeholder),
     )
     every: float = setting(
         30.0, "Seconds between answers (interval), or the minimum gap between answers (change).",
@@ -197,7 +282,8 @@ class Question(Settings):
         None, "Home Assistant device_class of the entity (e.g. door, occupancy); null = none."
     )
     instruction: Optional[str] = setting(
-        None, "Replaces the type's answer-format instruction after the question; \"\" = none."
+        None, "Replaces the type's answer-format instruction after the question; \"\" = none.",
+        check=no_image_placeholder,
     )
 
     def check_together(self) -> None:
@@ -282,7 +368,7 @@ class MqttSettings(Settings):
     port: int = setting(1883, "Broker TCP port (usually 1883, or 8883 with TLS).", check=port_number)
     protocol: Literal["5", "3.1.1"] = setting("5", "MQTT protocol version: 5 or 3.1.1.")
     base_topic: str = setting(
-        "edge-agent", "Topic prefix: topics are <base_topic>/<agent_id>/...", check=topic_levels
+        "edge-agent", "Topic prefix: topics are <base_topic>/<agent_id>/...", check=all_of(topic_levels, mqtt_text)
     )
     qos: Literal[0, 1, 2] = setting(1, "QoS of published answers: 0, 1 or 2.")
     tls_ca_file: Optional[str] = setting(
@@ -292,13 +378,17 @@ class MqttSettings(Settings):
     tls_insecure: bool = setting(
         False, "Skip the broker host name check (TLS only; for tests, not production)."
     )
-    username: Optional[str] = setting(None, "User name; null = anonymous.")
+    username: Optional[str] = setting(None, "User name; null = anonymous.", check=mqtt_text)
     password_file: Optional[str] = setting(
         None, "File holding the password; relative paths resolve in $CREDENTIALS_DIRECTORY under systemd.",
         check=not_blank,
     )
-    client_id: Optional[str] = setting(None, "MQTT client id; null = edge-agent-<agent_id>.", check=not_blank)
-    keepalive_s: int = setting(60, "Seconds between keepalive pings.", check=positive)
+    client_id: Optional[str] = setting(
+        None, "MQTT client id; null = edge-agent-<agent_id>.", check=all_of(not_blank, mqtt_text)
+    )
+    keepalive_s: int = setting(
+        60, "Seconds between keepalive pings.", check=at_most(65535, "seconds", "MQTT sends it in 16 bits")
+    )
     queue_limit: int = setting(
         100, "Most answers kept while disconnected (oldest dropped first).", check=positive
     )
@@ -312,7 +402,7 @@ class MqttSettings(Settings):
     ask_burst: int = setting(5, "Ad hoc questions a requester may send at once before the rate applies.", check=positive)
     discovery: bool = setting(True, "Publish Home Assistant discovery configs for every question.")
     discovery_prefix: str = setting(
-        "homeassistant", "Home Assistant discovery topic prefix.", check=topic_levels
+        "homeassistant", "Home Assistant discovery topic prefix.", check=all_of(topic_levels, mqtt_text)
     )
 
     def check_together(self) -> None:
@@ -334,7 +424,10 @@ class SceneGateSettings(Settings):
         0.02, "Mean absolute difference (0..1) of downscaled grayscale frames that counts as a change.",
         check=fraction,
     )
-    size: int = setting(64, "Side in pixels of the downscaled grayscale comparison image.", check=positive)
+    size: int = setting(
+        64, "Side in pixels of the downscaled grayscale comparison image.",
+        check=at_most(256, "pixels", "a thumbnail to compare; larger only costs memory"),
+    )
     max_unchanged_s: float = setting(
         300.0, "Encode at least this often in seconds even without a change; 0 = never.", check=zero_or_more
     )
@@ -460,6 +553,8 @@ def _parse_section(cls: type, value: Any, path: str) -> Any:
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:
+    if isinstance(value, str) and "\0" in value:  # paths, MQTT and C libraries all end a string there
+        raise InvalidValue(path, "must not contain U+0000 (NUL)")
     if dataclasses.is_dataclass(hint):
         return _parse_section(hint, value, path)
     origin = typing.get_origin(hint)

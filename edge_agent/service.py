@@ -25,7 +25,7 @@ import typing
 from . import systemd
 from .capture import CameraReader, CaptureSettings, DeviceMissing, GateSettings, SceneGate, validate_source
 from .capture.reader import Frame
-from .config import Config, InvalidValue, Question
+from .config import Config, InvalidValue, Question, usable_cache_dir
 from .engine import Answer, Engine, FrameContext, Prompt
 from .errors import UserError
 from .metrics import Metrics
@@ -82,7 +82,7 @@ def gate_settings(config: Config) -> GateSettings:
 def load_engine(config: Config) -> Engine:
     model = config.model
     return Engine.load(model.path, device=model.device, vision_device=model.vision_device,
-                       language_device=model.language_device, cache_dir=model.cache_dir)
+                       language_device=model.language_device, cache_dir=usable_cache_dir(model.cache_dir))
 
 
 @dataclasses.dataclass
