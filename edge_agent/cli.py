@@ -138,12 +138,15 @@ def _ask_locally(args, questions: list[str]) -> list[dict]:
 
 def _read_image(path: str):
     from .capture.reader import to_bgr
-    from .capture.sources import decode_image
+    from .capture.sources import UnusableImage, decode_image
     if not Path(path).is_file():
         raise UserError(f"image {path} does not exist")
-    frame = to_bgr(decode_image(Path(path)))
+    try:
+        frame = to_bgr(decode_image(Path(path)))
+    except UnusableImage as problem:
+        raise UserError(f"cannot read image {path}: {problem}") from None
     if frame is None:
-        raise UserError(f"cannot read image {path}: not a complete image file OpenCV can decode")
+        raise UserError(f"cannot read image {path}: its pixel layout is not one a camera produces")
     return frame
 
 

@@ -28,8 +28,8 @@ from edge_agent.capture.sources import (
     SourceUnavailable,
     Ticker,
     open_source,
-    redact,
 )
+from edge_agent.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class CameraReader:
 
     def __init__(self, settings: CaptureSettings, on_status: Callable[[bool], None] | None = None) -> None:
         self._settings = settings
-        self._name = redact(settings.source)
+        self._name = redact_url(settings.source)
         self._on_status = on_status
         self._stopped = threading.Event()
         self._finished = threading.Event()

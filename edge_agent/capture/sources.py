@@ -23,7 +23,9 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from edge_agent.capture.headers import image_size
 from edge_agent.errors import UserError
+from edge_agent.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ DEVICE_PATH = re.compile(r"/dev/video(\d+)")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 JPEG_END_MARKER = b"\xff\xd9"
+MAX_IMAGE_PIXELS = 50_000_000
+"""Largest image file decoded: 8K frames (33 MP) and the largest ordinary camera photos (48 MP) pass, and
+one decodes to at most 150 MB (8-bit BGR), where a 20000 x 20000 decompression bomb would take 1.2 GB."""
 # FFmpeg options for RTSP (the variable replaces OpenCV's default, which is only `rtsp_transport;tcp`):
 # TCP avoids UDP loss and a small probe opens the stream in well under a second.
 RTSP_CAPTURE_OPTIONS = "rtsp_transport;tcp|analyzeduration;500000|probesize;32768"
@@ -146,11 +151,16 @@ def validate_source(settings: CaptureSettings) -> None:
 
 
 def _validate_url(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
+    shown = redact_url(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        raise UserError(f"camera.source: {shown!r} is not a valid URL ({error})") from None
     if parts.scheme.lower() not in STREAM_SCHEMES:
-        raise UserError(f"camera.source: {url!r} has scheme {parts.scheme!r}; use one of {', '.join(STREAM_SCHEMES)}")
+        schemes = ", ".join(STREAM_SCHEMES)
+        raise UserError(f"camera.source: {shown!r} has scheme {parts.scheme!r}; use one of {schemes}")
     if not parts.hostname:
-        raise UserError(f"camera.source: {url!r} names no host")
+        raise UserError(f"camera.source: {shown!r} names no host")
 
 
 class DeviceMissing(UserError):
@@ -239,7 +249,7 @@ class StreamSource(CaptureSource):
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(settings.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(settings.read_timeout_s * 1000),
         ]
-        super().__init__(cv2.VideoCapture(url, cv2.CAP_FFMPEG, timeouts), redact(url), settings.read_timeout_s)
+        super().__init__(cv2.VideoCapture(url, cv2.CAP_FFMPEG, timeouts), redact_url(url), settings.read_timeout_s)
 
 
 class DeviceSource(CaptureSource):
@@ -257,15 +267,6 @@ def use_rtsp_over_tcp() -> None:
         os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = RTSP_CAPTURE_OPTIONS
     elif "rtsp_transport" not in current:
         os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;tcp|{current}"
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for log lines."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class VideoFileSource:
@@ -312,7 +313,7 @@ class VideoFileSource:
 class ImageFolderSource:
     """A still camera: one image file, or the images of a folder in sorted order, played at `fps`.
 
-    Files that do not decode (truncated, not an image) are skipped with a log line; the folder is listed
+    Files that do not decode (truncated, not an image, too large) are skipped with a log line; the folder is listed
     again at each pass, so images added or removed while running are picked up.
     """
 
@@ -348,10 +349,10 @@ class ImageFolderSource:
         """The next pending image that decodes, or None when this pass has no more."""
         while self._pending:
             path = self._pending.pop(0)
-            image = decode_image(path)
-            if image is not None and image.size:
-                return image
-            log.warning("%s: skipped, it is not a complete image", path)
+            try:
+                return decode_image(path)
+            except UnusableImage as problem:
+                log.warning("%s: skipped, %s", path, problem)
         return None
 
     def retrieve(self) -> np.ndarray | None:
@@ -361,20 +362,36 @@ class ImageFolderSource:
         self._pending = []
 
 
-def decode_image(path: pathlib.Path) -> np.ndarray | None:
-    """The image in `path` as stored (any depth and channels), or None if it is unreadable or incomplete.
+class UnusableImage(Exception):
+    """An image file that cannot be played; the message says why (`it is not a complete image`)."""
 
+
+def decode_image(path: pathlib.Path) -> np.ndarray:
+    """The image in `path` as stored (any depth and channels); `UnusableImage` if it cannot be used.
+
+    The size is read from the header first, so a decompression bomb is never decoded, and a file whose
+    header is no format `image_size` reads is not decoded either (OpenCV would pick a decoder by content).
     A JPEG without its end marker (still being written, or cut short) is incomplete: OpenCV would decode
-    it anyway, padding the missing part with gray. OpenCV raises, rather than returning None, on an
-    empty file or a header claiming an absurd size.
+    it anyway, padding the missing part with gray.
     """
+    incomplete = UnusableImage("it is not a complete image")
     try:
         data = path.read_bytes()
     except OSError:
-        return None
+        raise incomplete from None
+    size = image_size(data)
+    if not size or not all(size):
+        raise incomplete
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        limit = f"{MAX_IMAGE_PIXELS / 1e6:g} MP"
+        raise UnusableImage(f"{width} x {height} pixels is more than the {limit} an image may have")
     if path.suffix.lower() in JPEG_SUFFIXES and not data.rstrip(b"\0").endswith(JPEG_END_MARKER):
-        return None
+        raise incomplete
     try:
-        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        return None
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # OpenCV raises, rather than returning None, on some broken files
+        raise incomplete from None
+    if image is None or not image.size:
+        raise incomplete
+    return image
