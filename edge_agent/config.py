@@ -88,6 +88,15 @@ def at_most(limit: int, unit: str, why: str) -> Check:
     return lambda value: None if 0 < value <= limit else f"must be between 1 and {limit} {unit} ({why}), got {value}"
 
 
+MAX_WAIT_S = 7 * 24 * 3600
+"""Longest camera timeout or backoff: OpenCV takes timeouts as 32-bit milliseconds (24.8 days), Python's
+waits overflow beyond 292 years, and a week is already far beyond any sensible camera setting."""
+
+
+def wait_seconds(value: float) -> str | None:
+    return None if 0 < value <= MAX_WAIT_S else f"must be a positive number of seconds up to {MAX_WAIT_S} (a week)"
+
+
 def all_of(*checks: Check) -> Check:
     """A rule that each of `checks` holds; the reason is the first broken one's."""
     return lambda value: next(filter(None, (check(value) for check in checks)), None)
@@ -317,16 +326,16 @@ class CameraSettings(Settings):
     )
     loop: bool = setting(False, "Restart a video file or image directory at its end instead of stopping.")
     fps: float = setting(1.0, "Maximum frames sampled per second.", check=positive)
-    open_timeout_s: float = setting(10.0, "Seconds to wait for the source to open.", check=positive)
-    read_timeout_s: float = setting(5.0, "Seconds to wait for one frame before a read fails.", check=positive)
+    open_timeout_s: float = setting(10.0, "Seconds to wait for the source to open.", check=wait_seconds)
+    read_timeout_s: float = setting(5.0, "Seconds to wait for one frame before a read fails.", check=wait_seconds)
     stale_after_s: float = setting(
-        15.0, "Seconds without a new frame before the source is reopened.", check=positive
+        15.0, "Seconds without a new frame before the source is reopened.", check=wait_seconds
     )
     backoff_initial_s: float = setting(
-        1.0, "First wait in seconds before reopening a failed source.", check=positive
+        1.0, "First wait in seconds before reopening a failed source.", check=wait_seconds
     )
     backoff_max_s: float = setting(
-        30.0, "Longest wait in seconds between reopen attempts (doubling).", check=positive
+        30.0, "Longest wait in seconds between reopen attempts (doubling).", check=wait_seconds
     )
 
     def check_together(self) -> None:

@@ -27,6 +27,14 @@ def test_a_keepalive_paho_cannot_send_is_refused_at_load():
     assert "65535" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("key", ["open_timeout_s", "read_timeout_s", "stale_after_s", "backoff_max_s"])
+def test_a_camera_wait_beyond_what_timers_hold_is_refused_at_load(key):
+    """OpenCV failed every open on a timeout past 2^31 ms; a backoff grown to 1e10 s ended the reader thread."""
+    message = error_of(with_changes(camera={key: 1e10}))
+
+    assert message == f"config.yaml: camera.{key}: must be a positive number of seconds up to 604800 (a week)"
+
+
 @pytest.mark.parametrize("key", ["base_topic", "client_id", "username", "discovery_prefix"])
 @pytest.mark.parametrize("character", ["\x00", "\x1b", "\x7f", "\x85", "\ufdd0", "\uffff"])
 def test_characters_the_broker_refuses_in_mqtt_names_are_refused_at_load(key, character):
