@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from edge_agent.config import parse_config
-from edge_agent.service import load_engine
+from edge_agent.errors import UserError
+from edge_agent.mqtt.ask import AskRequest
+from edge_agent.service import ad_hoc_question, load_engine
 from tests.test_config import MINIMAL, error_of, question, with_changes
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,6 +66,14 @@ def test_the_model_image_placeholder_in_a_question_is_refused_at_load(fields, ke
 
     assert message.startswith(f"config.yaml: questions[0].{key}: ")
     assert "<image>" in message and "\n" not in message
+
+
+def test_an_ad_hoc_question_holding_the_image_placeholder_is_refused_as_invalid():
+    """It used to reach the engine and fail there, logged with a traceback as an internal error."""
+    request = AskRequest(question="What is in <image>?", reply=None)
+
+    with pytest.raises(UserError, match=r"^question: must not contain '<image>'"):
+        ad_hoc_question(request)
 
 
 def write_run_config(tmp_path, model, **model_settings) -> str:
