@@ -225,6 +225,9 @@ class RecordingEngine:
     def answer(self, context, prompts):
         return self._engine.answer(context, prompts)
 
+    def __getattr__(self, name):  # everything else (token counts, the tokenizer) as the real engine has it
+        return getattr(self._engine, name)
+
 
 ODD_IMAGES = {
     "a_gray.png": np.full((120, 160), 200, np.uint8),
