@@ -1,0 +1,168 @@
+"""Signals in every phase of the agent's life, and model files replaced under a running engine.
+
+SIGTERM while the model loads ends the process at once, before anything is announced; SIGTERM while the
+camera opens and the broker does not answer still stops promptly; SIGHUP is logged as not supported and
+the agent carries on. `edge-agent model export --force` over a directory whose weights a loaded engine
+has mapped swaps the directory as a whole: the engine keeps answering on its old files.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent.cli import main
+from edge_agent.engine import Engine
+from edge_agent.config import parse_config
+from edge_agent.mqtt import ask_remote
+from edge_agent.service import mqtt_settings
+from tests.support.agent import AGENT, agent_config, topic, write_config
+from tests.support.broker import wait_until
+from tests.support.videos import pattern
+
+pytestmark = pytest.mark.timeout(180)
+
+STOP_WITHIN_S = 5.0
+"""How long a stop may take in these tests: well inside the unit's TimeoutStopSec (30 s)."""
+VISION_WEIGHTS = "openvino_vision_embeddings_model.bin"
+
+
+class AgentProcess:
+    """`edge-agent run --config FILE` as systemd starts it (a notify socket), its log in a file read while it runs."""
+
+    def __init__(self, config_file: pathlib.Path, log_file: pathlib.Path):
+        self.log_file = log_file
+        env = dict(os.environ, NOTIFY_SOCKET=os.environ["NOTIFY_SOCKET"])
+        for variable in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(variable, None)
+        with log_file.open("w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)],
+                                            env=env, stderr=log)
+
+    def log(self) -> str:
+        return self.log_file.read_text()
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def stops_within(self, seconds: float) -> int:
+        """The exit status; fails the test when the process is still running after `seconds`."""
+        try:
+            return self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {seconds} s after the signal; log:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def start_agent(tmp_path, notify_socket):
+    """Start `edge-agent run` on a config dict; killed at teardown if still running."""
+    processes: list[AgentProcess] = []
+
+    def start(config: dict) -> AgentProcess:
+        processes.append(AgentProcess(write_config(tmp_path, config), tmp_path / f"agent{len(processes)}.log"))
+        return processes[-1]
+
+    yield start
+    for each in processes:
+        each.kill()
+
+
+def wait_for_notification(notify_socket, wanted: str, timeout_s: float = 60.0) -> list[str]:
+    """Every sd_notify message up to and including `wanted`; fails if it does not come within `timeout_s`."""
+    received = []
+    deadline = time.monotonic() + timeout_s
+    while wanted not in received:
+        message = notify_socket.receive(max(0.0, deadline - time.monotonic()))
+        assert message is not None, f"no {wanted} within {timeout_s} s; got {received}"
+        received.append(message)
+    return received
+
+
+@pytest.fixture
+def stalled_model(tiny_llava_int8, tmp_path):
+    """The tiny model with its vision weights behind a FIFO nobody writes: loading it blocks inside OpenVINO.
+
+    The load is stuck in native code, out of reach of Python's signal handlers, as a first compile of
+    several minutes or a model on a stalled network file system would be.
+    """
+    model = tmp_path / "stalled-model"
+    model.mkdir()
+    for path in tiny_llava_int8.iterdir():
+        if path.name != VISION_WEIGHTS:
+            (model / path.name).symlink_to(path)
+    os.mkfifo(model / VISION_WEIGHTS)
+    return model
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that accepts TCP connections and never says a word (a hung camera or broker)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+def test_sigterm_while_the_model_loads_exits_at_once_with_a_log_line_and_announces_nothing(
+    stalled_model, broker, subscriber, moving_video, notify_socket, start_agent
+):
+    availability = subscriber(broker, topic("availability"))
+    agent = start_agent(agent_config(stalled_model, broker, moving_video))
+    before = wait_for_notification(notify_socket, "STATUS=loading model")
+    time.sleep(1.0)  # the load is now blocked inside OpenVINO
+
+    agent.signal(signal.SIGTERM)
+    assert agent.stops_within(STOP_WITHIN_S) == 0, agent.log()
+    assert "received SIGTERM, stopping" in agent.log()
+    assert "stopped while the model was loading: nothing was announced" in agent.log()
+    notifications = before + notify_socket.collect(0.5)
+    assert "STOPPING=1" in notifications and "READY=1" not in notifications
+    time.sleep(0.5)  # anything the agent published would have reached the subscriber by now
+    assert availability.on(topic("availability")) == []
+
+
+def test_sigterm_while_the_camera_opens_and_the_broker_does_not_answer_stops_promptly(
+    tiny_llava_int8, silent_port, notify_socket, start_agent
+):
+    class SilentBroker:
+        host, port = "127.0.0.1", silent_port
+
+    camera = {"source": f"http://127.0.0.1:{silent_port}/video.mjpg", "open_timeout_s": 120}
+    agent = start_agent(agent_config(tiny_llava_int8, SilentBroker, camera["source"], camera=camera))
+    wait_for_notification(notify_socket, "READY=1")
+    time.sleep(1.0)  # the camera open and the MQTT connect now wait for their silent servers
+
+    agent.signal(signal.SIGTERM)
+    assert agent.stops_within(STOP_WITHIN_S) == 0, agent.log()
+    assert "received SIGTERM, stopping" in agent.log() and "agent kiosk-test stopped" in agent.log()
+
+
+def test_sighup_is_logged_as_not_supported_and_the_agent_keeps_answering(
+    tiny_llava_int8, broker, subscriber, moving_video, notify_socket, start_agent
+):
+    availability = subscriber(broker, topic("availability"))
+    config = agent_config(tiny_llava_int8, broker, moving_video)
+    agent = start_agent(config)
+    wait_until(lambda: availability.on(topic("availability")), timeout=60, what="online")
+
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: "received SIGHUP: reloading is not supported" in agent.log(), what="the SIGHUP log line")
+    reply = ask_remote(mqtt_settings(parse_config(config)), AGENT, "Is the door open?", timeout_s=30)
+    assert reply["answer"] and agent.process.poll() is None
+
+    agent.signal(signal.SIGTERM)
+    assert agent.stops_within(STOP_WITHIN_S) == 0, agent.log()
+    wait_until(lambda: availability.on(topic("availability"))[-1].payload == b"offline", what="offline published")
