@@ -8,20 +8,23 @@ has mapped swaps the directory as a whole: the engine keeps answering on its old
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.engine import Engine
 from edge_agent.config import parse_config
+from edge_agent.engine import Engine
+from edge_agent.errors import UserError
+from edge_agent.export import export_model, staged_output_dir
 from edge_agent.mqtt import ask_remote
 from edge_agent.service import mqtt_settings
 from tests.support.agent import AGENT, agent_config, topic, write_config
@@ -166,3 +169,83 @@ def test_sighup_is_logged_as_not_supported_and_the_agent_keeps_answering(
     agent.signal(signal.SIGTERM)
     assert agent.stops_within(STOP_WITHIN_S) == 0, agent.log()
     wait_until(lambda: availability.on(topic("availability"))[-1].payload == b"offline", what="offline published")
+
+
+# -- model files replaced under a running engine ---------------------------------------------------------
+
+LANGUAGE_WEIGHTS = "openvino_language_model.bin"
+
+
+def answers(engine: Engine) -> list[str]:
+    context = engine.encode(pattern(1))
+    return [answer.text for answer in engine.answer(context, ["Is the door open?", "Describe the room."],
+                                                    max_new_tokens=4)]
+
+
+def test_export_force_replaces_the_directory_a_loaded_engine_maps_as_a_whole_and_the_engine_keeps_answering(
+    tiny_llava_checkpoint, tiny_llava_int8, tmp_path, capsys
+):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_llava_int8, out)
+    engine = Engine.load(out)
+    answered = answers(engine)
+    old_weights = (out / LANGUAGE_WEIGHTS).stat().st_ino
+
+    with pytest.raises(UserError, match="group_size: 128"):  # fails after its float export, midway
+        export_model(str(tiny_llava_checkpoint), out, weight_format="int4", overwrite=True, progress=False)
+    assert (out / LANGUAGE_WEIGHTS).stat().st_ino == old_weights
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+    assert main(["model", "export", str(tiny_llava_checkpoint), str(out), "--weight-format", "int8", "--force"]) == 0
+    assert (out / LANGUAGE_WEIGHTS).stat().st_ino != old_weights
+    assert [path.name for path in tmp_path.iterdir()] == ["model"], "no staging or old directory is left"
+    assert answers(engine) == answered, "the engine answers on its old, still mapped files"
+    assert answers(Engine.load(out)) == answered, "the new directory is complete (the same checkpoint)"
+
+
+@pytest.fixture
+def undeletable(tmp_path):
+    """Make a file that cannot be removed: immutable as root (`chattr +i`), in a read-only directory otherwise.
+
+    At teardown every file and directory under `tmp_path` is made removable again, wherever it was moved.
+    """
+    as_root = os.geteuid() == 0
+
+    def make(path: pathlib.Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("stuck")
+        if not as_root:
+            path.parent.chmod(0o555)
+        elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+            pytest.skip("cannot make a file immutable here (chattr +i)")
+
+    yield make
+    for path in tmp_path.rglob("*"):
+        if path.is_dir():
+            path.chmod(0o755)
+        elif as_root:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_a_replaced_directory_that_cannot_be_removed_is_left_aside_with_a_warning_and_the_new_one_is_in_place(
+    tmp_path, undeletable, caplog
+):
+    out = tmp_path / "model"
+    undeletable(out / "weights" / "stuck.bin")
+    with caplog.at_level(logging.WARNING), staged_output_dir(out, overwrite=True) as staging:
+        (staging / "new.bin").write_text("new")
+    assert [path.name for path in out.iterdir()] == ["new.bin"]
+    aside = [path for path in tmp_path.iterdir() if path != out]
+    assert len(aside) == 1 and (aside[0] / "weights" / "stuck.bin").exists()
+    assert f"could not remove the replaced directory {aside[0]}" in caplog.text
+
+
+def test_export_onto_a_symbolic_link_is_refused_in_one_line(tmp_path):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "model.bin").write_text("v1")
+    (tmp_path / "current").symlink_to("v1")
+    with pytest.raises(UserError, match="current: is a symbolic link; export to a new directory"):
+        with staged_output_dir(tmp_path / "current", overwrite=True):
+            pass
+    assert (tmp_path / "v1" / "model.bin").read_text() == "v1"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["current", "v1"]
