@@ -119,7 +119,7 @@ def silent_port():
         yield server.getsockname()[1]
 
 
-def test_sigterm_while_the_model_loads_exits_at_once_with_a_log_line_and_announces_nothing(
+def test_while_the_model_loads_sighup_changes_nothing_and_sigterm_exits_at_once_announcing_nothing(
     stalled_model, broker, subscriber, moving_video, notify_socket, start_agent
 ):
     availability = subscriber(broker, topic("availability"))
@@ -127,6 +127,9 @@ def test_sigterm_while_the_model_loads_exits_at_once_with_a_log_line_and_announc
     before = wait_for_notification(notify_socket, "STATUS=loading model")
     time.sleep(1.0)  # the load is now blocked inside OpenVINO
 
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: "received SIGHUP: reloading is not supported" in agent.log(), what="the SIGHUP log line")
+    assert agent.process.poll() is None
     agent.signal(signal.SIGTERM)
     assert agent.stops_within(STOP_WITHIN_S) == 0, agent.log()
     assert "received SIGTERM, stopping" in agent.log()
