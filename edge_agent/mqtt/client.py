@@ -322,7 +322,7 @@ class AgentLink:
                 return
             except ValueError as error:  # paho's own checks (payload size, ...)
                 problem = str(error)
-        logger.warning("MQTT: not publishing to topic %.60r: it %s", topic, problem)
+        logger.warning("MQTT: not publishing to %.60r: the topic %s", topic, problem)
 
     def _send_answer(self, msg: AnswerMessage) -> None:
         self._publish(self._topics.answers(msg.question_id), answer_payload(msg))

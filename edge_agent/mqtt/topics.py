@@ -25,6 +25,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
+from edge_agent.config import mqtt_text
 from edge_agent.errors import UserError
 
 ONLINE = "online"
@@ -39,10 +40,6 @@ far above any real topic."""
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _WILDCARDS = ("+", "#")
-_NONCHARACTERS = "".join(chr(plane + last) for plane in range(0, 0x110000, 0x10000) for last in (0xFFFE, 0xFFFF))
-_FORBIDDEN_IN_TOPICS = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARACTERS}]")
-"""U+0000, control characters and Unicode non-characters: MQTT says a topic should not hold them, and
-mosquitto drops the client that publishes to such a topic (a protocol error)."""
 
 
 @dataclass(frozen=True)
@@ -107,21 +104,16 @@ def topic_problem(topic: object) -> str | None:
     paho raises on a topic it cannot encode (a lone surrogate) and queues whatever the broker would
     refuse; the broker then drops the connection, and paho sends the message again after every
     reconnect. So a topic is checked before anything is published to it, and a reply topic as soon as
-    a request names it.
+    a request names it. Lone surrogates, U+0000, control characters and non-characters are refused
+    as in the config's MQTT names (`config.mqtt_text`).
     """
     if not isinstance(topic, str) or not topic:
-        return "is not a non-empty string"
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "is not valid UTF-8 (it holds a lone surrogate)"
-    if size > MAX_TOPIC_BYTES:
-        return f"is longer than {MAX_TOPIC_BYTES} bytes"
+        return "must be a non-empty string"
+    if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        return f"must not be longer than {MAX_TOPIC_BYTES} bytes"
     if any(wildcard in topic for wildcard in _WILDCARDS):
-        return "holds a wildcard ('+' or '#')"
-    if _FORBIDDEN_IN_TOPICS.search(topic):
-        return "holds U+0000, a control character or a Unicode non-character"
-    return None
+        return "must not contain a wildcard ('+' or '#')"
+    return mqtt_text(topic)
 
 
 def state_payload(msg: AnswerMessage) -> bytes:
