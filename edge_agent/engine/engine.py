@@ -32,7 +32,8 @@ import numpy as np
 import openvino as ov
 
 from ..errors import UserError
-from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
+from .constrained import (DigitVocabulary, Prompt, continuation, finite_confidence, log_softmax, option_probabilities,
+                          spellings)
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
 from .language import LanguageModel, LanguageSession
@@ -366,7 +367,7 @@ class Engine:
 
     @staticmethod
     def _choose(prompts: list[Prompt], spelled: dict, logits: np.ndarray, ahead: dict) -> dict:
-        """For option rows: {row: (option, its best spelling's ids, probability)} from the model's distribution.
+        """For option rows: {row: (option, its best spelling's ids, probability or None)} from the model's distribution.
 
         A spelling scores the log-probability of its first token from the question's logits plus, for longer
         spellings, of each later token from its teacher-forced branch (`ahead[(row, ids[:-1])]`, reduced by
@@ -384,7 +385,7 @@ class Engine:
             probabilities = option_probabilities(scores)
             best = int(probabilities.argmax())
             best_ids = options[best][int(np.argmax(scores[best]))]
-            chosen[row] = (prompts[row].options[best], best_ids, float(probabilities[best]))
+            chosen[row] = (prompts[row].options[best], best_ids, finite_confidence(float(probabilities[best])))
         return chosen
 
     def _option_ids(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:

@@ -34,8 +34,8 @@ from edge_agent.errors import UserError
 from edge_agent.mqtt.ask import (
     AskRequest,
     BadRequest,
+    ReceivedAsk,
     ReplyAddress,
-    parse_ask,
     reply_message,
     request_message,
 )
@@ -49,6 +49,7 @@ from edge_agent.mqtt.topics import (
     answer_payload,
     check_id,
     state_payload,
+    topic_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class AgentLink:
         self._entities: dict[str, EntitySpec] | None = None
         self._announced: set[str] = set()
         self._ask_limit = RequestRateLimit(settings.ask_per_minute, settings.ask_burst)
+        self._retained_ask_seen = False
         self._handlers = {
             self._topics.ask: self._handle_ask,
             status_topic(settings.discovery_prefix): self._handle_ha_status,
@@ -304,8 +306,23 @@ class AgentLink:
                 )
         self._pending.append(msg)
 
-    def _publish(self, topic: str, payload: bytes | str, retain: bool = True) -> None:
-        self._client.publish(topic, payload, qos=self._settings.qos, retain=retain)
+    def _publish(
+        self, topic: str, payload: bytes | str, retain: bool = True, properties: Properties | None = None
+    ) -> None:
+        """Hand a message to paho, or drop it with one log line if it cannot be published.
+
+        Nothing paho refuses may escape into the caller (the service's loop, a paho callback), and a
+        topic the broker refuses must never reach paho's queue: the broker would drop the connection
+        and paho would send the message again after every reconnect.
+        """
+        problem = topic_problem(topic)
+        if problem is None:
+            try:
+                self._client.publish(topic, payload, qos=self._settings.qos, retain=retain, properties=properties)
+                return
+            except ValueError as error:  # paho's own checks (payload size, ...)
+                problem = str(error)
+        logger.warning("MQTT: not publishing to %.60r: the topic %s", topic, problem)
 
     def _send_answer(self, msg: AnswerMessage) -> None:
         self._publish(self._topics.answers(msg.question_id), answer_payload(msg))
@@ -316,9 +333,7 @@ class AgentLink:
 
     def _send_reply(self, reply: ReplyAddress, payload: dict) -> None:
         body, properties = reply_message(reply, payload)
-        self._client.publish(
-            reply.topic, body, qos=self._settings.qos, retain=False, properties=properties
-        )
+        self._publish(reply.topic, body, retain=False, properties=properties)
 
     def _announce(self) -> None:
         """Publish every entity's config, empty the configs of gone ones, and remember the set."""
@@ -399,20 +414,37 @@ class AgentLink:
             handler(message)
 
     def _handle_ask(self, message: mqtt.MQTTMessage) -> None:
-        """Refuse a requester over its rate, then an invalid request; hand a valid one to the service.
+        """Drop a retained request; refuse a requester over its rate, then an invalid request; hand a
+        valid one to the service.
 
-        The rate is checked first, so a flood of invalid requests costs no more replies or log lines
-        than a flood of valid ones.
+        The rate is checked as soon as the reply address is known, before the rest of the request is
+        checked or anything is logged, so a flood of invalid requests costs no more replies, log lines
+        or work than a flood of valid ones.
         """
-        try:
-            request = parse_ask(message.payload, getattr(message, "properties", None))
-        except BadRequest as error:
-            if self._within_rate(error.reply):
-                logger.warning("MQTT: rejected an ask request: %s", error.reason)
-                self._refuse(error.reply, error.reason)
+        if message.retain:
+            self._drop_retained_ask()
             return
-        if self._within_rate(request.reply):
-            self._on_ask(request)
+        received = ReceivedAsk(message.payload, getattr(message, "properties", None))
+        if not self._within_rate(received.reply):
+            return
+        try:
+            request = received.request()
+        except BadRequest as error:
+            logger.warning("MQTT: rejected an ask request: %s", error.reason)
+            self._refuse(error.reply, error.reason)
+            return
+        self._on_ask(request)
+
+    def _drop_retained_ask(self) -> None:
+        """A retained request reaches the agent again after every reconnect: it is never answered.
+
+        (A request published with the retain flag to the subscribed agent arrives without it, and is
+        answered once.) Said once at info level, then at debug level.
+        """
+        level = logging.DEBUG if self._retained_ask_seen else logging.INFO
+        self._retained_ask_seen = True
+        logger.log(level, "MQTT: ignoring the retained ask request on %s; clear it with an empty retained "
+                   "message", self._topics.ask)
 
     def _within_rate(self, reply: ReplyAddress | None) -> bool:
         """Take one request from the requester's allowance (requests without a reply address share one)."""
