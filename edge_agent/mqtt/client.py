@@ -39,7 +39,7 @@ from edge_agent.mqtt.ask import (
     reply_message,
     request_message,
 )
-from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, status_topic
+from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, read_announced, status_topic
 from edge_agent.mqtt.ratelimit import RequestRateLimit
 from edge_agent.mqtt.topics import (
     OFFLINE,
@@ -436,12 +436,16 @@ class AgentLink:
                 self._resend_all()
 
     def _handle_announced(self, message: mqtt.MQTTMessage) -> None:
-        """The retained list of announced config topics (from a previous run, or our own echo)."""
-        try:
-            announced = set(json.loads(message.payload or b"[]"))
-        except (ValueError, TypeError):
-            logger.warning("MQTT: ignoring an invalid list on %s", message.topic)
-            return
+        """The retained list of announced config topics (from a previous run, or our own echo).
+
+        Only this agent's own config topics are taken from it (see `read_announced`); the rest is ignored
+        with one warning per message, and the agent's own list replaces it.
+        """
+        announced, problem = read_announced(
+            message.payload, self._settings.discovery_prefix, self._topics.agent_id, MAX_INCOMING_PACKET_BYTES
+        )
+        if problem:
+            logger.warning("MQTT: ignoring (part of) the list on %s: %s", message.topic, problem)
         with self._lock:
             self._announced |= announced
             if self._entities is None:
