@@ -360,6 +360,7 @@ class AgentLink:
         self._subscribe()
         with self._lock:
             self._connected = True
+            self._resend_unacknowledged()
             if self._dropped_offline:
                 logger.warning("MQTT: %d answers were dropped while offline", self._dropped_offline)
                 self._dropped_offline = 0
@@ -370,6 +371,22 @@ class AgentLink:
             self._publish(self._topics.availability, ONLINE)
             self._announce()
             self._resend_all()
+
+    def _resend_unacknowledged(self) -> None:
+        """Publish again, first and in order, the messages the broker had not acknowledged when the
+        connection broke.
+
+        paho keeps unacknowledged QoS 1 and 2 messages and sends them again itself, but only after
+        `on_connect` returns: after the newest answers, states and camera status this callback publishes.
+        The retained message of a topic would then end older than the newest (seen when a hung broker is
+        replaced by a fresh one). Taking the messages back from paho (`drop_out_messages`) and publishing
+        them again here, before the newest values, keeps every one of them (answers published while the
+        broker hung still reach their subscribers, at least once) and makes the newest value the last on
+        each topic. Dropping the stale ones instead would lose those answers, and publishing the newest
+        values again later (from a timer) would race paho's own re-sends.
+        """
+        for message in self._client.drop_out_messages():
+            self._client.publish(message.topic, message.payload, message.qos, message.retain, message.properties)
 
     def _subscribe(self) -> None:
         topics = []
