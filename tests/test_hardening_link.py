@@ -1,8 +1,11 @@
 """The MQTT link's connection handling against a real mosquitto: a hung broker replaced by a fresh one, a
 hostile retained discovery list, and two agents sharing one agent id."""
 
+import contextlib
 import json
 import logging
+import socket
+import threading
 import time
 
 import pytest
@@ -175,3 +178,53 @@ def test_two_agents_with_one_agent_id_back_off_and_say_why_instead_of_fighting(
         started = time.monotonic()
         link.stop()
         assert time.monotonic() - started < 3, "stop() does not wait for the backoff"
+
+
+class TakingOverBroker:
+    """A stand-in for an MQTT 5 broker that hands the client id to another client right after each connect
+    (DISCONNECT with reason code 142, "Session taken over"). mosquitto 2.0.11, the broker here, does not send
+    it: it just closes the old connection."""
+
+    CONNACK = bytes([0x20, 3, 0, 0, 0])
+    SESSION_TAKEN_OVER = bytes([0xE0, 2, 142, 0])
+
+    def __init__(self):
+        self.host = "127.0.0.1"
+        self._server = socket.create_server((self.host, 0))
+        self.port = self._server.getsockname()[1]
+        self.connects = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self._server.accept()
+                with connection:
+                    connection.recv(65536)  # the CONNECT packet
+                    self.connects += 1
+                    connection.sendall(self.CONNACK)
+                    time.sleep(0.2)
+                    connection.sendall(self.SESSION_TAKEN_OVER)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_an_mqtt5_session_taken_over_is_named_and_backed_off_at_once(make_link, caplog):
+    caplog.set_level(logging.INFO, logger="edge_agent.mqtt")
+    broker = TakingOverBroker()
+    try:
+        link = make_link(broker, connected=False)
+        wait_until(lambda: "backing off" in caplog.text, what="the clash logged")
+        time.sleep(3)
+
+        assert broker.connects == 1, "no reconnect during the backoff"
+        assert (
+            "MQTT: another client connected with client id edge-agent-kitchen (two agents with agent_id kitchen?); "
+            "set agent_id or mqtt.client_id uniquely; backing off 10 s"
+        ) in caplog.text
+        started = time.monotonic()
+        link.stop()
+        assert time.monotonic() - started < 3, "stop() does not wait for the backoff"
+    finally:
+        broker.close()
