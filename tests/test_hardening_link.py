@@ -83,11 +83,13 @@ def make_announcing_link():
 
 
 BAD_LISTS = {
-    "wildcard": ["homeassistant/sensor/#", FOREIGN_CONFIG],
-    "non-string entries": [1, None, {"a": 1}, ["x"], FOREIGN_CONFIG],
-    "not a list": {FOREIGN_CONFIG: 1},
-    "a string with a wildcard": "homeassistant/sensor/#",
-    "a foreign agent's config topic": [FOREIGN_CONFIG, "elsewhere/retained"],
+    "wildcard": json.dumps(["homeassistant/sensor/#", FOREIGN_CONFIG]).encode(),
+    "non-string entries": json.dumps([1, None, {"a": 1}, ["x"], FOREIGN_CONFIG]).encode(),
+    "not a list": json.dumps({FOREIGN_CONFIG: 1}).encode(),
+    "a string with a wildcard": json.dumps("homeassistant/sensor/#").encode(),
+    "a foreign agent's config topic": json.dumps([FOREIGN_CONFIG, "elsewhere/retained"]).encode(),
+    "deeply nested": b"[" * 30_000 + b"]" * 30_000,
+    "not UTF-8": b"\xff\xfe[]",
 }
 
 
@@ -96,9 +98,7 @@ BAD_LISTS = {
 def test_a_bad_retained_discovery_list_is_ignored_and_removes_no_foreign_topic(
     bad_list, protocol, broker, make_announcing_link, subscriber, caplog
 ):
-    assert_a_bad_list_is_ignored(
-        json.dumps(bad_list).encode(), protocol, broker, make_announcing_link, subscriber, caplog
-    )
+    assert_a_bad_list_is_ignored(bad_list, protocol, broker, make_announcing_link, subscriber, caplog)
 
 
 def test_a_huge_retained_discovery_list_is_ignored(broker, make_announcing_link, subscriber, caplog):

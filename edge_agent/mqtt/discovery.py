@@ -94,8 +94,8 @@ def read_announced(payload: bytes, prefix: str, agent_id: str, max_bytes: int) -
         return set(), f"{len(payload)} bytes, more than {max_bytes}"
     try:
         entries = json.loads(payload or b"[]")
-    except ValueError:
-        return set(), "not JSON"
+    except (ValueError, RecursionError):
+        return set(), "not JSON (or nested too deeply)"
     if not isinstance(entries, list):
         return set(), "not a JSON list"
     own: set[str] = set()
