@@ -228,3 +228,24 @@ def test_an_mqtt5_session_taken_over_is_named_and_backed_off_at_once(make_link, 
         assert time.monotonic() - started < 3, "stop() does not wait for the backoff"
     finally:
         broker.close()
+
+
+# --- Home Assistant's status topic is client input too ------------------------------------------------
+
+
+def test_a_flood_of_home_assistant_online_messages_resends_discovery_and_states_a_bounded_number_of_times(
+    make_broker, make_announcing_link, subscriber
+):
+    broker = make_broker()
+    link = make_announcing_link(broker, [DOOR])
+    wait_until(lambda: link.connected, what="link connected")
+    link.publish_answer(numbered(1))
+    watcher = subscriber(broker, DOOR_STATE, "homeassistant/binary_sensor/kitchen_door_open/config")
+    watcher.next(DOOR_STATE)
+    for _ in range(200):
+        watcher.publish("homeassistant/status", "online")
+    time.sleep(3)
+
+    states = len(watcher.on(DOOR_STATE))
+    assert states <= 3, f"{states} copies of one state for 200 'online' messages"
+    assert link.connected

@@ -69,6 +69,8 @@ QUICK_DISCONNECTS_FOR_TAKEOVER = 2
 many closes in a row, each within `QUICK_DISCONNECT_S` of connecting, count as a takeover."""
 STOP_TIMEOUT_S = 2.0
 """How long `stop()` waits for the broker to acknowledge `offline`."""
+HA_RESEND_MIN_S = 10.0
+"""Least time between two resends of discovery and states that Home Assistant's `online` asks for."""
 MAX_INCOMING_PACKET_BYTES = 64 * 1024
 """MQTT 5: the broker does not forward the agent a larger message (it drops it), so a huge ask request
 never reaches the agent's memory. Requests are refused above 16 KiB anyway; the agent's own retained
@@ -204,6 +206,7 @@ class AgentLink:
             status_topic(settings.discovery_prefix): self._handle_ha_status,
             self._topics.discovery: self._handle_announced,
         }
+        self._last_ha_resend: float | None = None
         self._client_id = settings.client_id or f"edge-agent-{agent_id}"
         self._client = self._build_client(self._client_id)
 
@@ -526,11 +529,23 @@ class AgentLink:
             self._send_reply(reply, {"error": reason})
 
     def _handle_ha_status(self, message: mqtt.MQTTMessage) -> None:
-        if message.payload == ONLINE.encode():
-            logger.info("Home Assistant came online: sending discovery and states again")
-            with self._lock:
-                self._announce()
-                self._resend_all()
+        """Home Assistant (re)started: send discovery and states again, at most once per `HA_RESEND_MIN_S`.
+
+        Any client allowed to write the status topic can send `online`; without the bound each message
+        would cost every config and state once more. A skipped resend loses nothing: configs and states are
+        retained, so a Home Assistant subscribing now receives them from the broker.
+        """
+        if message.payload != ONLINE.encode():
+            return
+        now = time.monotonic()
+        if self._last_ha_resend is not None and now - self._last_ha_resend < HA_RESEND_MIN_S:
+            logger.debug("MQTT: Home Assistant 'online' again within %g s: not resending", HA_RESEND_MIN_S)
+            return
+        self._last_ha_resend = now
+        logger.info("Home Assistant came online: sending discovery and states again")
+        with self._lock:
+            self._announce()
+            self._resend_all()
 
     def _handle_announced(self, message: mqtt.MQTTMessage) -> None:
         """The retained list of announced config topics (from a previous run, or our own echo).
