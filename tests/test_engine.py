@@ -11,7 +11,7 @@ import pytest
 from edge_agent.engine import Engine
 from edge_agent.engine import engine as engine_module
 from edge_agent.engine.devices import DevicePlan
-from edge_agent.engine.language import LanguageModel
+from edge_agent.engine.language import StatefulLanguageModel
 from edge_agent.engine.paged import load_language_model
 from edge_agent.engine.preprocess import ClipPreprocessor
 from edge_agent.errors import UserError
@@ -68,13 +68,13 @@ def test_many_questions_on_one_context_equal_each_alone(request, arch):
 def stateful_llava(tiny_llava_fp32) -> Engine:
     """The engine with the stateful language model it runs on devices other than the CPU."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_module, "load_language_model", LanguageModel.load)
+        patch.setattr(engine_module, "load_language_model", StatefulLanguageModel.load)
         return Engine.load(tiny_llava_fp32, inference_precision="f32")
 
 
 def test_stateful_fixture_runs_the_stateful_graph(stateful_llava, llava):
-    assert type(stateful_llava._language) is LanguageModel
-    assert type(llava._language) is not LanguageModel
+    assert type(stateful_llava._language) is StatefulLanguageModel
+    assert type(llava._language) is not StatefulLanguageModel
 
 
 def test_load_returns_while_the_language_model_compiles(tiny_llava_fp32, monkeypatch):

@@ -8,7 +8,8 @@
 first `answer` prefills that prefix with its questions into the language model's KV cache, and later rounds
 reuse the cached prefix. Questions decode as one batch, so the image is never encoded or prefilled twice.
 On the CPU the language model runs with paged attention (`paged.py`), elsewhere as the exported stateful
-graph (`language.py`); both give the same answers.
+graph (`language.py`); both give the same answers, and the engine reaches them only through the protocols
+of `session.py`.
 
 The paged language model cannot come from OpenVINO's compiled-model cache (see `load_language_model`), and
 compiling it is the longest step of a start (about 1.5 s for the 0.4B bench model on 2 cores, one core busy
@@ -35,12 +36,12 @@ from ..errors import UserError
 from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageModel, LanguageSession
 from .mapped_files import mapped_pages_dropped_during
 from .model_dir import ModelDir
-from .paged import PagedLanguageModel, PagedSession, load_language_model
+from .paged import load_language_model
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
+from .session import LanguageModel, LanguageSession
 from .tokenizer import Tokenizer
 
 
@@ -86,7 +87,7 @@ class FrameContext:
     image_tokens: int
     image_size: tuple[int, int]
     timings: Timings
-    session: PagedSession | LanguageSession = field(repr=False)
+    session: LanguageSession = field(repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -158,7 +159,7 @@ class Engine:
         return self.model.name
 
     @property
-    def _language(self) -> PagedLanguageModel | LanguageModel:
+    def _language(self) -> LanguageModel:
         """The language model; the first use waits for its compile to finish."""
         try:
             return self._language_compiling.result()
@@ -281,8 +282,6 @@ class Engine:
         with self._lock, context.lock:
             watch = Stopwatch()
             session = context.session
-            if session.garbage > session.prefix_len:
-                session.restart()
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
             branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
             with self._first_use("language"):
@@ -413,7 +412,7 @@ class Engine:
         vocabulary = self._language.compiled.output("logits").get_partial_shape()[2].get_length()
         return DigitVocabulary.from_token_texts([self.tokenizer.decode([token]) for token in range(vocabulary)])
 
-    def _decode(self, session: PagedSession | LanguageSession, prompts: list[Prompt], logits: np.ndarray,
+    def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray,
                 ignore_eos: bool) -> dict[int, list[int]]:
         """Greedy decoding of the free rows; a row leaves the batch at a stop token or its limit.
 

@@ -14,21 +14,22 @@ before every call. Two small edits of the graph make a shared prefix cheap:
 Questions then decode in the same sequence: each step appends one token per unfinished question, which
 sees the prefix, its question and its own answer so far. The prefix stays in the cache once and each step
 reads it once, not once per question. Positions a token must not see (other questions and answers, earlier
-rounds' leftovers) stay in the cache, masked out; `garbage` tells the caller when it is cheaper to start
-again from the prefix. A graph the mask edit does not fit prefills the questions as a batch of rows forked
-from the prefix instead (`beam_idx = [0] * N`, one more call) and decodes them as rows of a batch.
+rounds' leftovers) stay in the cache, masked out, until they outgrow the prefix: then a round starts again
+from the prefix, which is cheaper than reading them on every call. A graph the mask edit does not fit
+prefills the questions as a batch of rows forked from the prefix instead (`beam_idx = [0] * N`, one more
+call) and decodes them as rows of a batch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
 from .devices import compile_properties
+from .session import BranchReducer
 
 ATTENTION_ALLOWED = "attention_allowed"
 LOGITS_POSITIONS = "logits_positions"
@@ -143,7 +144,7 @@ def left_padded(chunks: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     return padded, lengths
 
 
-class LanguageModel:
+class StatefulLanguageModel:
     """The compiled language model and the one infer request, so one KV cache, that its sessions take turns on.
 
     One request bounds memory whatever the number of live frame contexts (each request holds its own cache
@@ -157,14 +158,15 @@ class LanguageModel:
         self.request = compiled.create_infer_request()
         self.gathers_logits = LOGITS_POSITIONS in names
         self.takes_allowed = ATTENTION_ALLOWED in names
-        self.holder: LanguageSession | None = None
+        self.holder: StatefulSession | None = None
 
-    def session(self, prefix: np.ndarray) -> "LanguageSession":
-        return LanguageSession(self, prefix)
+    def session(self, prefix: np.ndarray) -> "StatefulSession":
+        """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
+        return StatefulSession(self, prefix)
 
     @classmethod
     def load(cls, core: ov.Core, graph_path: Path, device: str, inference_precision: str | None = None,
-             **overrides) -> "LanguageModel":
+             **overrides) -> "StatefulLanguageModel":
         """Read an exported language model, make both edits where they fit and compile it with the engine's
         settings for `device` (`overrides` replace single compile properties, for measurements)."""
         graph = core.read_model(graph_path)
@@ -174,14 +176,15 @@ class LanguageModel:
         return cls(core.compile_model(graph, device, properties))
 
 
-class LanguageSession:
-    """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it.
+class StatefulSession:
+    """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it (a
+    `session.LanguageSession`).
 
     The session works in rows: row i of the last call's answer. In the shared sequence every row lives in
     the one cache row; forked rows each have their own cache row, row i in cache row i.
     """
 
-    def __init__(self, model: LanguageModel, prefix: np.ndarray):
+    def __init__(self, model: StatefulLanguageModel, prefix: np.ndarray):
         self._model = model
         self._prefix = prefix  # [1, P, hidden]
         self.prefix_len = prefix.shape[1]
@@ -221,7 +224,7 @@ class LanguageSession:
         self._next_position = np.array([length])
 
     def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: Callable[[int, np.ndarray], Any] | None = None) -> tuple[np.ndarray, list]:
+                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         A branch (question row, embeds [L, hidden]) is a teacher-forced continuation of that question (the
@@ -231,6 +234,8 @@ class LanguageSession:
         Afterwards row i is question i, seeing the prefix and its own question only.
         """
         self._claim()
+        if self.garbage > self.prefix_len:  # reading the leftovers now costs more than prefilling the prefix again
+            self.restart()
         if self._model.takes_allowed:
             logits, ahead = self._prefill_shared_sequence(questions, branches)
         else:

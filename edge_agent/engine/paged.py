@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import openvino as ov
 from openvino._offline_transformations import paged_attention_transformation
 
 from .devices import compile_properties
-from .language import LOGITS_POSITIONS, LanguageModel, add_logits_positions
+from .language import LOGITS_POSITIONS, StatefulLanguageModel, add_logits_positions
+from .session import BranchReducer, LanguageModel
 
 CACHE_INPUTS = ("key_cache.", "value_cache.")
 BLOCK_SIZE_AXIS = 2
@@ -140,6 +141,7 @@ class PagedLanguageModel:
         self.holder: PagedSession | None = None
 
     def session(self, prefix: np.ndarray) -> "PagedSession":
+        """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
         return PagedSession(self, prefix)
 
     def run(self, sequences: list[Sequence]) -> np.ndarray:
@@ -162,9 +164,8 @@ class PagedLanguageModel:
 
 
 class PagedSession:
-    """One frame's prefix in the pool's blocks, and the blocks of the answers of its last round.
-
-    Same interface as `LanguageSession`: row i is question i of the last round, or `rows[i]` of the last step.
+    """One frame's prefix in the pool's blocks, and the blocks of the answers of its last round (a
+    `session.LanguageSession`): row i is question i of the last round, or `rows[i]` of the last step.
     """
 
     def __init__(self, model: PagedLanguageModel, prefix: np.ndarray):
@@ -177,11 +178,6 @@ class PagedSession:
     @property
     def _pool(self) -> BlockPool:
         return self._model.pool
-
-    @property
-    def garbage(self) -> int:
-        """Always 0: earlier rounds' answers live in blocks of their own, given back when the next round starts."""
-        return 0
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again, with the first of them."""
@@ -197,13 +193,12 @@ class PagedSession:
         self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
 
     def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: Callable[[int, np.ndarray], Any] | None = None) -> tuple[np.ndarray, list]:
+                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
-        predicts the token after branch token j), as `LanguageSession.prefill_questions` does; with `reduce`,
-        `reduce(branch index, its logits)` instead, taken as each call's logits are read, so no more than one
-        call's logits are held at once. A question's first branch rides along in the question's own sequence,
+        predicts the token after branch token j); with `reduce`, `reduce(branch index, its logits)` instead,
+        taken as each call's logits are read, so no more than one call's logits are held at once. A question's first branch rides along in the question's own sequence,
         past the end the row keeps; further branches follow after the question rows (`_score_branches`).
         """
         reduce = reduce or (lambda index, logits: logits)
@@ -323,7 +318,7 @@ class PagedSession:
 
 
 def load_language_model(core: ov.Core, graph_path, device: str, inference_precision: str | None = None,
-                        **overrides) -> "PagedLanguageModel | LanguageModel":
+                        **overrides) -> LanguageModel:
     """The engine's language model: paged on the CPU, the stateful graph elsewhere or where it cannot be paged.
 
     Compiled with the engine's settings for `device` (`overrides` replace single compile properties, for
@@ -341,4 +336,4 @@ def load_language_model(core: ov.Core, graph_path, device: str, inference_precis
         if to_paged_attention(graph):
             with contextlib.suppress(RuntimeError):
                 return PagedLanguageModel(core.compile_model(graph, device, properties))
-    return LanguageModel.load(core, graph_path, device, inference_precision, **overrides)
+    return StatefulLanguageModel.load(core, graph_path, device, inference_precision, **overrides)
