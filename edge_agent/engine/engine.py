@@ -1,8 +1,9 @@
 """The engine: encode a frame once, then answer any number of questions about it.
 
     engine = Engine.load("models/llava-1.5-7b-int4")
-    context = engine.encode(frame)                      # preprocess + vision encoder + prefix prefill
-    answers = engine.answer(context, ["Is the door open?", "How many people are there?"])
+    context = engine.encode(frame)                      # preprocess + vision encoder
+    answers = engine.answer(context, [Prompt("Is the door open?", options=("yes", "no")),
+                                      Prompt("How many people are there?", max_new_tokens=3, digits=True)])
 
 `encode` runs the vision encoder and builds the prompt prefix (system prompt, `USER:`, image tokens); the
 first `answer` prefills that prefix with its questions into the language model's KV cache, and later rounds
@@ -265,17 +266,16 @@ class Engine:
 
     # -- answering ---------------------------------------------------------------------------------------
 
-    def answer(self, context: FrameContext, questions: list[str | Prompt], max_new_tokens: int | list[int] = 32,
-               ignore_eos: bool = False) -> list[Answer]:
-        """Answers to `questions` about the frame in `context`, prefilled and decoded as one batch.
+    def answer(self, context: FrameContext, prompts: list[Prompt]) -> list[Answer]:
+        """Answers to `prompts` about the frame in `context`, prefilled and decoded as one batch, in order.
 
-        A plain string is a free-text question answered greedily with `max_new_tokens` (one limit, or one
-        per question); a `Prompt` carries its own limit and may ask for one of its options or for digits.
-        With `ignore_eos` every free answer runs to its limit (benchmarks use it for fixed lengths).
+        Free answers are greedy, each up to its prompt's limit; option and digit prompts are constrained
+        as `Prompt` says.
         """
-        prompts = self._as_prompts(questions, max_new_tokens)
         if not prompts:
             return []
+        if any(not p.text or not p.text.strip() for p in prompts):
+            raise UserError("a question is empty")
         suffixes = [self._question_suffix(context, p.text) for p in prompts]
         spelled = self._spelled_options(prompts)
         branches = self._branches(spelled)
@@ -289,7 +289,7 @@ class Engine:
                                                           self._branch_log_probs(branches, spelled))
                 prefill_ms = watch.lap()
                 chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
-                generated = self._decode(session, prompts, logits, ignore_eos)
+                generated = self._decode(session, prompts, logits)
                 decode_ms = watch.lap()
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
                           prefill_ms, decode_ms)
@@ -301,14 +301,6 @@ class Engine:
             else:
                 answers.append(Answer(prompt.text, self.tokenizer.decode(generated[row]), generated[row], timings))
         return answers
-
-    @staticmethod
-    def _as_prompts(questions, max_new_tokens) -> list[Prompt]:
-        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(questions)
-        prompts = [q if isinstance(q, Prompt) else Prompt(q, limit) for q, limit in zip(questions, limits)]
-        if any(not p.text or not p.text.strip() for p in prompts):
-            raise UserError("a question is empty")
-        return prompts
 
     def prompt_tokens(self, question: str) -> int:
         """How many tokens the model reads for `question` after the shared image prefix (the templated
@@ -412,13 +404,14 @@ class Engine:
         vocabulary = self._language.compiled.output("logits").get_partial_shape()[2].get_length()
         return DigitVocabulary.from_token_texts([self.tokenizer.decode([token]) for token in range(vocabulary)])
 
-    def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray,
-                ignore_eos: bool) -> dict[int, list[int]]:
-        """Greedy decoding of the free rows; a row leaves the batch at a stop token or its limit.
+    def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray) -> dict[int, list[int]]:
+        """Greedy decoding of the free rows; a row leaves the batch at a stop token (unless its prompt ignores
+        them) or its limit.
 
         Row i of `logits` is question i, and so is row i of the session's batch.
         """
-        stop = [] if ignore_eos else list(self.model.stop_token_ids)
+        stop_tokens = list(self.model.stop_token_ids)
+        stops = [[] if p.ignore_eos else stop_tokens for p in prompts]
         active = [row for row, p in enumerate(prompts) if not p.options]
         outputs: dict[int, list[int]] = {row: [] for row in active}
         logits = logits[active]
@@ -427,9 +420,9 @@ class Engine:
             keep = []
             next_ids = []
             for position, row in enumerate(active):
-                token = self._next_token(logits[position], prompts[row], outputs[row], stop)
+                token = self._next_token(logits[position], prompts[row], outputs[row], stops[row])
                 next_ids.append(token)
-                if token in stop:
+                if token in stops[row]:
                     continue
                 outputs[row].append(token)
                 if len(outputs[row]) < prompts[row].max_new_tokens:
