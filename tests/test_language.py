@@ -106,7 +106,7 @@ def test_later_rounds_see_the_prefix_and_not_the_earlier_rounds(compiled):
     _, prefix, questions = frame_inputs(compiled[True], seed=2, prefix_tokens=17)
     session = StatefulSession(StatefulLanguageModel(compiled[True]), prefix)
     first = rounds(session, questions, 2, np.random.default_rng(3))
-    assert session.garbage > 0
+    assert session.leftover_positions > 0
     again = rounds(session, questions[::-1], 2, np.random.default_rng(3))
     np.testing.assert_allclose(again[0], first[0][::-1], atol=1e-4)
 
@@ -123,7 +123,7 @@ def test_the_first_round_prefills_prefix_and_questions_in_one_call(compiled):
     assert len(calls) == 1
     assert calls[0]["inputs_embeds"].shape[1] == 30 + sum(QUESTION_LENGTHS) + 3
     assert logits.shape[0] == len(QUESTION_LENGTHS) and [len(a) for a in ahead] == [2, 1]
-    assert session.prefix_len == 30 and session.garbage == sum(QUESTION_LENGTHS) + 3
+    assert session.prefix_len == 30 and session.leftover_positions == sum(QUESTION_LENGTHS) + 3
 
 
 def test_sessions_take_turns_on_one_cache_and_restart_when_another_used_it(compiled):
@@ -133,6 +133,6 @@ def test_sessions_take_turns_on_one_cache_and_restart_when_another_used_it(compi
     session, other = StatefulSession(model, prefix), StatefulSession(model, other_prefix)
     first = session.prefill_questions(questions)[0]
     other.prefill_questions(questions)
-    assert session.garbage == 0  # its cache is gone ...
+    assert session.leftover_positions == 0  # its cache is gone ...
     np.testing.assert_allclose(session.prefill_questions(questions)[0], first, atol=1e-4)  # ... and comes back
-    assert model.holder is session
+    assert model.cache_owner is session

@@ -169,11 +169,11 @@ def test_sessions_take_turns_on_the_pool_and_restart_when_another_used_it(models
     session, other = paged.session(prefix), paged.session(other_prefix)
     first = rounds(session, questions, 3, np.random.default_rng(3))
     rounds(other, questions, 3, np.random.default_rng(3))
-    assert paged.holder is other
+    assert paged.cache_owner is other
     again = rounds(session, questions, 3, np.random.default_rng(3))
     for a, b in zip(first, again):
         np.testing.assert_allclose(a, b, atol=ATOL)
-    assert paged.holder is session
+    assert paged.cache_owner is session
 
 
 def test_the_paged_graphs_last_layer_after_attention_runs_only_at_the_logits_positions(model_dir):

@@ -277,18 +277,18 @@ class Engine:
         if any(not p.text or not p.text.strip() for p in prompts):
             raise UserError("a question is empty")
         suffixes = [self._question_suffix(context, p.text) for p in prompts]
-        spelled = self._spelled_options(prompts)
-        branches = self._branches(spelled)
+        option_spellings = self._option_spellings(prompts)
+        branches = self._branches(option_spellings)
         with self._lock, context.lock:
             watch = Stopwatch()
             session = context.session
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
             branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
             with self._first_use("language"):
-                logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds,
-                                                          self._branch_log_probs(branches, spelled))
+                reduce = self._needed_log_probs(branches, option_spellings)
+                logits, branch_log_probs = session.prefill_questions(embedded[:len(suffixes)], branch_embeds, reduce)
                 prefill_ms = watch.lap()
-                chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
+                chosen = self._choose(prompts, option_spellings, logits, dict(zip(branches, branch_log_probs)))
                 generated = self._decode(session, prompts, logits)
                 decode_ms = watch.lap()
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
@@ -325,24 +325,24 @@ class Engine:
 
     # -- option questions --------------------------------------------------------------------------------
 
-    def _spelled_options(self, prompts: list[Prompt]) -> dict[int, list[tuple[tuple[int, ...], ...]]]:
+    def _option_spellings(self, prompts: list[Prompt]) -> dict[int, list[tuple[tuple[int, ...], ...]]]:
         """For option rows: {row: per option, the token ids of each way to spell it}."""
         return {row: [self._option_ids(p.text, option) for option in p.options]
                 for row, p in enumerate(prompts) if p.options}
 
     @staticmethod
-    def _branches(spelled: dict) -> list[tuple[int, tuple[int, ...]]]:
+    def _branches(option_spellings: dict) -> list[tuple[int, tuple[int, ...]]]:
         """(row, ids) for every distinct spelling prefix that needs teacher forcing: all but the last token."""
-        return sorted({(row, ids[:-1]) for row, options in spelled.items()
+        return sorted({(row, ids[:-1]) for row, options in option_spellings.items()
                        for variants in options for ids in variants if len(ids) > 1})
 
     @staticmethod
-    def _branch_log_probs(branches: list[tuple[int, tuple[int, ...]]], spelled: dict):
+    def _needed_log_probs(branches: list[tuple[int, tuple[int, ...]]], option_spellings: dict):
         """How a branch's logits [L, vocab] are reduced as soon as they are read: to {(position, token):
         log-probability} for the tokens a spelling through it needs (its own next tokens, and at its last
         position the last token of each spelling it starts), not L x vocab floats per branch."""
         last_tokens = collections.defaultdict(set)
-        for row, options in spelled.items():
+        for row, options in option_spellings.items():
             for ids in (ids for variants in options for ids in variants if len(ids) > 1):
                 last_tokens[(row, ids[:-1])].add(ids[-1])
 
@@ -356,19 +356,19 @@ class Engine:
         return reduce
 
     @staticmethod
-    def _choose(prompts: list[Prompt], spelled: dict, logits: np.ndarray, ahead: dict) -> dict:
+    def _choose(prompts: list[Prompt], option_spellings: dict, logits: np.ndarray, branch_log_probs: dict) -> dict:
         """For option rows: {row: (option, its best spelling's ids, probability)} from the model's distribution.
 
         A spelling scores the log-probability of its first token from the question's logits plus, for longer
-        spellings, of each later token from its teacher-forced branch (`ahead[(row, ids[:-1])]`, reduced by
-        `_branch_log_probs`).
+        spellings, of each later token from its teacher-forced branch (`branch_log_probs[(row, ids[:-1])]`,
+        reduced by `_needed_log_probs`).
         """
         chosen = {}
-        for row, options in spelled.items():
+        for row, options in option_spellings.items():
             first = log_softmax(logits[row])
 
             def score(ids):
-                steps = ahead.get((row, ids[:-1]), {})
+                steps = branch_log_probs.get((row, ids[:-1]), {})
                 return first[ids[0]] + sum(steps[(j, ids[j + 1])] for j in range(len(ids) - 1))
 
             scores = [[score(ids) for ids in variants] for variants in options]

@@ -158,7 +158,7 @@ class StatefulLanguageModel:
         self.request = compiled.create_infer_request()
         self.gathers_logits = LOGITS_POSITIONS in names
         self.takes_allowed = ATTENTION_ALLOWED in names
-        self.holder: StatefulSession | None = None
+        self.cache_owner: StatefulSession | None = None
 
     def session(self, prefix: np.ndarray) -> "StatefulSession":
         """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
@@ -196,20 +196,20 @@ class StatefulSession:
     def _request(self) -> ov.InferRequest:
         return self._model.request
 
-    def _claim(self) -> None:
+    def _take_over_cache(self) -> None:
         """Make the request's cache this session's; if another session has used it since, ours is gone."""
-        if self._model.holder is not self:
+        if self._model.cache_owner is not self:
             self._empty_cache()
 
     def _empty_cache(self) -> None:
-        self._model.holder = self
+        self._model.cache_owner = self
         self._request.reset_state()
         self.kv_len = 0
 
     @property
-    def garbage(self) -> int:
+    def leftover_positions(self) -> int:
         """Cache positions past the prefix left over from earlier rounds."""
-        return max(self.kv_len - self.prefix_len, 0) if self._model.holder is self else 0
+        return max(self.kv_len - self.prefix_len, 0) if self._model.cache_owner is self else 0
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again (in the same call where possible)."""
@@ -233,14 +233,14 @@ class StatefulSession:
         predicts the token after branch token j), or with `reduce`, `reduce(branch index, its logits)`.
         Afterwards row i is question i, seeing the prefix and its own question only.
         """
-        self._claim()
-        if self.garbage > self.prefix_len:  # reading the leftovers now costs more than prefilling the prefix again
+        self._take_over_cache()
+        if self.leftover_positions > self.prefix_len:  # reading them on costs more than prefilling the prefix again
             self.restart()
         if self._model.takes_allowed:
-            logits, ahead = self._prefill_shared_sequence(questions, branches)
+            logits, branch_logits = self._prefill_shared_sequence(questions, branches)
         else:
-            logits, ahead = self._prefill_forked_rows(questions, branches)
-        return logits, [reduce(index, each) for index, each in enumerate(ahead)] if reduce else ahead
+            logits, branch_logits = self._prefill_forked_rows(questions, branches)
+        return logits, [reduce(index, each) for index, each in enumerate(branch_logits)] if reduce else branch_logits
 
     def _prefill_forked_rows(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
         """Questions as a batch of rows forked from the prefix's row; branches as a second call, extra rows."""
@@ -256,8 +256,9 @@ class StatefulSession:
             return logits, []
         chunks = [chunk for _, chunk in branches]
         padded, lengths = left_padded([question[:0] for question in questions] + chunks)  # questions: carried along
-        ahead = self.extend(list(range(count)) + [row for row, _ in branches], padded, lengths)
-        return logits, [ahead[count + index, padded.shape[1] - len(chunk):] for index, chunk in enumerate(chunks)]
+        branch_logits = self.extend(list(range(count)) + [row for row, _ in branches], padded, lengths)
+        width = padded.shape[1]
+        return logits, [branch_logits[count + index, width - len(chunk):] for index, chunk in enumerate(chunks)]
 
     def _prefill_shared_sequence(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call, one cache row: [prefix, if not cached yet] + question 1 + ... + question N + branches.
@@ -295,8 +296,8 @@ class StatefulSession:
         for row, span in enumerate(question_spans):
             self._mask[row, cached + span.start:cached + span.stop] = 1
         self._next_position = np.array([prefix + len(question) for question in questions])
-        ahead = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
-        return logits[:len(questions)], ahead if branches else []
+        branch_logits = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
+        return logits[:len(questions)], branch_logits if branches else []
 
     def extend(self, rows, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
         """Append left-padded token chunks [B, W, hidden] to `rows` (a row may be repeated).

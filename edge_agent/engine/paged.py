@@ -138,7 +138,7 @@ class PagedLanguageModel:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.pool = BlockPool(compiled, self.request)
-        self.holder: PagedSession | None = None
+        self.cache_owner: PagedSession | None = None
 
     def session(self, prefix: np.ndarray) -> "PagedSession":
         """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
@@ -181,7 +181,7 @@ class PagedSession:
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again, with the first of them."""
-        self._claim()
+        self._take_over_cache()
         self._drop_rows()
         self._pool.give_back(self._prefix_blocks)
         self._prefix_blocks = []
@@ -198,16 +198,17 @@ class PagedSession:
 
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
         predicts the token after branch token j); with `reduce`, `reduce(branch index, its logits)` instead,
-        taken as each call's logits are read, so no more than one call's logits are held at once. A question's first branch rides along in the question's own sequence,
-        past the end the row keeps; further branches follow after the question rows (`_score_branches`).
+        taken as each call's logits are read, so no more than one call's logits are held at once. A question's
+        first branch rides along in the question's own sequence, past the end the row keeps; further branches
+        follow after the question rows (`_score_branches`).
         """
         reduce = reduce or (lambda index, logits: logits)
-        self._claim()
+        self._take_over_cache()
         self._drop_rows()
-        riders: dict[int, int] = {}  # question row -> index of the branch in its own sequence
+        first_branch_of_row: dict[int, int] = {}  # question row -> its first branch, riding in its sequence
         for index, (row, _) in enumerate(branches):
-            riders.setdefault(row, index)
-        jobs = [Job(row, riders.get(row)) for row in range(len(questions))]
+            first_branch_of_row.setdefault(row, index)
+        jobs = [Job(row, first_branch_of_row.get(row)) for row in range(len(questions))]
         sequences, results = [], []  # per job: its sequence; the logits after its question and its branch tokens
         if not self._prefix_blocks:
             first = self._with_prefix(*self._tokens(jobs[0], questions, branches))
@@ -219,11 +220,11 @@ class PagedSession:
         sequences += later
         for job, sequence in zip(jobs, sequences):
             self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
-        ahead = {job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results)
-                 if job.branch is not None}
-        further = [index for index, (row, _) in enumerate(branches) if riders[row] != index]
-        ahead.update(self._score_branches(branches, further, reduce))
-        return np.stack([result[0] for result in results]), [ahead[i] for i in range(len(branches))]
+        branch_scores = {job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results)
+                         if job.branch is not None}
+        later_branches = [index for index, (row, _) in enumerate(branches) if first_branch_of_row[row] != index]
+        branch_scores.update(self._score_branches(branches, later_branches, reduce))
+        return np.stack([result[0] for result in results]), [branch_scores[i] for i in range(len(branches))]
 
     def _score_branches(self, branches, indices: list[int], reduce) -> dict[int, Any]:
         """{index: reduce(index, logits)} for `branches[index]`, each after its question's row, in calls of
@@ -264,7 +265,7 @@ class PagedSession:
         kept = {int(row) for row in rows}
         for row, (blocks, _) in enumerate(self._rows):
             if row not in kept:
-                self._pool.give_back(self._own(blocks))
+                self._pool.give_back(self._blocks_past_prefix(blocks))
         self._rows = [self._rows[row] for row in rows]
         sequences = []
         for index, (blocks, length) in enumerate(self._rows):
@@ -276,10 +277,10 @@ class PagedSession:
 
     # -- bookkeeping -------------------------------------------------------------------------------------
 
-    def _claim(self) -> None:
+    def _take_over_cache(self) -> None:
         """Make the pool this session's; if another session has used it since, our cached prefix is gone."""
-        if self._model.holder is not self:
-            self._model.holder = self
+        if self._model.cache_owner is not self:
+            self._model.cache_owner = self
             self._pool.reset()
             self._prefix_blocks = []
             self._rows = []
@@ -306,14 +307,14 @@ class PagedSession:
             self._pool.copy(self._prefix_blocks[full], own[:1])
         return Sequence(tokens, self.prefix_len, self._prefix_blocks[:full] + own, self.prefix_len, logits_at)
 
-    def _own(self, blocks: list[int]) -> list[int]:
+    def _blocks_past_prefix(self, blocks: list[int]) -> list[int]:
         """A row's blocks that are not the prefix's."""
         return [block for block in blocks if block not in self._prefix_blocks]
 
     def _drop_rows(self) -> None:
         """Give back the blocks of the last round's answers (never the prefix's)."""
         for blocks, _ in self._rows:
-            self._pool.give_back(self._own(blocks))
+            self._pool.give_back(self._blocks_past_prefix(blocks))
         self._rows = []
 
 
