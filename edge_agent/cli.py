@@ -226,7 +226,9 @@ def _add_model(commands) -> None:
     export.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
     export.add_argument("--calibration-images", help="a directory of your camera's images or videos (10+ frames): "
                         "makes the vision encoder fully INT8 (weights and activations), calibrated on them")
-    export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--force", action="store_true", help="replace a non-empty output directory as a whole, "
+                        "by renames once the export succeeded (safe under a running agent: restart it to load "
+                        "the new model)")
     export.set_defaults(command=_model_export)
     build = sub.add_parser("build-test", help="write a random-weight LLaVA checkpoint for tests and "
                            "benchmarks, offline (needs the `export` extra)")

@@ -73,6 +73,8 @@ _VERSIONED_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "opti
 _NOISY_LOGGERS = ("optimum", "nncf", "transformers")
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
+log = logging.getLogger(__name__)
+
 
 def export_model(src: str, out_dir, weight_format: str = "int4", group_size: int | None = None,
                  ratio: float | None = None, sym: bool = False, calibration_images=None,
@@ -138,9 +140,12 @@ def staged_output_dir(out_dir, overwrite: bool) -> Iterator[pathlib.Path]:
     """Yield an empty directory beside `out_dir` that becomes `out_dir` when the block succeeds.
 
     A failed or interrupted build leaves `out_dir` as it was. A non-empty `out_dir` is refused unless
-    `overwrite`, in which case it is replaced as a whole (no stale files from an earlier build survive).
+    `overwrite`, in which case it is replaced as a whole (no stale files from an earlier build survive) and
+    never modified in place: see `_move_into_place`.
     """
     out = pathlib.Path(out_dir)
+    if out.is_symlink():
+        raise UserError(f"{out}: is a symbolic link; export to a new directory and point the link at it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output path exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -153,9 +158,26 @@ def staged_output_dir(out_dir, overwrite: bool) -> Iterator[pathlib.Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     staging.chmod(0o777 & ~_current_umask())
+    _move_into_place(staging, out)
+
+
+def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Rename `staging` to `out`; an existing `out` is first renamed aside, and removed once the new one is in.
+
+    A running agent keeps the files of the old directory it has open or memory-mapped (their inodes live
+    until it lets go), where rewriting them in place would kill it with SIGBUS; `out` is missing only
+    between two renames and never half-deleted. An old directory that cannot be removed stays aside.
+    """
+    aside = None
     if out.exists():
-        shutil.rmtree(out)
+        aside = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        out.rename(aside)  # onto the empty directory just made, so no other file can take the name
     staging.rename(out)
+    if aside is not None:
+        try:
+            shutil.rmtree(aside)
+        except OSError as error:
+            log.warning("could not remove the replaced directory %s (%s); remove it by hand", aside, error)
 
 
 def _current_umask() -> int:

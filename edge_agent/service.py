@@ -13,8 +13,10 @@ frame encoded, or a later frame the gate found unchanged), never an older frame 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import queue
 import signal
 import threading
@@ -27,6 +29,7 @@ from .capture import CameraReader, CaptureSettings, DeviceMissing, GateSettings,
 from .capture.reader import Frame
 from .config import Config, InvalidValue, Question, usable_cache_dir
 from .engine import Answer, Engine, FrameContext, Prompt
+from .engine.engine import in_background
 from .errors import UserError
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec, MqttSettings
@@ -50,6 +53,11 @@ decode step; 768 holds a 160-token question with 20 options of 20 to 30 tokens, 
 one question near the size of LLaVA-1.5's 576 image tokens."""
 FRAME_WAIT_S = 0.2
 """How long the loop waits for a new frame before it looks at pending ad hoc questions again."""
+LOAD_WAIT_S = 0.1
+"""How often a start waiting for the model load checks whether it was asked to stop."""
+CAMERA_STOP_WAIT_S = 1.0
+"""How long a shutdown waits for the camera reader to let go of its source. A reader stuck in a camera
+open or read (up to `open_timeout_s` or `read_timeout_s`) is left behind: it is a daemon thread."""
 
 
 def mqtt_settings(config: Config) -> MqttSettings:
@@ -114,8 +122,12 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Check the source, load the model, connect, and start reading frames."""
+    def start(self) -> bool:
+        """Check the source, load the model, connect, and start reading frames.
+
+        Returns False, having announced nothing (no `online`, no READY), when `stop()` is called while the
+        model loads; the load then still runs on its thread, which nothing can interrupt (see `run_agent`).
+        """
         settings = capture_settings(self.config)
         try:
             validate_source(settings)
@@ -123,7 +135,9 @@ class Agent:
             log.warning("%s; starting with the camera offline", missing)
         systemd.status("loading model")
         if self._engine is None:
-            self._engine = load_engine(self.config)
+            self._engine = self._load_engine()
+            if self._engine is None:
+                return False
         check_prompt_lengths(self._engine, self.config.questions)
         if self.config.metrics.listen:
             self.metrics_port = self.metrics.serve(self.config.metrics.listen)
@@ -140,6 +154,23 @@ class Agent:
         systemd.status(f"answering {len(self.config.questions)} questions")
         log.info("agent %s started: model %s, %d questions", self.config.agent_id, self._engine.name,
                  len(self.config.questions))
+        return True
+
+    def _load_engine(self) -> Engine | None:
+        """The loaded model, or None when `stop()` came first.
+
+        An OpenVINO compile (minutes on a first start of a large model) cannot be interrupted, and a signal
+        handler only runs once the main thread is back in Python: so the load runs on a thread of its own
+        while this thread waits in short, interruptible waits and looks at the stop flag in between. The
+        flag is only read here, never waited on: `stop()` runs in a signal handler and sets it.
+        """
+        loading = in_background(load_engine, self.config)
+        while not (loading.done() or self._stopped.is_set()):
+            concurrent.futures.wait([loading], timeout=LOAD_WAIT_S)
+        if self._stopped.is_set():
+            log.info("stopped while the model was loading: nothing was announced")
+            return None
+        return loading.result()
 
     def run(self) -> None:
         """The inference loop, until `stop()`."""
@@ -154,7 +185,7 @@ class Agent:
         systemd.stopping()
         self.watchdog.stop()
         if self._reader is not None:
-            self._reader.stop()
+            self._reader.stop(timeout=CAMERA_STOP_WAIT_S)
         if self._link is not None:
             self._link.stop()
         self.metrics.stop()
@@ -371,18 +402,46 @@ def ad_hoc_question(request: AskRequest) -> Question:
 
 
 def run_agent(config: Config) -> int:
-    """`edge-agent run`: start the agent and run it until SIGTERM or SIGINT."""
-    agent = Agent(config)
+    """`edge-agent run`: start the agent and run it until SIGTERM or SIGINT.
 
+    A stop while the model loads ends the process at once (status 0) instead of waiting for the load.
+    """
+    agent = Agent(config)
+    handle_signals(agent)
+    try:
+        started = agent.start()
+        if started:
+            agent.run()
+    finally:
+        agent.shutdown()
+    if not started:
+        exit_leaving_the_load_behind()
+    return 0
+
+
+def handle_signals(agent: Agent) -> None:
+    """SIGTERM and SIGINT stop the agent; SIGHUP, which would kill it silently, is logged and changes nothing.
+
+    The unit defines no `ExecReload=`, so systemd never sends SIGHUP; one sent by hand (or by a closed
+    terminal) must not take the camera's answers down. Changes to the config need a restart.
+    """
     def request_stop(signum, _frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
         agent.stop()
 
+    def refuse_reload(_signum, _frame):
+        log.warning("received SIGHUP: reloading is not supported, restart the service to apply changes")
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    try:
-        agent.start()
-        agent.run()
-    finally:
-        agent.shutdown()
-    return 0
+    signal.signal(signal.SIGHUP, refuse_reload)
+
+
+def exit_leaving_the_load_behind() -> typing.NoReturn:
+    """End the process now, with status 0, while the abandoned model load still runs on its thread.
+
+    A normal exit would wait for that thread (concurrent.futures joins its workers at exit), that is for
+    the whole compile, or tear the interpreter down under the compile's feet; `os._exit` does neither.
+    """
+    logging.shutdown()
+    os._exit(0)

@@ -41,7 +41,7 @@ def test_an_mqtt311_request_carries_its_reply_address_in_the_json():
 
     parsed = parse_ask(payload, None)
 
-    assert parsed.reply == ReplyAddress("me/reply", b"c-2")
+    assert parsed.reply == ReplyAddress("me/reply", correlation_id="c-2")
     assert (parsed.type, parsed.options) == ("options", ("red", "blue"))
 
 

@@ -66,6 +66,9 @@ class StallingEngine:
             self._released.wait()
         return self._engine.answer(context, prompts)
 
+    def __getattr__(self, name):  # everything else (token counts, the tokenizer) as the real engine has it
+        return getattr(self._engine, name)
+
 
 def test_a_stalled_inference_withholds_the_watchdog_pings_until_it_returns(
     tiny_llava_int8, tiny_engine, broker, moving_video, notify_socket, monkeypatch

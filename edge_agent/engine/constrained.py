@@ -9,6 +9,7 @@ is its confidence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,15 @@ def option_probabilities(option_scores: list[list[float]]) -> np.ndarray:
     totals = np.array([np.logaddexp.reduce(scores) if scores else -np.inf for scores in option_scores])
     weights = np.exp(totals - totals.max())
     return weights / weights.sum()
+
+
+def finite_confidence(probability: float) -> float | None:
+    """The chosen option's probability as its confidence, or None when it is not a number.
+
+    Damaged language-model weights give NaN logits and so NaN probabilities; the option is still chosen
+    (the first), but a NaN confidence would make the published JSON invalid for strict parsers.
+    """
+    return probability if math.isfinite(probability) else None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ import numpy as np
 import openvino as ov
 
 from ..errors import UserError
-from .constrained import DigitVocabulary, Prompt, continuation, log_softmax, option_probabilities, spellings
+from .constrained import (DigitVocabulary, Prompt, continuation, finite_confidence, log_softmax, option_probabilities,
+                          spellings)
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
 from .mapped_files import mapped_pages_dropped_during
@@ -357,7 +358,8 @@ class Engine:
 
     @staticmethod
     def _choose(prompts: list[Prompt], option_spellings: dict, logits: np.ndarray, branch_log_probs: dict) -> dict:
-        """For option rows: {row: (option, its best spelling's ids, probability)} from the model's distribution.
+        """For option rows: {row: (option, its best spelling's ids, probability or None)} from the model's
+        distribution.
 
         A spelling scores the log-probability of its first token from the question's logits plus, for longer
         spellings, of each later token from its teacher-forced branch (`branch_log_probs[(row, ids[:-1])]`,
@@ -375,7 +377,7 @@ class Engine:
             probabilities = option_probabilities(scores)
             best = int(probabilities.argmax())
             best_ids = options[best][int(np.argmax(scores[best]))]
-            chosen[row] = (prompts[row].options[best], best_ids, float(probabilities[best]))
+            chosen[row] = (prompts[row].options[best], best_ids, finite_confidence(float(probabilities[best])))
         return chosen
 
     def _option_ids(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:

@@ -5,20 +5,33 @@ A request is a JSON object:
     {"question": "Is anyone at the door?",    required, non-empty, at most 500 characters
      "max_new_tokens": 32,                     optional, 1..256
      "type": "yes_no", "options": [...],       optional: parse the answer like a standing question
-     "reply_to": "...", "correlation_id": "..."}  MQTT 3.1.1 only: where to reply, and the id to echo
+     "reply_to": "...", "correlation_id": ...}  MQTT 3.1.1 only: where to reply, and the id to echo
 
 With MQTT 5 the reply address is the `ResponseTopic` property and the id the `CorrelationData`
 property; they take precedence over the JSON fields. The reply is a JSON object on the reply topic
-(not retained) carrying `correlation_id` (and, with MQTT 5, the same `CorrelationData` property);
-an invalid request gets `{"error": "<reason>"}` when a reply address is known.
+(not retained) carrying the requester's id as sent: a JSON `correlation_id` comes back as the same
+JSON value; MQTT 5 `CorrelationData` comes back as the same property, and as the `correlation_id`
+text when it is UTF-8. An invalid request gets `{"error": "<reason>"}` when a reply address is known.
+
+What a client puts in the reply address comes back in the agent's own publish, so it is bounded:
+- The reply topic must pass `topics.topic_problem` (UTF-8, no U+0000, control characters or wildcards,
+  at most 1,024 bytes). A request naming another topic has no usable reply address: it is refused
+  without a reply (the agent cannot answer it), like a request naming none.
+- Correlation data is at most `MAX_CORRELATION_BYTES` (256) bytes, as sent or as JSON text; a
+  `correlation_id` must be strict JSON (no NaN or infinities). A request breaking either rule is refused
+  with an error reply that carries no correlation data, so the reply is never larger than the request's
+  rules allow (60 KiB of correlation data once came back as a 420 KiB reply).
 
 A requester is named by its reply topic without the last level (`ReplyAddress.requester`): MQTT does
 not show subscribers who published, so this is what the agent's per-requester rate limit counts. A
 client that wants its own allowance replies under a topic of its own, e.g. `<client>/reply/<id>`.
+The rate limit is checked once the reply address is known (`ReceivedAsk.reply`) and before the rest
+of the request is (`ReceivedAsk.request()`), so a flood costs little more than reading the addresses.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass
@@ -27,10 +40,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MAX_OPTION_CHARS, MAX_OPTIONS
+from edge_agent.mqtt.topics import strict_json, topic_problem
 
 MAX_REQUEST_BYTES = 16 * 1024
 MAX_QUESTION_CHARS = 500
 MAX_NEW_TOKENS = 256
+MAX_CORRELATION_BYTES = 256
+"""The longest correlation data echoed: a UUID takes 16 to 36 bytes."""
+NO_REPLY_ADDRESS = "no reply address: set the ResponseTopic property or the 'reply_to' field"
 
 
 @dataclass(frozen=True)
@@ -39,14 +56,26 @@ class ReplyAddress:
 
     topic: str
     """The reply topic chosen by the requester."""
-    correlation: bytes | None
-    """The requester's correlation id, echoed in the reply (None if the requester sent none)."""
+    correlation: bytes | None = None
+    """MQTT 5 `CorrelationData`, echoed as the same property (None if the requester sent none)."""
+    correlation_id: object = None
+    """A JSON `correlation_id` (the MQTT 3.1.1 way), echoed as the same JSON value (None if not sent)."""
 
     @property
     def requester(self) -> str:
         """Who asks, as far as MQTT lets the agent know: the reply topic without its last level."""
         parent, _, _ = self.topic.rpartition("/")
         return parent or self.topic
+
+    @property
+    def echoed_id(self) -> object:
+        """The reply's `correlation_id` field: the JSON value, or the MQTT 5 data when it is UTF-8 text."""
+        if self.correlation_id is not None or self.correlation is None:
+            return self.correlation_id
+        try:
+            return self.correlation.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -74,23 +103,65 @@ class BadRequest(Exception):
         self.reply = reply
 
 
+class ReceivedAsk:
+    """A received request, read in two steps so the rate limit can come between them.
+
+    `reply` is where to answer, found first and as cheaply as possible (the MQTT 5 properties need no
+    JSON parsing); `request()` then checks everything else. The JSON is parsed at most once.
+    """
+
+    def __init__(self, payload: bytes, properties: Properties | None):
+        self._payload = payload
+        self._properties = properties
+        self._reply_problem: str | None = None
+        self.reply = self._find_reply()
+        """Where to answer, or None when the request names no usable reply topic."""
+
+    def request(self) -> AskRequest:
+        """The valid question; raise `BadRequest` naming the first problem, with `reply`."""
+        try:
+            if self._reply_problem is not None:
+                raise BadRequest(self._reply_problem)
+            fields = self._fields
+            return AskRequest(
+                question=_question(fields),
+                reply=self.reply,
+                max_new_tokens=_max_new_tokens(fields),
+                type=_optional_str(fields, "type"),
+                options=_options(fields),
+            )
+        except BadRequest as error:
+            raise BadRequest(error.reason, self.reply) from None
+
+    @functools.cached_property
+    def _fields(self) -> dict:
+        return _json_object(self._payload)
+
+    def _find_reply(self) -> ReplyAddress | None:
+        try:
+            return self._checked_reply()
+        except BadRequest as error:
+            self._reply_problem = error.reason
+            return error.reply
+
+    def _checked_reply(self) -> ReplyAddress:
+        """The MQTT 5 properties if they name a topic, else the JSON fields."""
+        topic = getattr(self._properties, "ResponseTopic", None)
+        if topic is not None:
+            topic = _reply_topic(topic, "the ResponseTopic property")
+            correlation = getattr(self._properties, "CorrelationData", None)
+            _check_correlation_size(0 if correlation is None else len(correlation), topic)
+            return ReplyAddress(topic, correlation=correlation)
+        fields = self._fields
+        topic = _reply_topic(fields.get("reply_to"), "'reply_to'")
+        correlation_id = fields.get("correlation_id")
+        _check_correlation_id(correlation_id, topic)
+        return ReplyAddress(topic, correlation_id=correlation_id)
+
+
 def parse_ask(payload: bytes, properties: Properties | None) -> AskRequest:
     """Validate a request; raise `BadRequest` naming the first problem and, if known, the reply address."""
-    reply = _reply_address({}, properties)
-    try:
-        fields = _json_object(payload)
-        reply = _reply_address(fields, properties)
-        if reply is None:
-            raise BadRequest("no reply address: set the ResponseTopic property or the 'reply_to' field")
-        return AskRequest(
-            question=_question(fields),
-            reply=reply,
-            max_new_tokens=_max_new_tokens(fields),
-            type=_optional_str(fields, "type"),
-            options=_options(fields),
-        )
-    except BadRequest as error:
-        raise BadRequest(error.reason, reply) from None
+    return ReceivedAsk(payload, properties).request()
 
 
 def request_message(question: str, reply_topic: str) -> tuple[bytes, Properties]:
@@ -112,8 +183,9 @@ def reply_message(reply: ReplyAddress, payload: dict) -> tuple[bytes, Properties
     body = dict(payload)
     if reply.correlation is not None:
         properties.CorrelationData = reply.correlation
-        body["correlation_id"] = reply.correlation.decode("utf-8", "replace")
-    return json.dumps(body, default=str).encode(), properties
+    if reply.echoed_id is not None:
+        body["correlation_id"] = reply.echoed_id
+    return strict_json(body).encode(), properties
 
 
 def _json_object(payload: bytes) -> dict:
@@ -121,24 +193,46 @@ def _json_object(payload: bytes) -> dict:
         raise BadRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
     try:
         fields = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8 or JSON, an integer over 4,300 digits, nesting too deep
         raise BadRequest("request is not valid JSON") from None
     if not isinstance(fields, dict):
         raise BadRequest("request must be a JSON object")
     return fields
 
 
-def _reply_address(fields: dict, properties: Properties | None) -> ReplyAddress | None:
-    """The MQTT 5 properties if present, else the JSON fallback; None if no usable topic was given."""
-    topic = getattr(properties, "ResponseTopic", None)
-    correlation = getattr(properties, "CorrelationData", None)
+def _reply_topic(topic: object, source: str) -> str:
+    """`topic` if the agent may publish to it; else the request has no reply address."""
     if topic is None:
-        topic = fields.get("reply_to")
-        correlation_id = fields.get("correlation_id")
-        correlation = None if correlation_id is None else str(correlation_id).encode()
-    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
-        return None
-    return ReplyAddress(topic, correlation)
+        raise BadRequest(NO_REPLY_ADDRESS)
+    problem = topic_problem(topic)
+    if problem is not None:
+        raise BadRequest(f"no usable reply address: {source} {problem}")
+    return topic
+
+
+def _check_correlation_id(correlation_id: object, topic: str) -> None:
+    """Refuse a JSON id that is not strict JSON or is too long (the refusal is sent to `topic`, without it)."""
+    try:
+        size = len(json.dumps(correlation_id, allow_nan=False))
+    except ValueError:
+        raise BadRequest("'correlation_id' must be JSON without NaN or infinities", ReplyAddress(topic)) from None
+    except RecursionError:  # nested deeper than the encoder goes: far too long anyway
+        size = MAX_CORRELATION_BYTES + 1
+    _check_correlation_size(size, topic)
+
+
+def _check_correlation_size(size: int, topic: str) -> None:
+    if size > MAX_CORRELATION_BYTES:
+        raise BadRequest(f"correlation data longer than {MAX_CORRELATION_BYTES} bytes", ReplyAddress(topic))
+
+
+def _utf8(text: str, key: str) -> str:
+    """`text` if it is valid UTF-8: a lone surrogate (which JSON can spell) breaks the tokenizer and MQTT."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{key}' is not valid UTF-8 (it holds a lone surrogate)") from None
+    return text
 
 
 def _question(fields: dict) -> str:
@@ -147,7 +241,7 @@ def _question(fields: dict) -> str:
         raise BadRequest("'question' must be a non-empty string")
     if len(question) > MAX_QUESTION_CHARS:
         raise BadRequest(f"'question' is longer than {MAX_QUESTION_CHARS} characters")
-    return question.strip()
+    return _utf8(question.strip(), "question")
 
 
 def _max_new_tokens(fields: dict) -> int | None:
@@ -163,7 +257,7 @@ def _optional_str(fields: dict, key: str) -> str | None:
     value = fields.get(key)
     if value is not None and (not isinstance(value, str) or not value):
         raise BadRequest(f"'{key}' must be a non-empty string")
-    return value
+    return value if value is None else _utf8(value, key)
 
 
 def _options(fields: dict) -> tuple[str, ...]:
@@ -176,4 +270,4 @@ def _options(fields: dict) -> tuple[str, ...]:
     too_long = next((option for option in options if len(option) > MAX_OPTION_CHARS), None)
     if too_long is not None:
         raise BadRequest(f"'options' has an option of {len(too_long)} characters, more than {MAX_OPTION_CHARS}")
-    return tuple(options)
+    return tuple(_utf8(option, "options") for option in options)

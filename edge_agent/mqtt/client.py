@@ -34,12 +34,12 @@ from edge_agent.errors import UserError
 from edge_agent.mqtt.ask import (
     AskRequest,
     BadRequest,
+    ReceivedAsk,
     ReplyAddress,
-    parse_ask,
     reply_message,
     request_message,
 )
-from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, status_topic
+from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, read_announced, status_topic
 from edge_agent.mqtt.ratelimit import RequestRateLimit
 from edge_agent.mqtt.topics import (
     OFFLINE,
@@ -49,6 +49,7 @@ from edge_agent.mqtt.topics import (
     answer_payload,
     check_id,
     state_payload,
+    topic_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,20 @@ logger = logging.getLogger(__name__)
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
+TAKEOVER_BACKOFF_MIN_S = 10
+TAKEOVER_BACKOFF_MAX_S = 300
+"""After another client took over the agent's client id, wait this long before connecting again: the
+minimum, doubled with every takeover in a row, up to the maximum."""
+SESSION_TAKEN_OVER = 142
+"""MQTT 5 reason code of the broker's DISCONNECT when another client connected with the same client id."""
+QUICK_DISCONNECT_S = 30.0
+QUICK_DISCONNECTS_FOR_TAKEOVER = 2
+"""With MQTT 3.1.1 the broker just closes the connection of a client whose id another client took: this
+many closes in a row, each within `QUICK_DISCONNECT_S` of connecting, count as a takeover."""
 STOP_TIMEOUT_S = 2.0
 """How long `stop()` waits for the broker to acknowledge `offline`."""
+HA_RESEND_MIN_S = 10.0
+"""Least time between two resends of discovery and states that Home Assistant's `online` asks for."""
 MAX_INCOMING_PACKET_BYTES = 64 * 1024
 """MQTT 5: the broker does not forward the agent a larger message (it drops it), so a huge ask request
 never reaches the agent's memory. Requests are refused above 16 KiB anyway; the agent's own retained
@@ -183,13 +196,19 @@ class AgentLink:
         self._camera_online: bool | None = None
         self._entities: dict[str, EntitySpec] | None = None
         self._announced: set[str] = set()
+        self._connected_since = 0.0
+        self._quick_disconnects = 0
+        self._takeovers = 0
         self._ask_limit = RequestRateLimit(settings.ask_per_minute, settings.ask_burst)
+        self._retained_ask_seen = False
         self._handlers = {
             self._topics.ask: self._handle_ask,
             status_topic(settings.discovery_prefix): self._handle_ha_status,
             self._topics.discovery: self._handle_announced,
         }
-        self._client = self._build_client(settings.client_id or f"edge-agent-{agent_id}")
+        self._last_ha_resend: float | None = None
+        self._client_id = settings.client_id or f"edge-agent-{agent_id}"
+        self._client = self._build_client(self._client_id)
 
     def _build_client(self, client_id: str) -> mqtt.Client:
         client = new_client(self._settings, client_id)
@@ -304,8 +323,23 @@ class AgentLink:
                 )
         self._pending.append(msg)
 
-    def _publish(self, topic: str, payload: bytes | str, retain: bool = True) -> None:
-        self._client.publish(topic, payload, qos=self._settings.qos, retain=retain)
+    def _publish(
+        self, topic: str, payload: bytes | str, retain: bool = True, properties: Properties | None = None
+    ) -> None:
+        """Hand a message to paho, or drop it with one log line if it cannot be published.
+
+        Nothing paho refuses may escape into the caller (the service's loop, a paho callback), and a
+        topic the broker refuses must never reach paho's queue: the broker would drop the connection
+        and paho would send the message again after every reconnect.
+        """
+        problem = topic_problem(topic)
+        if problem is None:
+            try:
+                self._client.publish(topic, payload, qos=self._settings.qos, retain=retain, properties=properties)
+                return
+            except ValueError as error:  # paho's own checks (payload size, ...)
+                problem = str(error)
+        logger.warning("MQTT: not publishing to %.60r: the topic %s", topic, problem)
 
     def _send_answer(self, msg: AnswerMessage) -> None:
         self._publish(self._topics.answers(msg.question_id), answer_payload(msg))
@@ -316,9 +350,7 @@ class AgentLink:
 
     def _send_reply(self, reply: ReplyAddress, payload: dict) -> None:
         body, properties = reply_message(reply, payload)
-        self._client.publish(
-            reply.topic, body, qos=self._settings.qos, retain=False, properties=properties
-        )
+        self._publish(reply.topic, body, retain=False, properties=properties)
 
     def _announce(self) -> None:
         """Publish every entity's config, empty the configs of gone ones, and remember the set."""
@@ -360,6 +392,8 @@ class AgentLink:
         self._subscribe()
         with self._lock:
             self._connected = True
+            self._connected_since = time.monotonic()
+            self._resend_unacknowledged()
             if self._dropped_offline:
                 logger.warning("MQTT: %d answers were dropped while offline", self._dropped_offline)
                 self._dropped_offline = 0
@@ -370,6 +404,22 @@ class AgentLink:
             self._publish(self._topics.availability, ONLINE)
             self._announce()
             self._resend_all()
+
+    def _resend_unacknowledged(self) -> None:
+        """Publish again, first and in order, the messages the broker had not acknowledged when the
+        connection broke.
+
+        paho keeps unacknowledged QoS 1 and 2 messages and sends them again itself, but only after
+        `on_connect` returns: after the newest answers, states and camera status this callback publishes.
+        The retained message of a topic would then end older than the newest (seen when a hung broker is
+        replaced by a fresh one). Taking the messages back from paho (`drop_out_messages`) and publishing
+        them again here, before the newest values, keeps every one of them (answers published while the
+        broker hung still reach their subscribers, at least once) and makes the newest value the last on
+        each topic. Dropping the stale ones instead would lose those answers, and publishing the newest
+        values again later (from a timer) would race paho's own re-sends.
+        """
+        for message in self._client.drop_out_messages():
+            self._client.publish(message.topic, message.payload, message.qos, message.retain, message.properties)
 
     def _subscribe(self) -> None:
         topics = []
@@ -389,9 +439,42 @@ class AgentLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:
-            self._connected = False
-        if not self._stopping:
-            logger.warning("MQTT connection lost (%s), reconnecting", reason_code)
+            was_connected, self._connected = self._connected, False
+        if self._stopping:
+            return
+        if was_connected and self._taken_over(reason_code):
+            self._back_off(reason_code)
+            return
+        if was_connected and self._takeovers:
+            self._takeovers = 0
+            self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        logger.warning("MQTT connection lost (%s), reconnecting", reason_code)
+
+    def _taken_over(self, reason_code) -> bool:
+        """Whether the broker ended the connection because another client connected with our client id.
+
+        Two agents with one agent id (the default is the host name, so boxes cloned from one image share
+        it) would otherwise take the id from each other every second, forever.
+        """
+        lasted = time.monotonic() - self._connected_since
+        self._quick_disconnects = self._quick_disconnects + 1 if lasted < QUICK_DISCONNECT_S else 0
+        return reason_code == SESSION_TAKEN_OVER or self._quick_disconnects >= QUICK_DISCONNECTS_FOR_TAKEOVER
+
+    def _back_off(self, reason_code) -> None:
+        """Say what clashes and how to fix it, and wait longer before each reconnect (paho waits; the
+        callback does not)."""
+        self._takeovers += 1
+        delay = min(TAKEOVER_BACKOFF_MIN_S * 2 ** min(self._takeovers - 1, 10), TAKEOVER_BACKOFF_MAX_S)
+        self._client.reconnect_delay_set(delay, delay)
+        how = "" if reason_code == SESSION_TAKEN_OVER else (
+            f"the broker closed the connection {self._quick_disconnects} times in a row within "
+            f"{QUICK_DISCONNECT_S:g} s of connecting: probably "
+        )
+        logger.warning(
+            "MQTT: %sanother client connected with client id %s (two agents with agent_id %s?); "
+            "set agent_id or mqtt.client_id uniquely; backing off %d s",
+            how, self._client_id, self._topics.agent_id, delay,
+        )
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         handler = self._handlers.get(message.topic)
@@ -399,20 +482,37 @@ class AgentLink:
             handler(message)
 
     def _handle_ask(self, message: mqtt.MQTTMessage) -> None:
-        """Refuse a requester over its rate, then an invalid request; hand a valid one to the service.
+        """Drop a retained request; refuse a requester over its rate, then an invalid request; hand a
+        valid one to the service.
 
-        The rate is checked first, so a flood of invalid requests costs no more replies or log lines
-        than a flood of valid ones.
+        The rate is checked as soon as the reply address is known, before the rest of the request is
+        checked or anything is logged, so a flood of invalid requests costs no more replies, log lines
+        or work than a flood of valid ones.
         """
-        try:
-            request = parse_ask(message.payload, getattr(message, "properties", None))
-        except BadRequest as error:
-            if self._within_rate(error.reply):
-                logger.warning("MQTT: rejected an ask request: %s", error.reason)
-                self._refuse(error.reply, error.reason)
+        if message.retain:
+            self._drop_retained_ask()
             return
-        if self._within_rate(request.reply):
-            self._on_ask(request)
+        received = ReceivedAsk(message.payload, getattr(message, "properties", None))
+        if not self._within_rate(received.reply):
+            return
+        try:
+            request = received.request()
+        except BadRequest as error:
+            logger.warning("MQTT: rejected an ask request: %s", error.reason)
+            self._refuse(error.reply, error.reason)
+            return
+        self._on_ask(request)
+
+    def _drop_retained_ask(self) -> None:
+        """A retained request reaches the agent again after every reconnect: it is never answered.
+
+        (A request published with the retain flag to the subscribed agent arrives without it, and is
+        answered once.) Said once at info level, then at debug level.
+        """
+        level = logging.DEBUG if self._retained_ask_seen else logging.INFO
+        self._retained_ask_seen = True
+        logger.log(level, "MQTT: ignoring the retained ask request on %s; clear it with an empty retained "
+                   "message", self._topics.ask)
 
     def _within_rate(self, reply: ReplyAddress | None) -> bool:
         """Take one request from the requester's allowance (requests without a reply address share one)."""
@@ -429,19 +529,35 @@ class AgentLink:
             self._send_reply(reply, {"error": reason})
 
     def _handle_ha_status(self, message: mqtt.MQTTMessage) -> None:
-        if message.payload == ONLINE.encode():
-            logger.info("Home Assistant came online: sending discovery and states again")
-            with self._lock:
-                self._announce()
-                self._resend_all()
+        """Home Assistant (re)started: send discovery and states again, at most once per `HA_RESEND_MIN_S`.
+
+        Any client allowed to write the status topic can send `online`; without the bound each message
+        would cost every config and state once more. A skipped resend loses nothing: configs and states are
+        retained, so a Home Assistant subscribing now receives them from the broker.
+        """
+        if message.payload != ONLINE.encode():
+            return
+        now = time.monotonic()
+        if self._last_ha_resend is not None and now - self._last_ha_resend < HA_RESEND_MIN_S:
+            logger.debug("MQTT: Home Assistant 'online' again within %g s: not resending", HA_RESEND_MIN_S)
+            return
+        self._last_ha_resend = now
+        logger.info("Home Assistant came online: sending discovery and states again")
+        with self._lock:
+            self._announce()
+            self._resend_all()
 
     def _handle_announced(self, message: mqtt.MQTTMessage) -> None:
-        """The retained list of announced config topics (from a previous run, or our own echo)."""
-        try:
-            announced = set(json.loads(message.payload or b"[]"))
-        except (ValueError, TypeError):
-            logger.warning("MQTT: ignoring an invalid list on %s", message.topic)
-            return
+        """The retained list of announced config topics (from a previous run, or our own echo).
+
+        Only this agent's own config topics are taken from it (see `read_announced`); the rest is ignored
+        with one warning per message, and the agent's own list replaces it.
+        """
+        announced, problem = read_announced(
+            message.payload, self._settings.discovery_prefix, self._topics.agent_id, MAX_INCOMING_PACKET_BYTES
+        )
+        if problem:
+            logger.warning("MQTT: ignoring (part of) the list on %s: %s", message.topic, problem)
         with self._lock:
             self._announced |= announced
             if self._entities is None:

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 
 from edge_agent import __version__
-from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics
+from edge_agent.errors import UserError
+from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics, check_id
 
 BINARY_TYPES = frozenset({"yes_no"})
 """Question types shown as a binary sensor (state `ON`/`OFF`)."""
@@ -39,9 +40,14 @@ class EntitySpec:
     """For a question with fixed options: the possible states (an `enum` sensor)."""
 
 
+COMPONENTS = ("binary_sensor", "sensor")
+"""The Home Assistant components an entity can be (see `component`)."""
+
+
 def component(entity: EntitySpec) -> str:
     """The Home Assistant component of the entity."""
-    return "binary_sensor" if entity.type in BINARY_TYPES else "sensor"
+    binary_sensor, sensor = COMPONENTS
+    return binary_sensor if entity.type in BINARY_TYPES else sensor
 
 
 def status_topic(prefix: str) -> str:
@@ -50,7 +56,58 @@ def status_topic(prefix: str) -> str:
 
 
 def config_topic(prefix: str, agent_id: str, entity: EntitySpec) -> str:
-    return f"{prefix}/{component(entity)}/{agent_id}_{entity.question_id}/config"
+    return _config_topic(prefix, component(entity), agent_id, entity.question_id)
+
+
+def _config_topic(prefix: str, kind: str, agent_id: str, question_id: str) -> str:
+    return f"{prefix}/{kind}/{agent_id}_{question_id}/config"
+
+
+def could_have_announced(prefix: str, agent_id: str, topic: object) -> bool:
+    """Whether `topic` is the config topic `config_topic` gives some question of this agent."""
+    if not isinstance(topic, str):
+        return False
+    for kind in COMPONENTS:
+        head, _, tail = _config_topic(prefix, kind, agent_id, "\0").partition("\0")
+        if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head):-len(tail)]):
+            return True
+    return False
+
+
+def _is_id(text: str) -> bool:
+    try:
+        check_id("question id", text)
+    except UserError:
+        return False
+    return True
+
+
+def read_announced(payload: bytes, prefix: str, agent_id: str, max_bytes: int) -> tuple[set[str], str | None]:
+    """The config topics this agent could have announced in a retained list of announced topics, and what
+    is wrong with the rest of it (None if nothing).
+
+    The list is client input (any client allowed to publish on the agent's topics may write it), and the
+    agent empties the retained config of every topic it keeps from it: so it keeps only its own config
+    topics, never a wildcard, a non-string or another client's topic.
+    """
+    if len(payload) > max_bytes:
+        return set(), f"{len(payload)} bytes, more than {max_bytes}"
+    try:
+        entries = json.loads(payload or b"[]")
+    except (ValueError, RecursionError):
+        return set(), "not JSON (or nested too deeply)"
+    if not isinstance(entries, list):
+        return set(), "not a JSON list"
+    own: set[str] = set()
+    strangers = []
+    for entry in entries:
+        if could_have_announced(prefix, agent_id, entry):
+            own.add(entry)
+        else:
+            strangers.append(entry)
+    if strangers:
+        return own, f"{len(strangers)} entries this agent cannot have announced, such as {strangers[0]!r:.80}"
+    return own, None
 
 
 def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> bytes:

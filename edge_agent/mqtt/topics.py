@@ -14,20 +14,29 @@
 Answers and states use the configured QoS (default 1). An answer is published when its value changes
 and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is the agent's memory of what it
 announced: after a restart it removes the entities of questions that are no longer configured.
+
+Every JSON the agent publishes is strict (`strict_json`): a number that is not finite is `null`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 
+from edge_agent.config import mqtt_text
 from edge_agent.errors import UserError
 
 ONLINE = "online"
 OFFLINE = "offline"
 MAX_STATE_CHARS = 255
 """Home Assistant rejects sensor states longer than this."""
+
+MAX_TOPIC_BYTES = 1024
+"""The longest topic the agent publishes to, in UTF-8 bytes. MQTT allows 65,535, but a reply topic comes
+from a client: this bound keeps the rate limit's memory of requesters (1,024 of them) near 1 MiB, and is
+far above any real topic."""
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _WILDCARDS = ("+", "#")
@@ -67,7 +76,44 @@ def answer_payload(msg: AnswerMessage) -> bytes:
     """The JSON published on the answers topic: every field except the plain state."""
     fields = asdict(msg)
     del fields["state"]
-    return json.dumps(fields, default=str).encode()
+    return strict_json(fields).encode()
+
+
+def strict_json(value: object) -> str:
+    """`value` as JSON that strict parsers accept: NaN and infinities (which JSON lacks) become null.
+
+    The numbers come from the model (a confidence from damaged weights can be NaN) or echo a client's
+    correlation id; this is the safety net for both. Other types are written as their `str`.
+    """
+    return json.dumps(_finite(value), default=str, allow_nan=False)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def topic_problem(topic: object) -> str | None:
+    """Why the agent must not publish to `topic`, or None if it may.
+
+    paho raises on a topic it cannot encode (a lone surrogate) and queues whatever the broker would
+    refuse; the broker then drops the connection, and paho sends the message again after every
+    reconnect. So a topic is checked before anything is published to it, and a reply topic as soon as
+    a request names it. Lone surrogates, U+0000, control characters and non-characters are refused
+    as in the config's MQTT names (`config.mqtt_text`).
+    """
+    if not isinstance(topic, str) or not topic:
+        return "must be a non-empty string"
+    if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        return f"must not be longer than {MAX_TOPIC_BYTES} bytes"
+    if any(wildcard in topic for wildcard in _WILDCARDS):
+        return "must not contain a wildcard ('+' or '#')"
+    return mqtt_text(topic)
 
 
 def state_payload(msg: AnswerMessage) -> bytes:

@@ -3,7 +3,7 @@
 Fixtures:
 - `broker`: a running broker without persistence.
 - `make_broker(persistence=False, start=True)`: more brokers, or one that starts later (to test a
-  client that comes up before its broker); each can `stop()`, `start()` and `restart()` on its port.
+  client that comes up before its broker); each can `stop()`, `start()`, `restart()`, `hang()` and `kill()` on its port.
 - `subscriber(broker, *topics, protocol="5")`: a `Subscriber` recording every message, closed at
   teardown.
 - `make_link(broker, agent_id="kitchen", on_ask=None, connected=True, **settings)`: a started
@@ -14,6 +14,7 @@ Helpers: `answer(...)` builds an `AnswerMessage`, `wait_until(condition)` polls 
 from __future__ import annotations
 
 import getpass
+import signal
 import socket
 import subprocess
 import threading
@@ -105,6 +106,16 @@ class Broker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def hang(self) -> None:
+        """Freeze the broker (SIGSTOP): connections stay open, nothing is read or acknowledged."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """Kill the broker at once (SIGKILL, also when hung): nothing is saved, its connections break."""
+        self._process.kill()
+        self._process.wait()
+        self._process = None
 
     def _accepts_connections(self) -> bool:
         try:
