@@ -160,8 +160,8 @@ def measure(model_dir: Path, frames: int, precision: str | None) -> dict:
 def answer_frame(engine, frame: np.ndarray, asked: list[scenes.Asked]) -> dict:
     started = time.perf_counter()
     context = engine.encode(frame)
-    free = engine.answer(context, [build_prompt(item.question) for item in asked[:FREE_QUESTIONS]],
-                         max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    free = engine.answer(context, [Prompt(build_prompt(item.question), NEW_TOKENS, ignore_eos=True)
+                                   for item in asked[:FREE_QUESTIONS]])
     frame_ms = (time.perf_counter() - started) * 1000.0
     constrained = engine.answer(context, [Prompt(build_prompt(item.question), options=options_of(item.question))
                                           for item in asked])

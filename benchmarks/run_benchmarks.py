@@ -70,12 +70,12 @@ def rgb(frame: np.ndarray) -> np.ndarray:
 
 def edge_agent_batched(exported: Path) -> AskAll:
     """What `edge-agent bench` times per frame: encode once, then every question in one batch."""
-    from edge_agent.engine import Engine
+    from edge_agent.engine import Engine, Prompt
 
     engine = Engine.load(exported, cache_dir=CACHE / "compiled")
 
     def ask_all(frame, questions):
-        engine.answer(engine.encode(frame), questions, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        engine.answer(engine.encode(frame), [Prompt(question, NEW_TOKENS, ignore_eos=True) for question in questions])
     return ask_all
 
 

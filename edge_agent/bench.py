@@ -93,10 +93,10 @@ class BenchSettings:
 def run_bench(settings: BenchSettings) -> dict:
     """Measure everything described in the module docstring; the report is a JSON-ready dict."""
     engine = Engine.load(settings.model, device=settings.device, cache_dir=settings.cache_dir)
-    questions = standing_questions(settings.questions)
-    if settings.yes_no:
-        questions = [Prompt(question, options=YES_NO) for question in questions]
-    frames = [time_new_frame(engine, synthetic_frame(seed), questions, settings.new_tokens)
+    options = YES_NO if settings.yes_no else ()
+    prompts = [Prompt(question, settings.new_tokens, options=options, ignore_eos=True)
+               for question in standing_questions(settings.questions)]
+    frames = [time_new_frame(engine, synthetic_frame(seed), prompts)
               for seed in range(settings.frames + 1)][1:]
     frame_ms = [frame["total_ms"] for frame in frames]
     vision_and_prefix_ms = statistics.median(f["stages_ms"]["vision"] + f["stages_ms"]["prefix"] for f in frames)
@@ -137,15 +137,15 @@ def synthetic_frame(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
 
 
-def time_new_frame(engine: Engine, frame: np.ndarray, questions: list[str | Prompt], new_tokens: int) -> dict:
-    """Encode `frame` and answer `questions` as the agent does: the stage timings and the wall time.
+def time_new_frame(engine: Engine, frame: np.ndarray, prompts: list[Prompt]) -> dict:
+    """Encode `frame` and answer `prompts` as the agent does: the stage timings and the wall time.
 
     The prefix is prefilled together with the questions (`prefill_ms`); a second encoding of the frame
     with the prefix prefilled alone splits that into `prefix` and `question_prefill`.
     """
     started = time.perf_counter()
     context = engine.encode(frame)
-    answers = engine.answer(context, questions, max_new_tokens=new_tokens, ignore_eos=True)
+    answers = engine.answer(context, prompts)
     total_ms = (time.perf_counter() - started) * 1000.0
     timings = answers[0].timings
     prefix_ms = engine.encode(frame, prefill=True).timings.prefix_ms

@@ -120,7 +120,7 @@ def _optional_config(path: str, required: bool):
 
 def _ask_locally(args, questions: list[str]) -> list[dict]:
     from .config import usable_cache_dir
-    from .engine import Engine
+    from .engine import Engine, Prompt
     config = _optional_config(args.config, required=False) if not (args.model and args.device) else None
     model_path = args.model or (config.model.path if config else None)
     if not model_path:
@@ -131,7 +131,7 @@ def _ask_locally(args, questions: list[str]) -> list[dict]:
     engine = Engine.load(model_path, device=device, inference_precision=args.precision,
                          cache_dir=usable_cache_dir(config.model.cache_dir) if config and not args.model else None)
     context = engine.encode(frame)
-    answers = engine.answer(context, questions, max_new_tokens=max_new_tokens)
+    answers = engine.answer(context, [Prompt(question, max_new_tokens) for question in questions])
     return [{"question": a.question, "answer": a.text, "token_ids": a.token_ids,
              "timings_ms": {k: round(v, 3) for k, v in a.timings.as_dict().items()}} for a in answers]
 

@@ -20,7 +20,7 @@ import time
 from .config import parse_config
 from .errors import UserError
 from .mqtt.loopback import BrokerAddress, local_broker
-from .scenes import Moment, Scene, scene_at, scene_timeline, write_video
+from .scenes import Moment, SyntheticScene, scene_at, scene_timeline, write_video
 from .service import Agent
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ DEMO_QUESTIONS = (
 )
 
 
-def truth_of(question_id: str, scene: Scene):
+def truth_of(question_id: str, scene: SyntheticScene):
     """The right answer to a demo question in `scene`."""
     return {"door_open": scene.door_open, "people": scene.people, "bag": scene.bag_present,
             "cup_colour": scene.cup_colour}[question_id]

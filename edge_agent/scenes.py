@@ -43,7 +43,7 @@ _PERSON_SLOTS = (0.29, 0.43, 0.57)
 
 
 @dataclasses.dataclass(frozen=True)
-class Scene:
+class SyntheticScene:
     """The ground truth of one frame, and the nuisance parameters that change its look but not the truth."""
 
     door_open: bool
@@ -66,10 +66,10 @@ class Scene:
         return self.bag_colour is not None
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator) -> SyntheticScene:
     """A scene with every fact drawn uniformly and random lighting, noise and arrangement."""
     colours = list(COLOURS)
-    return Scene(
+    return SyntheticScene(
         door_open=bool(rng.random() < 0.5),
         people=int(rng.integers(0, MAX_PEOPLE + 1)),
         cup_colour=colours[rng.integers(len(colours))],
@@ -88,7 +88,7 @@ def random_size(rng: np.random.Generator) -> tuple[int, int]:
 # -- drawing --------------------------------------------------------------------------------------------
 
 
-def render(scene: Scene, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+def render(scene: SyntheticScene, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """The scene as a BGR uint8 image of `height` x `width`; `rng` draws the camera noise only."""
     layout = np.random.default_rng(scene.layout_seed)
     canvas = _Canvas(width, height)
@@ -238,7 +238,7 @@ _BAG_ANY = ("Is there a bag on the floor?", "Did someone leave a bag?", "Is a ba
 _BAG_COLOUR = ("What colour is the bag?", "What color is the bag on the floor?")
 
 
-def questions_for(scene: Scene, rng: np.random.Generator) -> list[Asked]:
+def questions_for(scene: SyntheticScene, rng: np.random.Generator) -> list[Asked]:
     """One question per fact of the scene, each type and phrasing drawn at random."""
     asked = [_door_question(scene, rng), _people_question(scene, rng), _colour_question("cup", scene.cup_colour,
                                                                                           _CUP_COLOUR, rng),
@@ -260,7 +260,7 @@ def _choice(topic: str, text: str, options: list[str], truth: str) -> Asked:
     return Asked(Question(id=topic, question=text, type="choice", options=tuple(options)), truth, topic)
 
 
-def _door_question(scene: Scene, rng: np.random.Generator) -> Asked:
+def _door_question(scene: SyntheticScene, rng: np.random.Generator) -> Asked:
     kind = rng.integers(3)
     if kind == 0:
         return _yes_no("door", _pick(rng, DOOR_OPEN_QUESTIONS), scene.door_open)
@@ -270,7 +270,7 @@ def _door_question(scene: Scene, rng: np.random.Generator) -> Asked:
     return _choice("door", _pick(rng, _DOOR_STATE), options, "open" if scene.door_open else "closed")
 
 
-def _people_question(scene: Scene, rng: np.random.Generator) -> Asked:
+def _people_question(scene: SyntheticScene, rng: np.random.Generator) -> Asked:
     kind = rng.integers(4)
     if kind <= 1:
         return Asked(Question(id="people", question=_pick(rng, _PEOPLE_COUNT), type="number"), scene.people,
@@ -290,7 +290,7 @@ def _colour_question(topic: str, colour: str, phrasings: tuple[str, ...], rng: n
     return _choice(topic, text, [str(option) for option in options], colour)
 
 
-def _bag_question(scene: Scene, rng: np.random.Generator) -> Asked:
+def _bag_question(scene: SyntheticScene, rng: np.random.Generator) -> Asked:
     return _yes_no("bag", _pick(rng, _BAG_ANY), scene.bag_present)
 
 
@@ -302,7 +302,7 @@ class Moment:
     """The scene shown from `start` seconds until the next moment's start."""
 
     start: float
-    scene: Scene
+    scene: SyntheticScene
 
 
 def scene_timeline(seconds: float = 30.0, seed: int = 0) -> list[Moment]:
@@ -310,9 +310,9 @@ def scene_timeline(seconds: float = 30.0, seed: int = 0) -> list[Moment]:
     is left behind, people leave, the door closes. Changes happen at fixed fractions of `seconds`, so the
     ground truth at any time is known exactly; lighting and arrangement stay fixed through the story."""
     rng = np.random.default_rng(seed)
-    base = Scene(door_open=False, people=0, cup_colour=list(COLOURS)[rng.integers(len(COLOURS))],
-                 bag_colour=None, brightness=float(rng.uniform(0.85, 1.1)), noise=3.0,
-                 layout_seed=int(rng.integers(2**31)))
+    base = SyntheticScene(door_open=False, people=0, cup_colour=list(COLOURS)[rng.integers(len(COLOURS))],
+                          bag_colour=None, brightness=float(rng.uniform(0.85, 1.1)), noise=3.0,
+                          layout_seed=int(rng.integers(2**31)))
     story = [
         {}, {"door_open": True}, {"people": 1}, {"people": 2}, {"people": 3, "bag_colour": "red"},
         {"people": 2}, {"people": 1, "door_open": False}, {"people": 0},
@@ -324,7 +324,7 @@ def scene_timeline(seconds: float = 30.0, seed: int = 0) -> list[Moment]:
     return moments
 
 
-def scene_at(timeline: list[Moment], t: float) -> Scene:
+def scene_at(timeline: list[Moment], t: float) -> SyntheticScene:
     """The scene shown at `t` seconds."""
     current = timeline[0].scene
     for moment in timeline:

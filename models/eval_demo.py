@@ -74,10 +74,11 @@ def held_out(count: int) -> list[tuple[np.ndarray, list[scenes.Asked]]]:
 
 def measure(engine, cases) -> Tally:
     """Ask `engine` every question of `cases` (one encode per frame, its questions as one batch)."""
+    from edge_agent.engine import Prompt
     tally = Tally()
     for frame, asked in cases:
         context = engine.encode(frame)
-        answers = engine.answer(context, [build_prompt(a.question) for a in asked], max_new_tokens=8)
+        answers = engine.answer(context, [Prompt(build_prompt(a.question), max_new_tokens=8) for a in asked])
         for item, answer in zip(asked, answers):
             right = is_right(item, answer.text)
             tally.add(item.question.type, right)

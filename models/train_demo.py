@@ -214,7 +214,7 @@ class SceneData:
     """Preprocessed training images, their scenes, and the tokenizer's pieces of a conversation."""
 
     pixels: torch.Tensor  # float16 [N, 3, 64, 64], as the engine's preprocessing gives them
-    scenes: list[scenes.Scene]
+    scenes: list[scenes.SyntheticScene]
     tokenizer: object
 
     @classmethod
@@ -233,7 +233,7 @@ class SceneData:
         return rng.integers(len(self.scenes), size=size)
 
 
-def attribute_targets(batch: list[scenes.Scene]) -> dict[str, torch.Tensor]:
+def attribute_targets(batch: list[scenes.SyntheticScene]) -> dict[str, torch.Tensor]:
     colours = list(scenes.COLOURS)
     return {
         "door": torch.tensor([int(s.door_open) for s in batch]),
@@ -306,7 +306,7 @@ def llava_batch(data: SceneData, indices: np.ndarray, rng: np.random.Generator) 
     return padded_batch(data, indices, chats)
 
 
-def door_yes_no(scene: scenes.Scene, polarity_open: bool, rng: np.random.Generator) -> scenes.Asked:
+def door_yes_no(scene: scenes.SyntheticScene, polarity_open: bool, rng: np.random.Generator) -> scenes.Asked:
     """A door yes/no question asking whether the door is open (polarity_open) or closed, with its truth."""
     phrasings = scenes.DOOR_OPEN_QUESTIONS if polarity_open else scenes.DOOR_CLOSED_QUESTIONS
     text = phrasings[rng.integers(len(phrasings))]
@@ -330,7 +330,7 @@ def door_drill_batch(data: SceneData, indices: np.ndarray, rng: np.random.Genera
     return padded_batch(data, np.array(images), chats)
 
 
-def _door_polarity(scene: scenes.Scene, asked: scenes.Asked) -> bool | None:
+def _door_polarity(scene: scenes.SyntheticScene, asked: scenes.Asked) -> bool | None:
     """True for "is the door open?", False for "is the door closed?", None for any other question."""
     if asked.topic != "door" or asked.question.type != "yes_no":
         return None

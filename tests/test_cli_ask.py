@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.engine import Engine
+from edge_agent.engine import Engine, Prompt
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -36,7 +36,7 @@ def test_ask_prints_one_json_object_per_question_with_the_engines_answers(tiny_l
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["question"] for line in lines] == questions
     engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
-    expected = engine.answer(engine.encode(cv2.imread(str(image_file))), questions, max_new_tokens=6)
+    expected = engine.answer(engine.encode(cv2.imread(str(image_file))), [Prompt(q, 6) for q in questions])
     for line, answer in zip(lines, expected):
         assert line["token_ids"] == answer.token_ids
         assert line["answer"] == answer.text

@@ -8,10 +8,10 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from edge_agent.engine import Engine
+from edge_agent.engine import Engine, Prompt
 from edge_agent.engine import engine as engine_module
 from edge_agent.engine.devices import DevicePlan
-from edge_agent.engine.language import LanguageModel
+from edge_agent.engine.language import StatefulLanguageModel
 from edge_agent.engine.paged import load_language_model
 from edge_agent.engine.preprocess import ClipPreprocessor
 from edge_agent.errors import UserError
@@ -20,6 +20,11 @@ from tests.support.reference import random_frame
 QUESTIONS = ["Is the door open?", "How many people are in the room?", "What color is the cup on the counter?"]
 FRAME_SIZES = [(48, 64), (64, 48), (100, 37), (31, 90), (32, 32), (240, 320)]
 MAX_NEW_TOKENS = 10
+
+
+def free(questions: list[str], limit: int = MAX_NEW_TOKENS, ignore_eos: bool = False) -> list[Prompt]:
+    """Free-text prompts for `questions`, each answered with up to `limit` tokens."""
+    return [Prompt(question, limit, ignore_eos=ignore_eos) for question in questions]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,7 @@ def engine_and_reference(request):
 def test_batched_answers_equal_transformers_greedy_generate(engine_and_reference, size):
     engine, reference = engine_and_reference
     frame = random_frame(*size)
-    answers = engine.answer(engine.encode(frame), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    answers = engine.answer(engine.encode(frame), free(QUESTIONS))
     for question, answer in zip(QUESTIONS, answers):
         assert answer.token_ids == reference.answer_ids(frame, question, MAX_NEW_TOKENS), question
         assert answer.text == engine.tokenizer.decode(answer.token_ids)
@@ -49,8 +54,8 @@ def test_batched_answers_equal_transformers_greedy_generate(engine_and_reference
 
 def test_answers_differ_between_frames_and_questions(llava):
     """Guards the parity test against a degenerate model that says the same thing whatever it sees."""
-    first = llava.answer(llava.encode(random_frame(48, 64, seed=1)), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
-    second = llava.answer(llava.encode(random_frame(48, 64, seed=2)), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    first = llava.answer(llava.encode(random_frame(48, 64, seed=1)), free(QUESTIONS))
+    second = llava.answer(llava.encode(random_frame(48, 64, seed=2)), free(QUESTIONS))
     assert len({tuple(a.token_ids) for a in first}) > 1
     assert [a.token_ids for a in first] != [a.token_ids for a in second]
 
@@ -59,8 +64,8 @@ def test_answers_differ_between_frames_and_questions(llava):
 def test_many_questions_on_one_context_equal_each_alone(request, arch):
     engine = request.getfixturevalue(arch)
     context = engine.encode(random_frame(64, 48))
-    together = engine.answer(context, QUESTIONS * 2, max_new_tokens=MAX_NEW_TOKENS)
-    alone = [engine.answer(context, [q], max_new_tokens=MAX_NEW_TOKENS)[0] for q in QUESTIONS * 2]
+    together = engine.answer(context, free(QUESTIONS * 2))
+    alone = [engine.answer(context, free([q]))[0] for q in QUESTIONS * 2]
     assert [a.token_ids for a in together] == [a.token_ids for a in alone]
 
 
@@ -68,13 +73,13 @@ def test_many_questions_on_one_context_equal_each_alone(request, arch):
 def stateful_llava(tiny_llava_fp32) -> Engine:
     """The engine with the stateful language model it runs on devices other than the CPU."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_module, "load_language_model", LanguageModel.load)
+        patch.setattr(engine_module, "load_language_model", StatefulLanguageModel.load)
         return Engine.load(tiny_llava_fp32, inference_precision="f32")
 
 
 def test_stateful_fixture_runs_the_stateful_graph(stateful_llava, llava):
-    assert type(stateful_llava._language) is LanguageModel
-    assert type(llava._language) is not LanguageModel
+    assert type(stateful_llava._language) is StatefulLanguageModel
+    assert type(llava._language) is not StatefulLanguageModel
 
 
 def test_load_returns_while_the_language_model_compiles(tiny_llava_fp32, monkeypatch):
@@ -93,7 +98,7 @@ def test_load_returns_while_the_language_model_compiles(tiny_llava_fp32, monkeyp
         assert not engine._language_compiling.done()
     finally:
         release.set()
-    answer = engine.answer(engine.encode(random_frame(48, 64)), QUESTIONS[:1], max_new_tokens=MAX_NEW_TOKENS)[0]
+    answer = engine.answer(engine.encode(random_frame(48, 64)), free(QUESTIONS[:1]))[0]
     assert len(answer.token_ids) > 0
 
 
@@ -116,27 +121,27 @@ def test_a_context_serves_many_rounds_from_its_prefix(request, arch, monkeypatch
     restarts = []
     restart = context.session.restart
     monkeypatch.setattr(context.session, "restart", lambda: restarts.append(1) or restart())
-    first = [a.token_ids for a in engine.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    first = [a.token_ids for a in engine.answer(context, free(QUESTIONS))]
     assert not restarts  # a fresh context answers straight from its prefix
     for _ in range(4):
-        again = [a.token_ids for a in engine.answer(context, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+        again = [a.token_ids for a in engine.answer(context, free(QUESTIONS))]
         assert again == first
     assert bool(restarts) == (arch == "stateful_llava")
 
 
 def test_the_stateful_model_answers_as_the_paged_one(llava, stateful_llava):
     frame = random_frame(64, 48)
-    paged = llava.answer(llava.encode(frame), QUESTIONS * 2, max_new_tokens=MAX_NEW_TOKENS)
-    stateful = stateful_llava.answer(stateful_llava.encode(frame), QUESTIONS * 2, max_new_tokens=MAX_NEW_TOKENS)
+    paged = llava.answer(llava.encode(frame), free(QUESTIONS * 2))
+    stateful = stateful_llava.answer(stateful_llava.encode(frame), free(QUESTIONS * 2))
     assert [a.token_ids for a in stateful] == [a.token_ids for a in paged]
 
 
 def test_contexts_take_turns_on_one_cache_and_keep_their_answers(llava):
     one, two = llava.encode(random_frame(48, 64, seed=3)), llava.encode(random_frame(48, 64, seed=4))
-    first = [a.token_ids for a in llava.answer(one, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
-    second = [a.token_ids for a in llava.answer(two, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)]
+    first = [a.token_ids for a in llava.answer(one, free(QUESTIONS))]
+    second = [a.token_ids for a in llava.answer(two, free(QUESTIONS))]
     assert first != second
-    assert [a.token_ids for a in llava.answer(one, QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)] == first
+    assert [a.token_ids for a in llava.answer(one, free(QUESTIONS))] == first
 
 
 def test_encode_runs_the_vision_encoder_once_and_answer_never(llava, monkeypatch):
@@ -144,8 +149,8 @@ def test_encode_runs_the_vision_encoder_once_and_answer_never(llava, monkeypatch
     vision = llava._vision
     monkeypatch.setattr(llava, "_vision", lambda *args: calls.append(1) or vision(*args))
     context = llava.encode(random_frame(48, 64))
-    llava.answer(context, QUESTIONS, max_new_tokens=4)
-    llava.answer(context, QUESTIONS[:1], max_new_tokens=4)
+    llava.answer(context, free(QUESTIONS, 4))
+    llava.answer(context, free(QUESTIONS[:1], 4))
     assert len(calls) == 1
 
 
@@ -190,9 +195,9 @@ def test_the_npu_refuses_a_preprocessor_whose_tiles_follow_the_frame(llava, monk
 def test_rows_stop_independently(llava):
     context = llava.encode(random_frame(48, 64))
     limits = [1, 5, 3]
-    answers = llava.answer(context, QUESTIONS, max_new_tokens=limits, ignore_eos=True)
+    answers = llava.answer(context, [Prompt(q, n, ignore_eos=True) for q, n in zip(QUESTIONS, limits)])
     assert [len(a.token_ids) for a in answers] == limits
-    full = llava.answer(context, QUESTIONS, max_new_tokens=5, ignore_eos=True)
+    full = llava.answer(context, free(QUESTIONS, 5, ignore_eos=True))
     assert [a.token_ids for a in answers] == [f.token_ids[:n] for f, n in zip(full, limits)]
 
 
@@ -201,10 +206,10 @@ def test_an_answer_stops_at_the_end_of_sequence_token(llava):
     eos = llava.model.stop_token_ids[0]
     for seed in range(40):
         context = llava.encode(random_frame(32, 32, seed=seed))
-        long = llava.answer(context, QUESTIONS, max_new_tokens=24, ignore_eos=True)
+        long = llava.answer(context, free(QUESTIONS, 24, ignore_eos=True))
         for question, answer in zip(QUESTIONS, long):
             if eos in answer.token_ids:
-                stopped = llava.answer(context, [question], max_new_tokens=24)[0]
+                stopped = llava.answer(context, free([question], 24))[0]
                 assert stopped.token_ids == answer.token_ids[:answer.token_ids.index(eos)]
                 return
     pytest.skip("no sampled frame made the random model emit its end-of-sequence token")
@@ -213,7 +218,7 @@ def test_an_answer_stops_at_the_end_of_sequence_token(llava):
 @pytest.mark.parametrize("prefill", [False, True])
 def test_every_answer_reports_its_stage_timings(llava, prefill):
     context = llava.encode(random_frame(48, 64), prefill=prefill)
-    answer = llava.answer(context, QUESTIONS[:2], max_new_tokens=3)[0]
+    answer = llava.answer(context, free(QUESTIONS[:2], 3))[0]
     timings = answer.timings.as_dict()
     assert set(timings) == {"preprocess", "vision", "prefix", "question_prefill", "decode"}
     assert all(value > 0 for stage, value in timings.items() if stage != "prefix")
@@ -222,13 +227,13 @@ def test_every_answer_reports_its_stage_timings(llava, prefill):
 
 def test_a_prefix_prefilled_alone_or_with_the_questions_gives_the_same_answers(llava):
     frame = random_frame(48, 64)
-    alone = llava.answer(llava.encode(frame, prefill=True), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
-    together = llava.answer(llava.encode(frame), QUESTIONS, max_new_tokens=MAX_NEW_TOKENS)
+    alone = llava.answer(llava.encode(frame, prefill=True), free(QUESTIONS))
+    together = llava.answer(llava.encode(frame), free(QUESTIONS))
     assert [a.token_ids for a in alone] == [a.token_ids for a in together]
 
 
 def test_int4_and_int8_exports_load_and_answer(tiny_llava_int4, tiny_llava_int8):
     for model in (tiny_llava_int4, tiny_llava_int8):
         engine = Engine.load(model)
-        answers = engine.answer(engine.encode(random_frame(48, 64)), QUESTIONS, max_new_tokens=4)
+        answers = engine.answer(engine.encode(random_frame(48, 64)), free(QUESTIONS, 4))
         assert all(a.token_ids for a in answers)

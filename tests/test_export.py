@@ -246,9 +246,10 @@ def test_calibrated_encoder_stays_close_to_float_on_frames_it_never_saw(calibrat
 
 def test_calibrated_export_loads_in_the_engine_and_answers(calibrated_int4):
     engine = Engine.load(calibrated_int4)
-    context = engine.encode(scenes.render(scenes.Scene(True, 1, "red", None), 64, 48, np.random.default_rng(3)))
-    free, constrained = engine.answer(context, ["Is the door open?", Prompt("Is it?", options=("Yes", "No"))],
-                                      max_new_tokens=3, ignore_eos=True)
+    frame = scenes.render(scenes.SyntheticScene(True, 1, "red", None), 64, 48, np.random.default_rng(3))
+    context = engine.encode(frame)
+    free, constrained = engine.answer(context, [Prompt("Is the door open?", 3, ignore_eos=True),
+                                                Prompt("Is it?", options=("Yes", "No"))])
     assert len(free.token_ids) == 3
     assert constrained.text in ("Yes", "No") and 0 < constrained.confidence <= 1
 

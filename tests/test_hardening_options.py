@@ -101,7 +101,7 @@ def test_the_largest_allowed_choice_is_answered_with_bounded_memory_that_returns
     assert prompt_too_long(engine, question) is None, "the test's question must be within the limits"
     context = engine.encode(pattern(3))
     small = Prompt(build_prompt(choice("Which colour?", ("red", "blue"))), options=("red", "blue"))
-    engine.answer(context, [small, "Describe it."])
+    engine.answer(context, [small, Prompt("Describe it.")])
     largest = Prompt(build_prompt(question), options=question.options)
     before = rss_mib()
     peak_rss_reset()

@@ -22,7 +22,7 @@ import pytest
 
 from edge_agent.cli import main
 from edge_agent.config import parse_config
-from edge_agent.engine import Engine
+from edge_agent.engine import Engine, Prompt
 from edge_agent.errors import UserError
 from edge_agent.export import export_model, staged_output_dir
 from edge_agent.mqtt import ask_remote
@@ -181,8 +181,8 @@ LANGUAGE_WEIGHTS = "openvino_language_model.bin"
 
 def answers(engine: Engine) -> list[str]:
     context = engine.encode(pattern(1))
-    return [answer.text for answer in engine.answer(context, ["Is the door open?", "Describe the room."],
-                                                    max_new_tokens=4)]
+    prompts = [Prompt("Is the door open?", 4), Prompt("Describe the room.", 4)]
+    return [answer.text for answer in engine.answer(context, prompts)]
 
 
 def test_export_force_replaces_the_directory_a_loaded_engine_maps_as_a_whole_and_the_engine_keeps_answering(

@@ -10,7 +10,7 @@ from edge_agent.engine import Engine
 from edge_agent.engine.devices import compile_properties
 from edge_agent.engine.int8_activations import host_cpu_flags
 from edge_agent.engine.kv_cache import BF16_FLAGS, kv_cache_precision
-from edge_agent.engine.language import LanguageModel
+from edge_agent.engine.language import StatefulLanguageModel
 from edge_agent.engine.paged import load_language_model
 from tests.support.cpu import AVX512_VNNI_BF16 as WITH_BF16
 from tests.support.cpu import WITH_AMX, cosine
@@ -61,9 +61,9 @@ def test_a_bf16_cache_keeps_what_an_f32_cache_keeps_better_than_u8(tiny_llava_in
     one whose attention takes an f32 cache under bf16 inference."""
     if not BF16_FLAGS & host_cpu_flags():
         pytest.skip("this CPU has no bf16 arithmetic and keeps the plugin's u8 cache")
-    f32 = decoded_logits(tiny_llava_int4, LanguageModel.load, KV_CACHE_PRECISION="f32")
-    u8 = decoded_logits(tiny_llava_int4, LanguageModel.load, KV_CACHE_PRECISION="u8")
-    bf16 = decoded_logits(tiny_llava_int4, LanguageModel.load)
+    f32 = decoded_logits(tiny_llava_int4, StatefulLanguageModel.load, KV_CACHE_PRECISION="f32")
+    u8 = decoded_logits(tiny_llava_int4, StatefulLanguageModel.load, KV_CACHE_PRECISION="u8")
+    bf16 = decoded_logits(tiny_llava_int4, StatefulLanguageModel.load)
     assert not np.array_equal(u8, bf16)  # the setting is in effect
     assert cosine(f32, bf16) > 0.9999
     assert cosine(f32, bf16) >= cosine(f32, u8)
@@ -78,7 +78,7 @@ def test_the_paged_bf16_cache_stays_as_close_to_f32_inference_as_the_stateful_on
         pytest.skip("this CPU has no bf16 arithmetic and keeps the plugin's u8 cache")
     truth = decoded_logits(tiny_llava_int4, inference_precision="f32")
     paged = decoded_logits(tiny_llava_int4)
-    stateful = decoded_logits(tiny_llava_int4, LanguageModel.load)
+    stateful = decoded_logits(tiny_llava_int4, StatefulLanguageModel.load)
     paged_u8 = decoded_logits(tiny_llava_int4, KV_CACHE_PRECISION="u8")
     assert typical_cosine(truth, paged) > typical_cosine(truth, stateful) - 1e-3
     assert typical_cosine(truth, paged) >= typical_cosine(truth, paged_u8)

@@ -8,7 +8,7 @@ import openvino as ov
 import pytest
 
 from edge_agent.engine.devices import compile_properties
-from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, LanguageModel, LanguageSession,
+from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, StatefulLanguageModel, StatefulSession,
                                         add_attention_allowed, add_logits_positions)
 from tests.support.language import (QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs,
                                     gathers_of_logits_positions, rounds)
@@ -62,8 +62,8 @@ def test_logits_at_the_positions_equal_the_unedited_graphs(model_dir):
 def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
     _, prefix, questions = frame_inputs(compiled[True], seed=0, prefix_tokens=23)
     for cached_prefix in (False, True):
-        one = LanguageSession(LanguageModel(compiled[True]), prefix)
-        other = LanguageSession(LanguageModel(compiled[False]), prefix)
+        one = StatefulSession(StatefulLanguageModel(compiled[True]), prefix)
+        other = StatefulSession(StatefulLanguageModel(compiled[False]), prefix)
         if cached_prefix:
             one.prefill_prefix()
         for first, second in zip(rounds(one, questions, 3, np.random.default_rng(1)),
@@ -75,11 +75,11 @@ def test_decode_steps_keep_one_cache_row_while_rows_leave(compiled):
     """Rows drop out step by step (as finished answers do) with the same logits as forked rows."""
     _, prefix, questions = frame_inputs(compiled[True], seed=8, prefix_tokens=27)
     schedule = [[0, 1, 2, 3], [0, 2, 3], [1, 2], [0, 1], [1]]  # each: indices into the last step's rows
-    model = LanguageModel(compiled[True])
+    model = StatefulLanguageModel(compiled[True])
     model.request = CountingRequest(model.request)
     logits = {}
-    for shared, session in ((True, LanguageSession(model, prefix)),
-                            (False, LanguageSession(LanguageModel(compiled[False]), prefix))):
+    for shared, session in ((True, StatefulSession(model, prefix)),
+                            (False, StatefulSession(StatefulLanguageModel(compiled[False]), prefix))):
         rng = np.random.default_rng(9)
         session.prefill_questions(questions)
         logits[shared] = [session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows))
@@ -95,8 +95,8 @@ def test_branches_score_the_same_as_extra_forked_rows(compiled):
     rng, prefix, questions = frame_inputs(compiled[True], seed=5, prefix_tokens=19)
     hidden = prefix.shape[2]
     branches = [(1, embeddings(rng, 3, hidden)), (1, embeddings(rng, 1, hidden)), (2, embeddings(rng, 2, hidden))]
-    one = LanguageSession(LanguageModel(compiled[True]), prefix).prefill_questions(questions, branches)
-    other = LanguageSession(LanguageModel(compiled[False]), prefix).prefill_questions(questions, branches)
+    one = StatefulSession(StatefulLanguageModel(compiled[True]), prefix).prefill_questions(questions, branches)
+    other = StatefulSession(StatefulLanguageModel(compiled[False]), prefix).prefill_questions(questions, branches)
     np.testing.assert_allclose(one[0], other[0], atol=1e-4)
     for first, second in zip(one[1], other[1]):
         np.testing.assert_allclose(first, second, atol=1e-4)
@@ -104,9 +104,9 @@ def test_branches_score_the_same_as_extra_forked_rows(compiled):
 
 def test_later_rounds_see_the_prefix_and_not_the_earlier_rounds(compiled):
     _, prefix, questions = frame_inputs(compiled[True], seed=2, prefix_tokens=17)
-    session = LanguageSession(LanguageModel(compiled[True]), prefix)
+    session = StatefulSession(StatefulLanguageModel(compiled[True]), prefix)
     first = rounds(session, questions, 2, np.random.default_rng(3))
-    assert session.garbage > 0
+    assert session.leftover_positions > 0
     again = rounds(session, questions[::-1], 2, np.random.default_rng(3))
     np.testing.assert_allclose(again[0], first[0][::-1], atol=1e-4)
 
@@ -114,25 +114,25 @@ def test_later_rounds_see_the_prefix_and_not_the_earlier_rounds(compiled):
 def test_the_first_round_prefills_prefix_and_questions_in_one_call(compiled):
     rng, prefix, questions = frame_inputs(compiled[True], seed=4, prefix_tokens=30)
     hidden = prefix.shape[2]
-    model = LanguageModel(compiled[True])
+    model = StatefulLanguageModel(compiled[True])
     model.request = CountingRequest(model.request)
-    session = LanguageSession(model, prefix)
+    session = StatefulSession(model, prefix)
     calls = model.request.calls
     branches = [(0, embeddings(rng, 2, hidden)), (3, embeddings(rng, 1, hidden))]
     logits, ahead = session.prefill_questions(questions, branches)
     assert len(calls) == 1
     assert calls[0]["inputs_embeds"].shape[1] == 30 + sum(QUESTION_LENGTHS) + 3
     assert logits.shape[0] == len(QUESTION_LENGTHS) and [len(a) for a in ahead] == [2, 1]
-    assert session.prefix_len == 30 and session.garbage == sum(QUESTION_LENGTHS) + 3
+    assert session.prefix_len == 30 and session.leftover_positions == sum(QUESTION_LENGTHS) + 3
 
 
 def test_sessions_take_turns_on_one_cache_and_restart_when_another_used_it(compiled):
     _, prefix, questions = frame_inputs(compiled[True], seed=6, prefix_tokens=21)
     _, other_prefix, _ = frame_inputs(compiled[True], seed=7, prefix_tokens=25)
-    model = LanguageModel(compiled[True])
-    session, other = LanguageSession(model, prefix), LanguageSession(model, other_prefix)
+    model = StatefulLanguageModel(compiled[True])
+    session, other = StatefulSession(model, prefix), StatefulSession(model, other_prefix)
     first = session.prefill_questions(questions)[0]
     other.prefill_questions(questions)
-    assert session.garbage == 0  # its cache is gone ...
+    assert session.leftover_positions == 0  # its cache is gone ...
     np.testing.assert_allclose(session.prefill_questions(questions)[0], first, atol=1e-4)  # ... and comes back
-    assert model.holder is session
+    assert model.cache_owner is session

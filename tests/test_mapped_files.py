@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.engine.engine import Engine
+from edge_agent.engine import Engine, Prompt
 from edge_agent.engine.mapped_files import drop_mapped_pages, mapped_pages_dropped_during
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
@@ -77,9 +77,9 @@ def test_pages_are_dropped_while_the_block_runs_not_only_at_its_end(tmp_path):
 def test_the_engine_lets_go_of_its_mapped_model_files_after_the_first_answer(tiny_llava_fp32):
     engine = Engine.load(tiny_llava_fp32, inference_precision="f32")
     frame = np.full((120, 160, 3), 90, np.uint8)
-    first = engine.answer(engine.encode(frame), ["What is in the picture?"], max_new_tokens=6)
+    first = engine.answer(engine.encode(frame), [Prompt("What is in the picture?", 6)])
     left = resident_bytes(Path(tiny_llava_fp32))
-    again = engine.answer(engine.encode(frame), ["What is in the picture?"], max_new_tokens=6)
+    again = engine.answer(engine.encode(frame), [Prompt("What is in the picture?", 6)])
     model_files = sum(path.stat().st_size for path in Path(tiny_llava_fp32).glob("*.bin"))
     assert left < model_files / 10
     assert [answer.token_ids for answer in again] == [answer.token_ids for answer in first]

@@ -9,7 +9,7 @@ import pytest
 
 from edge_agent.engine.int8_activations import host_cpu_flags
 from edge_agent.engine.kv_cache import BF16_FLAGS
-from edge_agent.engine.language import LanguageModel
+from edge_agent.engine.language import StatefulLanguageModel
 from edge_agent.engine.paged import PagedLanguageModel, load_language_model, to_paged_attention
 from tests.support.cpu import submodel_graph
 from tests.support.language import (QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs,
@@ -26,12 +26,12 @@ def model_dir(request):
 
 
 @pytest.fixture(scope="module")
-def models(model_dir) -> tuple[PagedLanguageModel, LanguageModel]:
+def models(model_dir) -> tuple[PagedLanguageModel, StatefulLanguageModel]:
     """The language model paged, as the engine loads it on the CPU, and stateful; both at f32."""
     core, path = ov.Core(), model_dir / "openvino_language_model.xml"
     paged = load_language_model(core, path, "CPU", "f32")
     assert isinstance(paged, PagedLanguageModel)
-    return paged, LanguageModel.load(core, path, "CPU", "f32")
+    return paged, StatefulLanguageModel.load(core, path, "CPU", "f32")
 
 
 def counted(paged: PagedLanguageModel) -> list[dict]:
@@ -63,7 +63,7 @@ def test_a_paged_graph_the_plugin_refuses_falls_back_to_the_stateful_one(model_d
     """The plugin's paged attention takes no f32 cache under bf16 inference; its stateful attention does."""
     model = load_language_model(ov.Core(), model_dir / "openvino_language_model.xml", "CPU", "bf16",
                                 KV_CACHE_PRECISION="f32")
-    assert isinstance(model, LanguageModel)
+    assert isinstance(model, StatefulLanguageModel)
 
 
 @pytest.mark.parametrize("prefix_tokens", [23, 32, 45])
@@ -169,11 +169,11 @@ def test_sessions_take_turns_on_the_pool_and_restart_when_another_used_it(models
     session, other = paged.session(prefix), paged.session(other_prefix)
     first = rounds(session, questions, 3, np.random.default_rng(3))
     rounds(other, questions, 3, np.random.default_rng(3))
-    assert paged.holder is other
+    assert paged.cache_owner is other
     again = rounds(session, questions, 3, np.random.default_rng(3))
     for a, b in zip(first, again):
         np.testing.assert_allclose(a, b, atol=ATOL)
-    assert paged.holder is session
+    assert paged.cache_owner is session
 
 
 def test_the_paged_graphs_last_layer_after_attention_runs_only_at_the_logits_positions(model_dir):

@@ -13,11 +13,11 @@ from edge_agent import scenes
 from edge_agent.questions import parse_answer
 
 
-def scene_from(seed: int, **changes) -> scenes.Scene:
+def scene_from(seed: int, **changes) -> scenes.SyntheticScene:
     return dataclasses.replace(scenes.random_scene(np.random.default_rng(seed)), **changes)
 
 
-def clean(scene: scenes.Scene) -> scenes.Scene:
+def clean(scene: scenes.SyntheticScene) -> scenes.SyntheticScene:
     """The scene under neutral light without camera noise, so pixel differences come from content only."""
     return dataclasses.replace(scene, brightness=1.0, noise=0.0)
 

@@ -68,7 +68,7 @@ def to_bgr(image: np.ndarray | None) -> np.ndarray | None:
     return image if channels == 3 else None
 
 
-def fit_within(image: np.ndarray, max_side: int = MAX_FRAME_SIDE) -> np.ndarray:
+def downscaled_to_max_side(image: np.ndarray, max_side: int = MAX_FRAME_SIDE) -> np.ndarray:
     """`image` downscaled (area averaging, aspect ratio kept) so that neither side exceeds `max_side`."""
     height, width = image.shape[:2]
     scale = max_side / max(height, width)
@@ -193,7 +193,7 @@ class CameraReader:
             shape = None if image is None else (image.shape, image.dtype)
             log.warning("capture: %s: skipped an empty or unsupported frame %s", self._name, shape)
             return False
-        bgr = fit_within(bgr)
+        bgr = downscaled_to_max_side(bgr)
         with self._slot_changed:
             self.frames_read += 1
             self._latest = Frame(image=bgr, ts=ts, seq=self.frames_read)

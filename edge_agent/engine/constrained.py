@@ -27,6 +27,8 @@ class Prompt:
     max_new_tokens: int = 32
     options: tuple[str, ...] = ()
     digits: bool = False
+    ignore_eos: bool = False
+    """A free answer runs to `max_new_tokens` past the model's stop tokens (benchmarks compare fixed lengths)."""
 
 
 def spellings(option: str) -> list[str]:

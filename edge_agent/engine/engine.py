@@ -1,14 +1,16 @@
 """The engine: encode a frame once, then answer any number of questions about it.
 
     engine = Engine.load("models/llava-1.5-7b-int4")
-    context = engine.encode(frame)                      # preprocess + vision encoder + prefix prefill
-    answers = engine.answer(context, ["Is the door open?", "How many people are there?"])
+    context = engine.encode(frame)                      # preprocess + vision encoder
+    answers = engine.answer(context, [Prompt("Is the door open?", options=("yes", "no")),
+                                      Prompt("How many people are there?", max_new_tokens=3, digits=True)])
 
 `encode` runs the vision encoder and builds the prompt prefix (system prompt, `USER:`, image tokens); the
 first `answer` prefills that prefix with its questions into the language model's KV cache, and later rounds
 reuse the cached prefix. Questions decode as one batch, so the image is never encoded or prefilled twice.
 On the CPU the language model runs with paged attention (`paged.py`), elsewhere as the exported stateful
-graph (`language.py`); both give the same answers.
+graph (`language.py`); both give the same answers, and the engine reaches them only through the protocols
+of `session.py`.
 
 The paged language model cannot come from OpenVINO's compiled-model cache (see `load_language_model`), and
 compiling it is the longest step of a start (about 1.5 s for the 0.4B bench model on 2 cores, one core busy
@@ -36,12 +38,12 @@ from .constrained import (DigitVocabulary, Prompt, continuation, finite_confiden
                           spellings)
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
-from .language import LanguageModel, LanguageSession
 from .mapped_files import mapped_pages_dropped_during
 from .model_dir import ModelDir
-from .paged import PagedLanguageModel, PagedSession, load_language_model
+from .paged import load_language_model
 from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
+from .session import LanguageModel, LanguageSession
 from .tokenizer import Tokenizer
 
 
@@ -87,7 +89,7 @@ class FrameContext:
     image_tokens: int
     image_size: tuple[int, int]
     timings: Timings
-    session: PagedSession | LanguageSession = field(repr=False)
+    session: LanguageSession = field(repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -159,7 +161,7 @@ class Engine:
         return self.model.name
 
     @property
-    def _language(self) -> PagedLanguageModel | LanguageModel:
+    def _language(self) -> LanguageModel:
         """The language model; the first use waits for its compile to finish."""
         try:
             return self._language_compiling.result()
@@ -265,33 +267,30 @@ class Engine:
 
     # -- answering ---------------------------------------------------------------------------------------
 
-    def answer(self, context: FrameContext, questions: list[str | Prompt], max_new_tokens: int | list[int] = 32,
-               ignore_eos: bool = False) -> list[Answer]:
-        """Answers to `questions` about the frame in `context`, prefilled and decoded as one batch.
+    def answer(self, context: FrameContext, prompts: list[Prompt]) -> list[Answer]:
+        """Answers to `prompts` about the frame in `context`, prefilled and decoded as one batch, in order.
 
-        A plain string is a free-text question answered greedily with `max_new_tokens` (one limit, or one
-        per question); a `Prompt` carries its own limit and may ask for one of its options or for digits.
-        With `ignore_eos` every free answer runs to its limit (benchmarks use it for fixed lengths).
+        Free answers are greedy, each up to its prompt's limit; option and digit prompts are constrained
+        as `Prompt` says.
         """
-        prompts = self._as_prompts(questions, max_new_tokens)
         if not prompts:
             return []
+        if any(not p.text or not p.text.strip() for p in prompts):
+            raise UserError("a question is empty")
         suffixes = [self._question_suffix(context, p.text) for p in prompts]
-        spelled = self._spelled_options(prompts)
-        branches = self._branches(spelled)
+        option_spellings = self._option_spellings(prompts)
+        branches = self._branches(option_spellings)
         with self._lock, context.lock:
             watch = Stopwatch()
             session = context.session
-            if session.garbage > session.prefix_len:
-                session.restart()
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
             branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
             with self._first_use("language"):
-                logits, ahead = session.prefill_questions(embedded[:len(suffixes)], branch_embeds,
-                                                          self._branch_log_probs(branches, spelled))
+                reduce = self._needed_log_probs(branches, option_spellings)
+                logits, branch_log_probs = session.prefill_questions(embedded[:len(suffixes)], branch_embeds, reduce)
                 prefill_ms = watch.lap()
-                chosen = self._choose(prompts, spelled, logits, dict(zip(branches, ahead)))
-                generated = self._decode(session, prompts, logits, ignore_eos)
+                chosen = self._choose(prompts, option_spellings, logits, dict(zip(branches, branch_log_probs)))
+                generated = self._decode(session, prompts, logits)
                 decode_ms = watch.lap()
         timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
                           prefill_ms, decode_ms)
@@ -303,14 +302,6 @@ class Engine:
             else:
                 answers.append(Answer(prompt.text, self.tokenizer.decode(generated[row]), generated[row], timings))
         return answers
-
-    @staticmethod
-    def _as_prompts(questions, max_new_tokens) -> list[Prompt]:
-        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(questions)
-        prompts = [q if isinstance(q, Prompt) else Prompt(q, limit) for q, limit in zip(questions, limits)]
-        if any(not p.text or not p.text.strip() for p in prompts):
-            raise UserError("a question is empty")
-        return prompts
 
     def prompt_tokens(self, question: str) -> int:
         """How many tokens the model reads for `question` after the shared image prefix (the templated
@@ -335,24 +326,24 @@ class Engine:
 
     # -- option questions --------------------------------------------------------------------------------
 
-    def _spelled_options(self, prompts: list[Prompt]) -> dict[int, list[tuple[tuple[int, ...], ...]]]:
+    def _option_spellings(self, prompts: list[Prompt]) -> dict[int, list[tuple[tuple[int, ...], ...]]]:
         """For option rows: {row: per option, the token ids of each way to spell it}."""
         return {row: [self._option_ids(p.text, option) for option in p.options]
                 for row, p in enumerate(prompts) if p.options}
 
     @staticmethod
-    def _branches(spelled: dict) -> list[tuple[int, tuple[int, ...]]]:
+    def _branches(option_spellings: dict) -> list[tuple[int, tuple[int, ...]]]:
         """(row, ids) for every distinct spelling prefix that needs teacher forcing: all but the last token."""
-        return sorted({(row, ids[:-1]) for row, options in spelled.items()
+        return sorted({(row, ids[:-1]) for row, options in option_spellings.items()
                        for variants in options for ids in variants if len(ids) > 1})
 
     @staticmethod
-    def _branch_log_probs(branches: list[tuple[int, tuple[int, ...]]], spelled: dict):
+    def _needed_log_probs(branches: list[tuple[int, tuple[int, ...]]], option_spellings: dict):
         """How a branch's logits [L, vocab] are reduced as soon as they are read: to {(position, token):
         log-probability} for the tokens a spelling through it needs (its own next tokens, and at its last
         position the last token of each spelling it starts), not L x vocab floats per branch."""
         last_tokens = collections.defaultdict(set)
-        for row, options in spelled.items():
+        for row, options in option_spellings.items():
             for ids in (ids for variants in options for ids in variants if len(ids) > 1):
                 last_tokens[(row, ids[:-1])].add(ids[-1])
 
@@ -366,19 +357,20 @@ class Engine:
         return reduce
 
     @staticmethod
-    def _choose(prompts: list[Prompt], spelled: dict, logits: np.ndarray, ahead: dict) -> dict:
-        """For option rows: {row: (option, its best spelling's ids, probability or None)} from the model's distribution.
+    def _choose(prompts: list[Prompt], option_spellings: dict, logits: np.ndarray, branch_log_probs: dict) -> dict:
+        """For option rows: {row: (option, its best spelling's ids, probability or None)} from the model's
+        distribution.
 
         A spelling scores the log-probability of its first token from the question's logits plus, for longer
-        spellings, of each later token from its teacher-forced branch (`ahead[(row, ids[:-1])]`, reduced by
-        `_branch_log_probs`).
+        spellings, of each later token from its teacher-forced branch (`branch_log_probs[(row, ids[:-1])]`,
+        reduced by `_needed_log_probs`).
         """
         chosen = {}
-        for row, options in spelled.items():
+        for row, options in option_spellings.items():
             first = log_softmax(logits[row])
 
             def score(ids):
-                steps = ahead.get((row, ids[:-1]), {})
+                steps = branch_log_probs.get((row, ids[:-1]), {})
                 return first[ids[0]] + sum(steps[(j, ids[j + 1])] for j in range(len(ids) - 1))
 
             scores = [[score(ids) for ids in variants] for variants in options]
@@ -414,13 +406,14 @@ class Engine:
         vocabulary = self._language.compiled.output("logits").get_partial_shape()[2].get_length()
         return DigitVocabulary.from_token_texts([self.tokenizer.decode([token]) for token in range(vocabulary)])
 
-    def _decode(self, session: PagedSession | LanguageSession, prompts: list[Prompt], logits: np.ndarray,
-                ignore_eos: bool) -> dict[int, list[int]]:
-        """Greedy decoding of the free rows; a row leaves the batch at a stop token or its limit.
+    def _decode(self, session: LanguageSession, prompts: list[Prompt], logits: np.ndarray) -> dict[int, list[int]]:
+        """Greedy decoding of the free rows; a row leaves the batch at a stop token (unless its prompt ignores
+        them) or its limit.
 
         Row i of `logits` is question i, and so is row i of the session's batch.
         """
-        stop = [] if ignore_eos else list(self.model.stop_token_ids)
+        stop_tokens = list(self.model.stop_token_ids)
+        stops = [[] if p.ignore_eos else stop_tokens for p in prompts]
         active = [row for row, p in enumerate(prompts) if not p.options]
         outputs: dict[int, list[int]] = {row: [] for row in active}
         logits = logits[active]
@@ -429,9 +422,9 @@ class Engine:
             keep = []
             next_ids = []
             for position, row in enumerate(active):
-                token = self._next_token(logits[position], prompts[row], outputs[row], stop)
+                token = self._next_token(logits[position], prompts[row], outputs[row], stops[row])
                 next_ids.append(token)
-                if token in stop:
+                if token in stops[row]:
                     continue
                 outputs[row].append(token)
                 if len(outputs[row]) < prompts[row].max_new_tokens:

@@ -3,22 +3,14 @@
 Exported models keep their matmul weights at int8 or int4, and OpenVINO's CPU plugin decompresses them
 inside the matmul. With `DYNAMIC_QUANTIZATION_GROUP_SIZE` set it also quantizes each token's activations to
 int8 on the fly, one scale per group of that many input channels, and multiplies with VNNI int8 dot
-products. Its default group is 32 channels; every group then needs its own rescaling of the partial sums,
-and that overhead eats most of the int8 gain: on a 2-core AMD EPYC (AVX-512 with VNNI and BF16, no AMX) the
-bench model's vision encoder and its language model's one pass over prefix and questions ran only about 8%
-faster than with bf16 activations. Groups of 128 made them 1.2x and 1.3x faster than the default (the
-vision encoder 1.6x on a 2-core Intel Xeon VM whose AMX the hypervisor hides), and
-decode steps too (19 against 24 ms for 4 answers; 32 ms with bf16 activations), though their few rows leave
-the matmuls bound by their cost per call (benchmarks/RESULTS.md). On CPUs with AMX the plugin computes
-in bf16 tiles and the group changes nothing (a 2-core Xeon with AMX: 34.0 to 34.4 ms per 4-answer decode
-step with any group). Int8 activations there need f32 inference, which decoded faster and prefilled slower:
-whole frames 4% faster with 4 or 8 questions and 7% slower with one. So those CPUs keep the plugin's
-defaults.
+products. Its default group of 32 channels spends most of the int8 gain on rescaling each group's partial
+sums, so on CPUs with VNNI and without AMX the engine asks for groups of `GROUP`. CPUs with AMX keep the
+plugin's defaults: there it computes in bf16 tiles, where the group changes nothing, and int8 activations
+would need f32 inference (docs/ARCHITECTURE.md, "Arithmetic on the CPU"; measured in benchmarks/RESULTS.md).
 
 The group divides every weight group of the graph: NNCF's int4 groups (128 by default, smaller for small
-layers) and, to be safe, the input width of per-channel int8 weights. The plugin runs no int8 activations
-with a smaller group that does not divide the weights' group. A larger one ran slower on the bench
-model's int4 language model and gained nothing on its per-channel int8 vision encoder.
+layers) and, to be safe, the input width of per-channel int8 weights, since the plugin runs no int8
+activations with a group that does not divide the weights' group.
 """
 
 from __future__ import annotations

@@ -14,21 +14,22 @@ before every call. Two small edits of the graph make a shared prefix cheap:
 Questions then decode in the same sequence: each step appends one token per unfinished question, which
 sees the prefix, its question and its own answer so far. The prefix stays in the cache once and each step
 reads it once, not once per question. Positions a token must not see (other questions and answers, earlier
-rounds' leftovers) stay in the cache, masked out; `garbage` tells the caller when it is cheaper to start
-again from the prefix. A graph the mask edit does not fit prefills the questions as a batch of rows forked
-from the prefix instead (`beam_idx = [0] * N`, one more call) and decodes them as rows of a batch.
+rounds' leftovers) stay in the cache, masked out, until they outgrow the prefix: then a round starts again
+from the prefix, which is cheaper than reading them on every call. A graph the mask edit does not fit
+prefills the questions as a batch of rows forked from the prefix instead (`beam_idx = [0] * N`, one more
+call) and decodes them as rows of a batch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
 from .devices import compile_properties
+from .session import BranchReducer
 
 ATTENTION_ALLOWED = "attention_allowed"
 LOGITS_POSITIONS = "logits_positions"
@@ -143,7 +144,7 @@ def left_padded(chunks: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     return padded, lengths
 
 
-class LanguageModel:
+class StatefulLanguageModel:
     """The compiled language model and the one infer request, so one KV cache, that its sessions take turns on.
 
     One request bounds memory whatever the number of live frame contexts (each request holds its own cache
@@ -157,14 +158,15 @@ class LanguageModel:
         self.request = compiled.create_infer_request()
         self.gathers_logits = LOGITS_POSITIONS in names
         self.takes_allowed = ATTENTION_ALLOWED in names
-        self.holder: LanguageSession | None = None
+        self.cache_owner: StatefulSession | None = None
 
-    def session(self, prefix: np.ndarray) -> "LanguageSession":
-        return LanguageSession(self, prefix)
+    def session(self, prefix: np.ndarray) -> "StatefulSession":
+        """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
+        return StatefulSession(self, prefix)
 
     @classmethod
     def load(cls, core: ov.Core, graph_path: Path, device: str, inference_precision: str | None = None,
-             **overrides) -> "LanguageModel":
+             **overrides) -> "StatefulLanguageModel":
         """Read an exported language model, make both edits where they fit and compile it with the engine's
         settings for `device` (`overrides` replace single compile properties, for measurements)."""
         graph = core.read_model(graph_path)
@@ -174,14 +176,15 @@ class LanguageModel:
         return cls(core.compile_model(graph, device, properties))
 
 
-class LanguageSession:
-    """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it.
+class StatefulSession:
+    """One frame's prefix and the bookkeeping of what the language model's KV cache holds for it (a
+    `session.LanguageSession`).
 
     The session works in rows: row i of the last call's answer. In the shared sequence every row lives in
     the one cache row; forked rows each have their own cache row, row i in cache row i.
     """
 
-    def __init__(self, model: LanguageModel, prefix: np.ndarray):
+    def __init__(self, model: StatefulLanguageModel, prefix: np.ndarray):
         self._model = model
         self._prefix = prefix  # [1, P, hidden]
         self.prefix_len = prefix.shape[1]
@@ -193,20 +196,20 @@ class LanguageSession:
     def _request(self) -> ov.InferRequest:
         return self._model.request
 
-    def _claim(self) -> None:
+    def _take_over_cache(self) -> None:
         """Make the request's cache this session's; if another session has used it since, ours is gone."""
-        if self._model.holder is not self:
+        if self._model.cache_owner is not self:
             self._empty_cache()
 
     def _empty_cache(self) -> None:
-        self._model.holder = self
+        self._model.cache_owner = self
         self._request.reset_state()
         self.kv_len = 0
 
     @property
-    def garbage(self) -> int:
+    def leftover_positions(self) -> int:
         """Cache positions past the prefix left over from earlier rounds."""
-        return max(self.kv_len - self.prefix_len, 0) if self._model.holder is self else 0
+        return max(self.kv_len - self.prefix_len, 0) if self._model.cache_owner is self else 0
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again (in the same call where possible)."""
@@ -221,7 +224,7 @@ class LanguageSession:
         self._next_position = np.array([length])
 
     def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: Callable[[int, np.ndarray], Any] | None = None) -> tuple[np.ndarray, list]:
+                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         A branch (question row, embeds [L, hidden]) is a teacher-forced continuation of that question (the
@@ -230,12 +233,14 @@ class LanguageSession:
         predicts the token after branch token j), or with `reduce`, `reduce(branch index, its logits)`.
         Afterwards row i is question i, seeing the prefix and its own question only.
         """
-        self._claim()
+        self._take_over_cache()
+        if self.leftover_positions > self.prefix_len:  # reading them on costs more than prefilling the prefix again
+            self.restart()
         if self._model.takes_allowed:
-            logits, ahead = self._prefill_shared_sequence(questions, branches)
+            logits, branch_logits = self._prefill_shared_sequence(questions, branches)
         else:
-            logits, ahead = self._prefill_forked_rows(questions, branches)
-        return logits, [reduce(index, each) for index, each in enumerate(ahead)] if reduce else ahead
+            logits, branch_logits = self._prefill_forked_rows(questions, branches)
+        return logits, [reduce(index, each) for index, each in enumerate(branch_logits)] if reduce else branch_logits
 
     def _prefill_forked_rows(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
         """Questions as a batch of rows forked from the prefix's row; branches as a second call, extra rows."""
@@ -251,8 +256,9 @@ class LanguageSession:
             return logits, []
         chunks = [chunk for _, chunk in branches]
         padded, lengths = left_padded([question[:0] for question in questions] + chunks)  # questions: carried along
-        ahead = self.extend(list(range(count)) + [row for row, _ in branches], padded, lengths)
-        return logits, [ahead[count + index, padded.shape[1] - len(chunk):] for index, chunk in enumerate(chunks)]
+        branch_logits = self.extend(list(range(count)) + [row for row, _ in branches], padded, lengths)
+        width = padded.shape[1]
+        return logits, [branch_logits[count + index, width - len(chunk):] for index, chunk in enumerate(chunks)]
 
     def _prefill_shared_sequence(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call, one cache row: [prefix, if not cached yet] + question 1 + ... + question N + branches.
@@ -290,8 +296,8 @@ class LanguageSession:
         for row, span in enumerate(question_spans):
             self._mask[row, cached + span.start:cached + span.stop] = 1
         self._next_position = np.array([prefix + len(question) for question in questions])
-        ahead = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
-        return logits[:len(questions)], ahead if branches else []
+        branch_logits = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
+        return logits[:len(questions)], branch_logits if branches else []
 
     def extend(self, rows, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
         """Append left-padded token chunks [B, W, hidden] to `rows` (a row may be repeated).

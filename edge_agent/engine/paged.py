@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import openvino as ov
 from openvino._offline_transformations import paged_attention_transformation
 
 from .devices import compile_properties
-from .language import LOGITS_POSITIONS, LanguageModel, add_logits_positions
+from .language import LOGITS_POSITIONS, StatefulLanguageModel, add_logits_positions
+from .session import BranchReducer, LanguageModel
 
 CACHE_INPUTS = ("key_cache.", "value_cache.")
 BLOCK_SIZE_AXIS = 2
@@ -137,9 +138,10 @@ class PagedLanguageModel:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.pool = BlockPool(compiled, self.request)
-        self.holder: PagedSession | None = None
+        self.cache_owner: PagedSession | None = None
 
     def session(self, prefix: np.ndarray) -> "PagedSession":
+        """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
         return PagedSession(self, prefix)
 
     def run(self, sequences: list[Sequence]) -> np.ndarray:
@@ -162,9 +164,8 @@ class PagedLanguageModel:
 
 
 class PagedSession:
-    """One frame's prefix in the pool's blocks, and the blocks of the answers of its last round.
-
-    Same interface as `LanguageSession`: row i is question i of the last round, or `rows[i]` of the last step.
+    """One frame's prefix in the pool's blocks, and the blocks of the answers of its last round (a
+    `session.LanguageSession`): row i is question i of the last round, or `rows[i]` of the last step.
     """
 
     def __init__(self, model: PagedLanguageModel, prefix: np.ndarray):
@@ -178,14 +179,9 @@ class PagedSession:
     def _pool(self) -> BlockPool:
         return self._model.pool
 
-    @property
-    def garbage(self) -> int:
-        """Always 0: earlier rounds' answers live in blocks of their own, given back when the next round starts."""
-        return 0
-
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again, with the first of them."""
-        self._claim()
+        self._take_over_cache()
         self._drop_rows()
         self._pool.give_back(self._prefix_blocks)
         self._prefix_blocks = []
@@ -197,22 +193,22 @@ class PagedSession:
         self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
 
     def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: Callable[[int, np.ndarray], Any] | None = None) -> tuple[np.ndarray, list]:
+                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
-        predicts the token after branch token j), as `LanguageSession.prefill_questions` does; with `reduce`,
-        `reduce(branch index, its logits)` instead, taken as each call's logits are read, so no more than one
-        call's logits are held at once. A question's first branch rides along in the question's own sequence,
-        past the end the row keeps; further branches follow after the question rows (`_score_branches`).
+        predicts the token after branch token j); with `reduce`, `reduce(branch index, its logits)` instead,
+        taken as each call's logits are read, so no more than one call's logits are held at once. A question's
+        first branch rides along in the question's own sequence, past the end the row keeps; further branches
+        follow after the question rows (`_score_branches`).
         """
         reduce = reduce or (lambda index, logits: logits)
-        self._claim()
+        self._take_over_cache()
         self._drop_rows()
-        riders: dict[int, int] = {}  # question row -> index of the branch in its own sequence
+        first_branch_of_row: dict[int, int] = {}  # question row -> its first branch, riding in its sequence
         for index, (row, _) in enumerate(branches):
-            riders.setdefault(row, index)
-        jobs = [Job(row, riders.get(row)) for row in range(len(questions))]
+            first_branch_of_row.setdefault(row, index)
+        jobs = [Job(row, first_branch_of_row.get(row)) for row in range(len(questions))]
         sequences, results = [], []  # per job: its sequence; the logits after its question and its branch tokens
         if not self._prefix_blocks:
             first = self._with_prefix(*self._tokens(jobs[0], questions, branches))
@@ -224,11 +220,11 @@ class PagedSession:
         sequences += later
         for job, sequence in zip(jobs, sequences):
             self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
-        ahead = {job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results)
-                 if job.branch is not None}
-        further = [index for index, (row, _) in enumerate(branches) if riders[row] != index]
-        ahead.update(self._score_branches(branches, further, reduce))
-        return np.stack([result[0] for result in results]), [ahead[i] for i in range(len(branches))]
+        branch_scores = {job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results)
+                         if job.branch is not None}
+        later_branches = [index for index, (row, _) in enumerate(branches) if first_branch_of_row[row] != index]
+        branch_scores.update(self._score_branches(branches, later_branches, reduce))
+        return np.stack([result[0] for result in results]), [branch_scores[i] for i in range(len(branches))]
 
     def _score_branches(self, branches, indices: list[int], reduce) -> dict[int, Any]:
         """{index: reduce(index, logits)} for `branches[index]`, each after its question's row, in calls of
@@ -269,7 +265,7 @@ class PagedSession:
         kept = {int(row) for row in rows}
         for row, (blocks, _) in enumerate(self._rows):
             if row not in kept:
-                self._pool.give_back(self._own(blocks))
+                self._pool.give_back(self._blocks_past_prefix(blocks))
         self._rows = [self._rows[row] for row in rows]
         sequences = []
         for index, (blocks, length) in enumerate(self._rows):
@@ -281,10 +277,10 @@ class PagedSession:
 
     # -- bookkeeping -------------------------------------------------------------------------------------
 
-    def _claim(self) -> None:
+    def _take_over_cache(self) -> None:
         """Make the pool this session's; if another session has used it since, our cached prefix is gone."""
-        if self._model.holder is not self:
-            self._model.holder = self
+        if self._model.cache_owner is not self:
+            self._model.cache_owner = self
             self._pool.reset()
             self._prefix_blocks = []
             self._rows = []
@@ -311,19 +307,19 @@ class PagedSession:
             self._pool.copy(self._prefix_blocks[full], own[:1])
         return Sequence(tokens, self.prefix_len, self._prefix_blocks[:full] + own, self.prefix_len, logits_at)
 
-    def _own(self, blocks: list[int]) -> list[int]:
+    def _blocks_past_prefix(self, blocks: list[int]) -> list[int]:
         """A row's blocks that are not the prefix's."""
         return [block for block in blocks if block not in self._prefix_blocks]
 
     def _drop_rows(self) -> None:
         """Give back the blocks of the last round's answers (never the prefix's)."""
         for blocks, _ in self._rows:
-            self._pool.give_back(self._own(blocks))
+            self._pool.give_back(self._blocks_past_prefix(blocks))
         self._rows = []
 
 
 def load_language_model(core: ov.Core, graph_path, device: str, inference_precision: str | None = None,
-                        **overrides) -> "PagedLanguageModel | LanguageModel":
+                        **overrides) -> LanguageModel:
     """The engine's language model: paged on the CPU, the stateful graph elsewhere or where it cannot be paged.
 
     Compiled with the engine's settings for `device` (`overrides` replace single compile properties, for
@@ -341,4 +337,4 @@ def load_language_model(core: ov.Core, graph_path, device: str, inference_precis
         if to_paged_attention(graph):
             with contextlib.suppress(RuntimeError):
                 return PagedLanguageModel(core.compile_model(graph, device, properties))
-    return LanguageModel.load(core, graph_path, device, inference_precision, **overrides)
+    return StatefulLanguageModel.load(core, graph_path, device, inference_precision, **overrides)

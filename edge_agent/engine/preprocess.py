@@ -133,7 +133,7 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
     return best
 
 
-def fit_within(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+def scaled_size_within(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """Size of the image scaled to fit `target` with its aspect ratio kept (transformers' rounding)."""
     height, width = image_size
     target_h, target_w = target
@@ -172,7 +172,7 @@ class AnyresPreprocessor(ClipPreprocessor):
 
     def grid_tiles(self, rgb: np.ndarray) -> list[np.ndarray]:
         grid_h, grid_w = select_best_resolution(rgb.shape[:2], self.settings.grid_pinpoints)
-        new_h, new_w = fit_within(rgb.shape[:2], (grid_h, grid_w))
+        new_h, new_w = scaled_size_within(rgb.shape[:2], (grid_h, grid_w))
         resized = pil_resize(rgb, new_h, new_w, resample=self.settings.resample)
         pad_y, pad_x = (grid_h - new_h) // 2, (grid_w - new_w) // 2
         padded = np.zeros((grid_h, grid_w, 3), dtype=np.uint8)
