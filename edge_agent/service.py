@@ -194,6 +194,7 @@ class Agent:
         return self._schedule.due(time.monotonic(), changed)
 
     def _take_turn(self, turn: Turn, due: list[Question], asks: list[AskRequest]) -> None:
+        """Do what `decide` said: asks first (someone waits for them), then the due standing questions."""
         if turn is Turn.NO_FRAME:
             for request in asks:
                 self._refuse_ask(request, "no_frame", "no camera frame yet")
@@ -202,7 +203,7 @@ class Agent:
             self._encode(self._unencoded)
         if turn is not Turn.SKIP:
             self._answer_asks(asks)
-            self._answer_standing(due, scene_changed=turn is Turn.ENCODE)
+            self._answer_standing(due)
 
     def _encode(self, frame: Frame) -> None:
         context = self._engine.encode(frame.image)
@@ -213,17 +214,20 @@ class Agent:
         timings = context.timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
-    def _answer_standing(self, due: list[Question], scene_changed: bool) -> None:
-        """Publish an answer to each due question: computed on the scene's context once, then reused while the
-        gate finds the scene unchanged, stamped with the newest frame known to show it."""
+    def _answer_standing(self, due: list[Question]) -> None:
+        """Publish an answer to each due question, stamped with the newest frame known to show the scene.
+
+        A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
+        on another scene), then that answer is reused while the gate finds the scene unchanged.
+        """
         scene = self._scene
         fresh = [q for q in due if q.id not in scene.answers]
         if fresh:
             for question, answer in zip(fresh, self._ask_engine(scene.context, fresh)):
-                scene.answers[question.id] = self._message(question, answer, scene_changed)
+                scene.answers[question.id] = self._message(question, answer)
         now = time.monotonic()
         for question in due:
-            message = dataclasses.replace(scene.answers[question.id], scene_changed=scene_changed,
+            message = dataclasses.replace(scene.answers[question.id], scene_changed=question in fresh,
                                           **answer_times(scene.frame_ts))
             self._link.publish_answer(message)
             self.metrics.answers_published.inc()
@@ -240,7 +244,8 @@ class Agent:
                                      "total": time.perf_counter() - started})
         return answers
 
-    def _message(self, question: Question, answer: Answer, scene_changed: bool) -> AnswerMessage:
+    def _message(self, question: Question, answer: Answer) -> AnswerMessage:
+        """The message for an answer just computed on the current scene."""
         typed = parse_answer(question, answer.text)
         if not typed.ok:
             log.info("question %s: could not parse %r as %s; publishing unknown", question.id, answer.text,
@@ -248,7 +253,7 @@ class Agent:
         return AnswerMessage(
             question_id=question.id, question=question.question, type=question.type, value=typed.value,
             raw=answer.text, state=state_string(question, typed), model=self._engine.name,
-            scene_changed=scene_changed, confidence=answer.confidence, **answer_times(self._scene.frame_ts),
+            scene_changed=True, confidence=answer.confidence, **answer_times(self._scene.frame_ts),
         )
 
     # -- ad hoc questions --------------------------------------------------------------------------------

@@ -84,6 +84,20 @@ def show(camera, level: int) -> None:
     os.replace(written, camera)
 
 
+def change_scene(agent, camera, level: int) -> None:
+    """Make the camera show grey `level` and wait until the loop has looked at frames of it."""
+    show(camera, level)
+    seen = agent.metrics.frames._value.get()
+    wait_until(lambda: agent.metrics.frames._value.get() >= seen + 3, timeout=10, what="frames of the new scene")
+
+
+def ask(listener, question: str) -> dict:
+    """Ask the running agent over MQTT 5 and return its reply."""
+    payload, properties = request_message(question, REPLY_TOPIC)
+    listener.publish(topic("ask"), payload, properties=properties)
+    return json.loads(listener.next(REPLY_TOPIC, timeout=30).payload)
+
+
 def assert_times_are_consistent(answer: dict) -> None:
     """`frame_ts` <= `answered_ts`, and `latency_ms` is the time between them."""
     assert answer["frame_ts"] <= answer["answered_ts"], answer
@@ -100,12 +114,8 @@ def test_an_ask_after_the_scene_changed_is_answered_on_the_new_scene_and_carries
     with RunningAgent(agent_config(tiny_llava_int8, broker, camera, questions=once), engine=engine) as agent:
         listener.next(topic("answers", DOOR["id"]), timeout=30)
         changed_at = time.time()
-        show(camera, BRIGHT)
-        seen = agent.metrics.frames._value.get()
-        wait_until(lambda: agent.metrics.frames._value.get() >= seen + 3, timeout=10, what="frames of the new scene")
-        payload, properties = request_message("What is on the screen?", REPLY_TOPIC)
-        listener.publish(topic("ask"), payload, properties=properties)
-        reply = json.loads(listener.next(REPLY_TOPIC, timeout=30).payload)
+        change_scene(agent, camera, BRIGHT)
+        reply = ask(listener, "What is on the screen?")
 
     assert engine.answered_on[-1] == BRIGHT, "the ask was answered on a frame of the old scene"
     assert changed_at <= reply["frame_ts"], reply
@@ -124,3 +134,20 @@ def test_a_republished_answer_never_carries_a_frame_later_than_its_answer(
     assert not all(answer["scene_changed"] for answer in answers), "no answer was reused on the unchanged scene"
     for answer in answers:
         assert_times_are_consistent(answer)
+
+
+def test_a_change_question_answered_on_a_scene_an_ask_encoded_says_the_scene_changed(
+        tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path):
+    camera = tmp_path / "camera.png"
+    show(camera, DARK)
+    engine = RecordingEngine(tiny_engine)
+    listener = subscriber(broker, topic("answers", "scene"), REPLY_TOPIC)
+    on_change = [{"id": "scene", "question": "Describe the room.", "type": "text", "trigger": "change", "every": 2}]
+    with RunningAgent(agent_config(tiny_llava_int8, broker, camera, questions=on_change), engine=engine) as agent:
+        first = json.loads(listener.next(topic("answers", "scene"), timeout=30).payload)
+        change_scene(agent, camera, BRIGHT)  # usually before the question is due again, 2 s after its answer
+        ask(listener, "What is on the screen?")
+        second = json.loads(listener.next(topic("answers", "scene"), timeout=30).payload)
+
+    assert engine.answered_on == [DARK, BRIGHT, BRIGHT], "the ask and the second answer were not on the new scene"
+    assert first["scene_changed"] and second["scene_changed"], second
