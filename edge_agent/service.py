@@ -1,14 +1,18 @@
 """The agent loop: camera frame -> scene gate -> engine -> typed answers -> MQTT.
 
-One thread does all inference, so the engine is never used concurrently: it takes the newest frame, asks
-the scene gate whether anything changed, and answers the standing questions that are due. A changed
-scene is encoded once (vision encoder + prompt prefix) and every due question is answered on that one
-frame context as a batch; on an unchanged scene nothing is encoded: a due question reuses the answer it
-already has for the current context, or is answered on the cached context. Ad hoc questions from MQTT
-are queued by the network thread and answered here, on the current frame context, between frames.
+One thread does all inference, so the engine is never used concurrently. Each turn it takes the newest
+frame, asks the scene gate whether anything changed, and lets `edge_agent.loop.decide` say what the turn
+does with the standing questions due and the ad hoc questions waiting (queued by the network thread). A
+changed scene is encoded once (vision encoder + prompt prefix), and only when something is to be answered
+on it; every due question and waiting ask is then answered on that one frame context. On an unchanged
+scene nothing is encoded: a due question reuses the answer it already has for the current context, or is
+answered on the cached context, and so is an ask. So an answer always describes the scene the camera
+shows now, as far as the gate can tell.
 
-`frame_ts` of an answer is the capture time of the newest frame known to show the answered scene (the
-frame encoded, or a later frame the gate found unchanged), never an older frame re-labelled as new.
+The times of every published answer and ask reply: `frame_ts` is the capture time of the newest frame
+known to show the answered scene (the frame encoded, or a later frame the gate found unchanged), never a
+frame of another scene; `answered_ts` is when the agent gave that answer for that frame (for a reused
+answer: when it was reused); `latency_ms` is the time between the two.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .config import Config, InvalidValue, Question, usable_cache_dir
 from .engine import Answer, Engine, FrameContext, Prompt
 from .engine.engine import in_background
 from .errors import UserError
+from .loop import Turn, decide
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec, MqttSettings
 from .mqtt.ask import AskRequest
@@ -116,6 +121,7 @@ class Agent:
         self._schedule = Schedule(config.questions)
         self._gate = SceneGate(gate_settings(config))
         self._scene: Scene | None = None
+        self._unencoded: Frame | None = None  # the newest frame, while the gate finds it changed and it waits
         self._last_seq = -1
         self._link: AgentLink | None = None
         self._reader: CameraReader | None = None
@@ -194,46 +200,66 @@ class Agent:
     # -- one turn of the loop ----------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Answer pending ad hoc questions, then the standing questions due on the newest frame."""
+        """One turn: look at the newest frame, `decide` what it and the waiting questions need, and do that."""
         self.watchdog.idle("inference")
         frame = self._reader.latest(after_seq=self._last_seq, timeout=FRAME_WAIT_S)
         self.watchdog.progress("inference")
         self._report_capture_health(frame)
-        self._answer_pending_asks()
-        if frame is not None:
-            self._last_seq = frame.seq
-            self._handle_frame(frame)
+        due = self._look(frame) if frame is not None else []
+        asks = self._take_asks(self._asks.qsize())
+        turn = decide(changed=self._unencoded is not None, have_context=self._scene is not None, due=len(due),
+                      pending_asks=len(asks))
+        self._take_turn(turn, due, asks)
         self._update_link_metrics()
 
-    def _handle_frame(self, frame: Frame) -> None:
+    def _look(self, frame: Frame) -> list[Question]:
+        """Gate the new frame against the encoded scene; return the standing questions due on it."""
+        self._last_seq = frame.seq
         self.metrics.frames.inc()
         changed = self._scene is None or self._gate.changed(frame.image, frame.ts)
-        due = self._schedule.due(time.monotonic(), changed)
-        if changed and due:
-            self._encode(frame)
-        elif self._scene is not None:
+        if changed:
+            self._unencoded = frame
+        else:  # the newest frame shows the encoded scene (a changed frame seen before it no longer counts)
+            self._unencoded = None
             self._scene.frame_ts = frame.ts
-        if due and self._scene is not None:
-            self._answer_standing(due, scene_changed=changed)
+        return self._schedule.due(time.monotonic(), changed)
+
+    def _take_turn(self, turn: Turn, due: list[Question], asks: list[AskRequest]) -> None:
+        """Do what `decide` said: asks first (someone waits for them), then the due standing questions."""
+        if turn is Turn.NO_FRAME:
+            for request in asks:
+                self._refuse_ask(request, "no_frame", "no camera frame yet")
+            return
+        if turn is Turn.ENCODE:
+            self._encode(self._unencoded)
+        if turn is not Turn.SKIP:
+            self._answer_asks(asks)
+            self._answer_standing(due)
 
     def _encode(self, frame: Frame) -> None:
         context = self._engine.encode(frame.image)
         self._gate.accept(frame.image, frame.ts)
         self._scene = Scene(context=context, frame_ts=frame.ts)
+        self._unencoded = None
         self.metrics.scene_changes.inc()
         timings = context.timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
-    def _answer_standing(self, due: list[Question], scene_changed: bool) -> None:
+    def _answer_standing(self, due: list[Question]) -> None:
+        """Publish an answer to each due question, stamped with the newest frame known to show the scene.
+
+        A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
+        on another scene), then that answer is reused while the gate finds the scene unchanged.
+        """
         scene = self._scene
         fresh = [q for q in due if q.id not in scene.answers]
         if fresh:
             for question, answer in zip(fresh, self._ask_engine(scene.context, fresh)):
-                scene.answers[question.id] = self._message(question, answer, scene, scene_changed)
+                scene.answers[question.id] = self._message(question, answer)
         now = time.monotonic()
         for question in due:
-            message = dataclasses.replace(scene.answers[question.id], frame_ts=scene.frame_ts,
-                                          scene_changed=scene_changed)
+            message = dataclasses.replace(scene.answers[question.id], scene_changed=question in fresh,
+                                          **answer_times(scene.frame_ts))
             self._link.publish_answer(message)
             self.metrics.answers_published.inc()
             self._schedule.mark_answered(question.id, now)
@@ -249,17 +275,16 @@ class Agent:
                                      "total": time.perf_counter() - started})
         return answers
 
-    def _message(self, question: Question, answer: Answer, scene: Scene, scene_changed: bool) -> AnswerMessage:
+    def _message(self, question: Question, answer: Answer) -> AnswerMessage:
+        """The message for an answer just computed on the current scene."""
         typed = parse_answer(question, answer.text)
         if not typed.ok:
             log.info("question %s: could not parse %r as %s; publishing unknown", question.id, answer.text,
                      question.type)
-        answered = time.time()
         return AnswerMessage(
             question_id=question.id, question=question.question, type=question.type, value=typed.value,
-            raw=answer.text, state=state_string(question, typed), frame_ts=scene.frame_ts, answered_ts=answered,
-            latency_ms=round((answered - scene.frame_ts) * 1000.0, 1), model=self._engine.name,
-            scene_changed=scene_changed, confidence=answer.confidence,
+            raw=answer.text, state=state_string(question, typed), model=self._engine.name,
+            scene_changed=True, confidence=answer.confidence, **answer_times(self._scene.frame_ts),
         )
 
     # -- ad hoc questions --------------------------------------------------------------------------------
@@ -271,12 +296,12 @@ class Agent:
         except queue.Full:
             self._refuse_ask(request, "busy", "busy: too many questions waiting, try again later")
 
-    def _answer_pending_asks(self) -> None:
-        while True:
-            try:
-                request = self._asks.get_nowait()
-            except queue.Empty:
-                return
+    def _take_asks(self, count: int) -> list[AskRequest]:
+        """The `count` oldest waiting ad hoc questions, off the queue (only this thread takes from it)."""
+        return [self._asks.get_nowait() for _ in range(count)]
+
+    def _answer_asks(self, asks: list[AskRequest]) -> None:
+        for request in asks:
             try:
                 self._answer_ask(request)
             except Exception:  # one odd request must not stop the loop that answers the standing questions
@@ -284,9 +309,7 @@ class Agent:
                 self._refuse_ask(request, "failed", "internal error: the agent could not answer this question")
 
     def _answer_ask(self, request: AskRequest) -> None:
-        if self._scene is None:
-            self._refuse_ask(request, "no_frame", "no camera frame yet")
-            return
+        """Answer on the current scene's context (the loop encoded the newest frame first if it changed)."""
         tokens = len(self._engine.tokenizer.encode(request.question))
         if tokens > ASK_QUESTION_TOKEN_LIMIT:
             self._refuse_ask(request, "too_long",
@@ -302,14 +325,12 @@ class Agent:
             self._refuse_ask(request, "too_long", str(too_long))
             return
         limit = request.max_new_tokens or self.config.model.max_new_tokens
-        started = time.perf_counter()
         answer = self._engine.answer(self._scene.context, [engine_prompt(question, limit)])[0]
         typed = parse_answer(question, answer.text)
         self.metrics.ask_requests.labels(result="answered").inc()
         self._link.reply(request, {
             "question": request.question, "answer": answer.text, "type": question.type, "value": typed.value,
-            "confidence": answer.confidence, "frame_ts": self._scene.frame_ts, "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
-            "model": self._engine.name,
+            "confidence": answer.confidence, **answer_times(self._scene.frame_ts), "model": self._engine.name,
         })
 
     def _refuse_ask(self, request: AskRequest, result: str, reason: str) -> None:
@@ -349,6 +370,16 @@ def engine_prompt(question: Question, default_max_new_tokens: int) -> Prompt:
     options = YES_NO_OPTIONS if question.type == "yes_no" else tuple(question.options)
     return Prompt(build_prompt(question), max_new_tokens=question.max_new_tokens or default_max_new_tokens,
                   options=options, digits=question.type == "number")
+
+
+def answer_times(frame_ts: float) -> dict[str, float]:
+    """`frame_ts`, `answered_ts` (now) and `latency_ms` between them: the times every answer carries.
+
+    An answer reused for a newer frame of the same scene is stamped again, so `frame_ts <= answered_ts`
+    holds for every answer and its latency is never measured from another frame than its `frame_ts`.
+    """
+    answered = time.time()
+    return {"frame_ts": frame_ts, "answered_ts": answered, "latency_ms": round((answered - frame_ts) * 1000.0, 1)}
 
 
 def prompt_too_long(engine: Engine, question: Question) -> InvalidValue | None:

@@ -59,15 +59,18 @@ class AnswerMessage:
     state: str
     """The plain Home Assistant state (`ON`/`OFF`, the option, the integer, the text or `unknown`)."""
     frame_ts: float
-    """When the frame was captured, Unix seconds."""
+    """Capture time, Unix seconds, of the newest frame known to show the answered scene: the frame encoded,
+    or a later frame the scene gate found unchanged."""
     answered_ts: float
-    """When the answer was ready, Unix seconds."""
+    """When the agent gave this answer for that frame, Unix seconds: after computing it, or, for an answer
+    reused on an unchanged scene, when it was reused. Never before `frame_ts`."""
     latency_ms: float
-    """Milliseconds from frame capture to answer."""
+    """Milliseconds from `frame_ts` to `answered_ts`."""
     model: str
     """The model that answered (directory or display name)."""
     scene_changed: bool
-    """Whether the scene gate saw a change since the previous answered frame."""
+    """True when the answer was computed on a scene other than the one of the question's previous answer
+    (or it is the first); false when the previous answer was reused because the scene is unchanged."""
     confidence: float | None = None
     """For yes/no and choice questions: the model's probability of the published option among the options."""
 

@@ -1,0 +1,44 @@
+"""What one turn of the agent loop does: the decision alone, apart from its effects (`Agent.step` acts on it).
+
+Encoding a frame is the expensive step (about a second on the 7B model), so a frame is encoded only when
+something must be answered on it; and an answer is always computed on the scene the camera shows now:
+
+| the newest frame changed | a frame context exists | a standing question is due or an ask is pending | turn |
+| --- | --- | --- | --- |
+| any | any | no | `SKIP` |
+| yes | any | yes | `ENCODE` |
+| no | yes | yes | `REUSE` |
+| no | no | yes | `NO_FRAME` |
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Turn(enum.Enum):
+    """What the loop does with the newest frame and the questions waiting for an answer."""
+
+    ENCODE = "encode"
+    """Encode the newest frame (the gate found it changed), then answer what is due and pending on it."""
+    REUSE = "reuse"
+    """Answer on the frame context already encoded (the newest frame shows its scene); due standing
+    questions that it already answered republish those answers."""
+    SKIP = "skip"
+    """Nothing is due or pending: encode nothing, answer nothing (a changed frame waits until needed)."""
+    NO_FRAME = "no_frame"
+    """Questions wait but no frame was ever seen: pending asks are refused."""
+
+
+def decide(changed: bool, have_context: bool, due: int, pending_asks: int) -> Turn:
+    """The turn for the newest frame.
+
+    `changed`: the gate found the newest frame different from the encoded one (or nothing is encoded yet
+    and a frame exists); `have_context`: a frame was encoded; `due`: standing questions due on the newest
+    frame; `pending_asks`: ad hoc questions waiting.
+    """
+    if not due and not pending_asks:
+        return Turn.SKIP
+    if changed:
+        return Turn.ENCODE
+    return Turn.REUSE if have_context else Turn.NO_FRAME
