@@ -203,6 +203,8 @@ class Agent:
         """One turn: look at the newest frame, `decide` what it and the waiting questions need, and do that."""
         self.watchdog.idle("inference")
         frame = self._reader.latest(after_seq=self._last_seq, timeout=FRAME_WAIT_S)
+        if frame is None and self._reader.ended:  # `latest` no longer waits: pace the turns that serve asks
+            self._stopped.wait(FRAME_WAIT_S)
         self.watchdog.progress("inference")
         self._report_capture_health(frame)
         due = self._look(frame) if frame is not None else []

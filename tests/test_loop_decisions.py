@@ -151,3 +151,16 @@ def test_a_change_question_answered_on_a_scene_an_ask_encoded_says_the_scene_cha
 
     assert engine.answered_on == [DARK, BRIGHT, BRIGHT], "the ask and the second answer were not on the new scene"
     assert first["scene_changed"] and second["scene_changed"], second
+
+
+def test_after_a_video_file_played_to_its_end_the_loop_waits_instead_of_spinning(
+        tiny_llava_int8, tiny_engine, broker, static_video):
+    config = agent_config(tiny_llava_int8, broker, static_video, camera={"loop": False, "fps": 10})
+    running = RunningAgent(config, engine=tiny_engine)
+    with running as agent:
+        wait_until(lambda: agent._reader is not None and agent._reader.ended, timeout=30, what="the video ended")
+        clock = time.pthread_getcpuclockid(running._thread.ident)
+        before = time.clock_gettime(clock)
+        time.sleep(2.0)
+        busy_s = time.clock_gettime(clock) - before
+    assert busy_s < 0.5, f"the loop thread used {busy_s:.2f} s of CPU in 2 s with no camera"

@@ -137,6 +137,11 @@ class CameraReader:
             self._slot_changed.wait_for(lambda: self._has_newer(after_seq) or self._finished.is_set(), timeout)
             return self._latest if self._has_newer(after_seq) else None
 
+    @property
+    def ended(self) -> bool:
+        """Whether the reader has stopped for good (a video file or folder played to its end, or `stop()`)."""
+        return self._finished.is_set()
+
     def _has_newer(self, after_seq: int) -> bool:
         return self._latest is not None and self._latest.seq > after_seq
 
