@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .capture.gate import GateSettings, SceneGate
+from .capture.gate import SceneGate
 from .config import SceneGateSettings
 from .engine import Engine, Prompt
 from .errors import UserError
@@ -157,9 +157,7 @@ def time_new_frame(engine: Engine, frame: np.ndarray, prompts: list[Prompt]) -> 
 
 def time_unchanged_frame(frame: np.ndarray) -> float:
     """Median milliseconds for the scene gate (default settings) to find `frame` unchanged."""
-    defaults = SceneGateSettings()
-    gate = SceneGate(GateSettings(threshold=defaults.threshold, size=defaults.size,
-                                  max_unchanged_s=defaults.max_unchanged_s))
+    gate = SceneGate(SceneGateSettings())
     gate.accept(frame, time.time())
     timings = []
     for _ in range(GATE_REPEATS):

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log verbosity on stderr (default: warning; `run` uses the config's)")
     commands = parser.add_subparsers(metavar="COMMAND")
     _add_run(commands)
+    _add_config(commands)
     _add_ask(commands)
     _add_model(commands)
     _add_demo(commands)
@@ -65,6 +66,32 @@ def _run(args) -> int:
     config = load_config(args.config)
     configure(args.log_level or config.log_level)
     return run_agent(config)
+
+
+# -- config ---------------------------------------------------------------------------------------------
+
+def _add_config(commands) -> None:
+    config = commands.add_parser("config", help="check a configuration file, or print its JSON Schema")
+    sub = config.add_subparsers(metavar="ACTION")
+    check = sub.add_parser("check", help="validate a configuration file and print one line")
+    check.add_argument("--config", default=DEFAULT_CONFIG, help="configuration file (default: %(default)s)")
+    check.set_defaults(command=_config_check)
+    schema = sub.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the configuration, for editors")
+    schema.set_defaults(command=_config_schema)
+    config.set_defaults(command=lambda args: config.print_help() or 2)
+
+
+def _config_check(args) -> int:
+    from .config import load_config
+    config = load_config(args.config)
+    print(f"{args.config}: valid ({len(config.questions)} questions, agent_id {config.agent_id})")
+    return 0
+
+
+def _config_schema(args) -> int:
+    from .config import config_schema
+    print(json.dumps(config_schema(), indent=2))
+    return 0
 
 
 # -- ask ------------------------------------------------------------------------------------------------
@@ -152,12 +179,10 @@ def _read_image(path: str):
 
 def _ask_agent(args, questions: list[str]) -> list[dict]:
     from .mqtt import ask_remote
-    from .service import mqtt_settings
     config = _optional_config(args.config, required=True)
-    settings = mqtt_settings(config)
     results = []
     for question in questions:
-        reply = ask_remote(settings, config.agent_id, question, timeout_s=args.timeout)
+        reply = ask_remote(config.mqtt, config.agent_id, question, timeout_s=args.timeout)
         results.append({"question": question, **reply})
     return results
 

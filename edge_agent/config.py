@@ -7,6 +7,10 @@ Literal, unions of scalars, tuples and nested dataclasses), so adding a setting 
 
 Every problem becomes one `UserError` line naming the dotted key path and the reason, e.g.
 `config.yaml: questions[2].type: must be one of yes_no, choice, number, text, got 'multi'`.
+
+The layers take their section as it is (`MqttSettings`, `CameraSettings`, `SceneGateSettings`), so this
+module imports only the standard library and pyyaml. The same fields and checks give `config_schema()`,
+the JSON Schema printed by `edge-agent config schema`.
 """
 
 from __future__ import annotations
@@ -63,46 +67,88 @@ def setting_from(factory: Callable[[], Any], doc: str, *, check: Check | None = 
 # Rules on single values --------------------------------------------------------------------------
 
 
-def positive(value: float) -> str | None:
-    return None if value > 0 else "must be a positive number"
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule on one value (`test` returns the reason it is broken, or None) with the JSON Schema keywords that
+    say the same to an editor; a rule JSON Schema cannot express states nothing ({})."""
+
+    test: Check
+    json_schema: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, value: Any) -> str | None:
+        return self.test(value)
 
 
-def zero_or_more(value: float) -> str | None:
-    return None if value >= 0 else "must be 0 or a positive number"
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """A rule that a number lies within bounds, stated once for the check and for JSON Schema.
+
+    `reason` may name `{value}`, `{minimum}` and `{maximum}`; `above` is an exclusive minimum.
+    """
+
+    reason: str
+    minimum: float | None = None
+    above: float | None = None
+    maximum: float | None = None
+
+    def __call__(self, value: float) -> str | None:
+        inside = ((self.minimum is None or value >= self.minimum) and (self.above is None or value > self.above)
+                  and (self.maximum is None or value <= self.maximum))
+        return None if inside else self.reason.format(value=value, minimum=self.minimum, maximum=self.maximum)
+
+    @property
+    def json_schema(self) -> dict:
+        keywords = {"minimum": self.minimum, "exclusiveMinimum": self.above, "maximum": self.maximum}
+        return {keyword: bound for keyword, bound in keywords.items() if bound is not None}
 
 
-def fraction(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be between 0 and 1"
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A rule that the whole (ASCII) string matches `pattern`."""
+
+    pattern: str
+    reason: str
+
+    def __call__(self, value: str) -> str | None:
+        return None if re.fullmatch(self.pattern, value, re.ASCII) else self.reason
+
+    @property
+    def json_schema(self) -> dict:
+        return {"pattern": f"^(?:{self.pattern})$"}
 
 
-def port_number(value: int) -> str | None:
-    return None if 1 <= value <= 65535 else "must be a port number between 1 and 65535"
+positive = Bounds("must be a positive number", above=0)
+zero_or_more = Bounds("must be 0 or a positive number", minimum=0)
+fraction = Bounds("must be between {minimum} and {maximum}", minimum=0, maximum=1)
+port_number = Bounds("must be a port number between {minimum} and {maximum}", minimum=1, maximum=65535)
+not_blank = Rule(lambda value: None if value.strip() else "must not be empty", {"pattern": r"\S"})
 
 
-def not_blank(value: str) -> str | None:
-    return None if value.strip() else "must not be empty"
-
-
-def at_most(limit: int, unit: str, why: str) -> Check:
+def at_most(limit: int, unit: str, why: str) -> Bounds:
     """A rule that a positive number is at most `limit`; the reason says `why`."""
-    return lambda value: None if 0 < value <= limit else f"must be between 1 and {limit} {unit} ({why}), got {value}"
+    return Bounds(f"must be between 1 and {{maximum}} {unit} ({why}), got {{value}}", above=0, maximum=limit)
 
 
 MAX_WAIT_S = 7 * 24 * 3600
 """Longest camera timeout or backoff: OpenCV takes timeouts as 32-bit milliseconds (24.8 days), Python's
 waits overflow beyond 292 years, and a week is already far beyond any sensible camera setting."""
 
-
-def wait_seconds(value: float) -> str | None:
-    return None if 0 < value <= MAX_WAIT_S else f"must be a positive number of seconds up to {MAX_WAIT_S} (a week)"
+wait_seconds = Bounds("must be a positive number of seconds up to {maximum} (a week)", above=0, maximum=MAX_WAIT_S)
 
 
-def all_of(*checks: Check) -> Check:
+def json_schema_of(check: Check | None) -> dict:
+    """The JSON Schema keywords a check states ({} for a plain function)."""
+    return getattr(check, "json_schema", {})
+
+
+def all_of(*checks: Check) -> Rule:
     """A rule that each of `checks` holds; the reason is the first broken one's."""
-    return lambda value: next(filter(None, (check(value) for check in checks)), None)
+    stated = [json_schema_of(check) for check in checks if json_schema_of(check)]
+    return Rule(lambda value: next(filter(None, (check(value) for check in checks)), None),
+                {"allOf": stated} if stated else {})
 
 
-def each(check: Check) -> Check:
+def each(check: Check) -> Rule:
     """A rule on every item of a list; the problem names the first item that breaks it (`options[1]`)."""
 
     def check_items(items: tuple) -> None:
@@ -111,7 +157,7 @@ def each(check: Check) -> Check:
             if reason:
                 raise InvalidValue(f"[{index}]", reason)
 
-    return check_items
+    return Rule(check_items, {"items": json_schema_of(check)} if json_schema_of(check) else {})
 
 
 def refused_by_brokers(character: str) -> bool:
@@ -136,34 +182,26 @@ IMAGE_PLACEHOLDER = "<image>"
 """Where LLaVA chat templates put the image; the tokenizer reads this text as the image token anywhere."""
 
 
-def no_image_placeholder(value: str) -> str | None:
-    if IMAGE_PLACEHOLDER not in value:
-        return None
-    return f"must not contain {IMAGE_PLACEHOLDER!r}: the model reads it as a second place for the image"
-
-
-def matches(pattern: str, reason: str) -> Check:
-    """A rule that the whole (ASCII) string matches `pattern`."""
-    compiled = re.compile(pattern, re.ASCII)
-    return lambda value: None if compiled.fullmatch(value) else reason
-
-
-topic_safe = matches(r"[A-Za-z0-9_-]+", "must contain only letters, digits, '_' and '-'")
-topic_levels = matches(
+no_image_placeholder = Rule(
+    lambda value: None if IMAGE_PLACEHOLDER not in value
+    else f"must not contain {IMAGE_PLACEHOLDER!r}: the model reads it as a second place for the image",
+    {"not": {"pattern": re.escape(IMAGE_PLACEHOLDER)}},
+)
+topic_safe = Pattern(r"[A-Za-z0-9_-]+", "must contain only letters, digits, '_' and '-'")
+topic_levels = Pattern(
     r"[^/#+\s]+(/[^/#+\s]+)*",
     "must be MQTT topic levels separated by '/', without wildcards, spaces or empty levels",
 )
 _DEVICE = r"[A-Z]+(\.[0-9]+)?"
-device_name = matches(
+device_name = Pattern(
     rf"{_DEVICE}(:{_DEVICE}(,{_DEVICE})*)?",
     "must be an OpenVINO device name such as CPU, GPU, GPU.1, NPU or AUTO:GPU,CPU",
 )
-
-
-def camera_source(value: str | int) -> str | None:
-    if isinstance(value, int):
-        return None if value >= 0 else "must be a V4L2 device index (0 or more) or a path/URL"
-    return not_blank(value)
+device_index = Bounds("must be a V4L2 device index (0 or more) or a path/URL", minimum=0)
+camera_source = Rule(
+    lambda value: device_index(value) if isinstance(value, int) else not_blank(value),
+    {**device_index.json_schema, **not_blank.json_schema},  # minimum binds numbers only, pattern strings only
+)
 
 
 def split_host_port(text: str) -> tuple[str, int] | None:
@@ -329,7 +367,8 @@ class CameraSettings(Settings):
     open_timeout_s: float = setting(10.0, "Seconds to wait for the source to open.", check=wait_seconds)
     read_timeout_s: float = setting(5.0, "Seconds to wait for one frame before a read fails.", check=wait_seconds)
     stale_after_s: float = setting(
-        15.0, "Seconds without a new frame before the source is reopened.", check=wait_seconds
+        15.0, "Seconds without a new frame before the source is reopened; longer than one frame interval (1/fps).",
+        check=wait_seconds,
     )
     backoff_initial_s: float = setting(
         1.0, "First wait in seconds before reopening a failed source.", check=wait_seconds
@@ -341,6 +380,14 @@ class CameraSettings(Settings):
     def check_together(self) -> None:
         if self.backoff_initial_s > self.backoff_max_s:
             raise InvalidValue("backoff_initial_s", f"must not exceed backoff_max_s ({self.backoff_max_s})")
+        if self.stale_after_s <= 1.0 / self.fps:  # else every pause between two samples would count as stale
+            raise InvalidValue("stale_after_s", f"must be longer than one frame interval at camera.fps "
+                                                f"({1.0 / self.fps:g} s), got {self.stale_after_s}")
+
+    @property
+    def source_text(self) -> str:
+        """The source as the capture layer reads it: a V4L2 index as its digits, surrounding spaces removed."""
+        return str(self.source).strip()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -421,8 +468,12 @@ class MqttSettings(Settings):
             raise InvalidValue("password_file", "needs username too")
 
     def password(self) -> str | None:
-        """The broker password read from `password_file`, or None without one."""
+        """The broker password read from `password_file`, or None without one; never kept in the section."""
         return read_secret(self.password_file, "mqtt.password_file") if self.password_file else None
+
+    def client_id_for(self, agent_id: str) -> str:
+        """The MQTT client id of agent `agent_id`: `client_id`, or `edge-agent-<agent_id>` when unset."""
+        return self.client_id or f"edge-agent-{agent_id}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -585,17 +636,17 @@ def _finite_number(value: Any) -> bool:
         return False
 
 
-_SCALARS: dict[type, tuple[str, Callable[[Any], bool]]] = {
-    str: ("a string", lambda value: isinstance(value, str)),
-    bool: ("true or false", lambda value: isinstance(value, bool)),
-    int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)),
-    float: ("a number", _finite_number),
+_SCALARS: dict[type, tuple[str, Callable[[Any], bool], str]] = {
+    str: ("a string", lambda value: isinstance(value, str), "string"),
+    bool: ("true or false", lambda value: isinstance(value, bool), "boolean"),
+    int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool), "integer"),
+    float: ("a number", _finite_number, "number"),
 }
-"""Per scalar type: how errors describe it, and which loaded YAML values it accepts."""
+"""Per scalar type: how errors describe it, which loaded YAML values it accepts, its JSON Schema type."""
 
 
 def _scalar(value: Any, hint: type, path: str) -> Any:
-    description, accepts = _SCALARS[hint]
+    description, accepts, _ = _SCALARS[hint]
     if not accepts(value):
         raise InvalidValue(path, f"must be {description}, got {_show(value)}")
     return hint(value)
@@ -604,12 +655,22 @@ def _scalar(value: Any, hint: type, path: str) -> Any:
 def _literal(value: Any, choices: tuple, path: str) -> Any:
     """One of `choices`; a number also matches a text choice with the same spelling (protocol: 5)."""
     for choice in choices:
-        if type(value) is type(choice) and value == choice:
-            return choice
-        if isinstance(choice, str) and type(value) in (int, float) and str(value) == choice:
+        if any(type(value) is type(spelling) and value == spelling for spelling in _spellings(choice)):
             return choice
     names = ", ".join(str(choice) for choice in choices)
     raise InvalidValue(path, f"must be one of {names}, got {_show(value)}")
+
+
+def _spellings(choice: Any) -> list:
+    """The YAML values that mean `choice`: itself, and for a text choice the number written the same way."""
+    if isinstance(choice, str):
+        for number in (int, float):
+            try:
+                if str(number(choice)) == choice:
+                    return [choice, number(choice)]
+            except ValueError:
+                continue
+    return [choice]
 
 
 def _union(value: Any, members: tuple, path: str) -> Any:
@@ -655,3 +716,55 @@ def _join(path: str, key: str) -> str:
     if not path:
         return key
     return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+
+
+# JSON Schema -------------------------------------------------------------------------------------
+
+
+def config_schema() -> dict:
+    """A JSON Schema (draft 2020-12) of config.yaml for editors, generated from the dataclasses above.
+
+    Types, defaults, descriptions and enums come from the fields, bounds and patterns from their checks
+    (`json_schema`). Cross-field rules (e.g. `stale_after_s` against `fps`) only the loader checks.
+    """
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "edge-agent config.yaml",
+            **_section_schema(Config)}
+
+
+def _section_schema(cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    required = [field.name for field in fields if field.default is REQUIRED and field.default_factory is REQUIRED]
+    schema = {
+        "type": "object", "description": " ".join(cls.__doc__.split()),
+        "properties": {field.name: _field_schema(field, hints[field.name]) for field in fields},
+        "additionalProperties": False,
+    }
+    return {**schema, "required": required} if required else schema
+
+
+def _field_schema(field: dataclasses.Field, hint: Any) -> dict:
+    typed, stated = _type_schema(hint), json_schema_of(field.metadata["check"])
+    if dataclasses.is_dataclass(hint):
+        typed["type"] = ["object", "null"]  # an empty section means all defaults
+    schema = {"allOf": [typed, stated]} if typed.keys() & stated.keys() else {**typed, **stated}
+    schema["description"] = field.metadata["doc"]  # a section's field says more than its class
+    if field.default is not REQUIRED:
+        schema["default"] = list(field.default) if isinstance(field.default, tuple) else field.default
+    return schema
+
+
+def _type_schema(hint: Any) -> dict:
+    """The JSON Schema of the values `_convert` accepts for `hint`."""
+    if dataclasses.is_dataclass(hint):
+        return _section_schema(hint)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return {"enum": [spelling for choice in typing.get_args(hint) for spelling in _spellings(choice)]}
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_type_schema(member) for member in typing.get_args(hint)]}
+    if origin is tuple:
+        return {"type": "array", "items": _type_schema(typing.get_args(hint)[0])}
+    if hint is type(None):
+        return {"type": "null"}
+    return {"type": _SCALARS[hint][2]}

@@ -29,7 +29,7 @@ import typing
 
 
 from . import systemd
-from .capture import CameraReader, CaptureSettings, DeviceMissing, GateSettings, SceneGate, validate_source
+from .capture import CameraReader, DeviceMissing, SceneGate, validate_source
 from .capture.reader import Frame
 from .config import Config, InvalidValue, Question, usable_cache_dir
 from .engine import Answer, Engine, FrameContext, Prompt
@@ -37,7 +37,7 @@ from .engine.engine import in_background
 from .errors import UserError
 from .loop import Turn, decide
 from .metrics import Metrics
-from .mqtt import AgentLink, AnswerMessage, EntitySpec, MqttSettings
+from .mqtt import AgentLink, AnswerMessage, EntitySpec
 from .mqtt.ask import AskRequest
 from .questions import Schedule, build_prompt, parse_answer, state_string
 
@@ -63,33 +63,6 @@ LOAD_WAIT_S = 0.1
 CAMERA_STOP_WAIT_S = 1.0
 """How long a shutdown waits for the camera reader to let go of its source. A reader stuck in a camera
 open or read (up to `open_timeout_s` or `read_timeout_s`) is left behind: it is a daemon thread."""
-
-
-def mqtt_settings(config: Config) -> MqttSettings:
-    """The MQTT link's settings from the config (the password is read from its file here)."""
-    section = config.mqtt
-    return MqttSettings(
-        host=section.host, port=section.port, protocol=section.protocol, base_topic=section.base_topic,
-        qos=section.qos, tls_ca_file=section.tls_ca_file, tls_insecure=section.tls_insecure,
-        username=section.username, password=section.password(),
-        client_id=section.client_id or f"edge-agent-{config.agent_id}", keepalive_s=section.keepalive_s,
-        queue_limit=section.queue_limit, heartbeat_s=section.heartbeat_s, discovery=section.discovery,
-        discovery_prefix=section.discovery_prefix, ask_per_minute=section.ask_per_minute,
-        ask_burst=section.ask_burst,
-    )
-
-
-def capture_settings(config: Config) -> CaptureSettings:
-    camera = config.camera
-    return CaptureSettings(source=str(camera.source), loop=camera.loop, fps=camera.fps,
-                           open_timeout_s=camera.open_timeout_s, read_timeout_s=camera.read_timeout_s,
-                           stale_after_s=camera.stale_after_s, backoff_initial_s=camera.backoff_initial_s,
-                           backoff_max_s=camera.backoff_max_s)
-
-
-def gate_settings(config: Config) -> GateSettings:
-    gate = config.scene_gate
-    return GateSettings(threshold=gate.threshold, size=gate.size, max_unchanged_s=gate.max_unchanged_s)
 
 
 def load_engine(config: Config) -> Engine:
@@ -119,7 +92,7 @@ class Agent:
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
         self._schedule = Schedule(config.questions)
-        self._gate = SceneGate(gate_settings(config))
+        self._gate = SceneGate(config.scene_gate)
         self._scene: Scene | None = None
         self._unencoded: Frame | None = None  # the newest frame, while the gate finds it changed and it waits
         self._last_seq = -1
@@ -134,9 +107,8 @@ class Agent:
         Returns False, having announced nothing (no `online`, no READY), when `stop()` is called while the
         model loads; the load then still runs on its thread, which nothing can interrupt (see `run_agent`).
         """
-        settings = capture_settings(self.config)
         try:
-            validate_source(settings)
+            validate_source(self.config.camera)
         except DeviceMissing as missing:  # unplugged at boot: run offline and keep retrying
             log.warning("%s; starting with the camera offline", missing)
         systemd.status("loading model")
@@ -147,11 +119,11 @@ class Agent:
         check_prompt_lengths(self._engine, self.config.questions)
         if self.config.metrics.listen:
             self.metrics_port = self.metrics.serve(self.config.metrics.listen)
-        self._link = AgentLink(mqtt_settings(self.config), self.config.agent_id, on_ask=self._enqueue_ask,
+        self._link = AgentLink(self.config.mqtt, self.config.agent_id, on_ask=self._enqueue_ask,
                                model_name=self._engine.name)
         self._link.start()
         self._link.set_entities([entity_spec(q) for q in self.config.questions])
-        self._reader = CameraReader(settings, on_status=self._on_camera_status)
+        self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
         self._reader.start()
         for loop in ("capture", "inference"):
             self.watchdog.register(loop)

@@ -9,7 +9,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import UserError
-from edge_agent.mqtt import AskRequest, BadRequest, MqttSettings, ask_remote, parse_ask
+from edge_agent.config import MqttSettings
+from edge_agent.mqtt import AskRequest, BadRequest, ask_remote, parse_ask
 from edge_agent.mqtt.ask import ReplyAddress
 from tests.support.broker import free_port
 

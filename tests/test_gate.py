@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.capture import GateSettings, SceneGate
+from edge_agent.capture import SceneGate
+from edge_agent.config import SceneGateSettings
 
-SETTINGS = GateSettings(threshold=0.02, size=64, max_unchanged_s=0)
+SETTINGS = SceneGateSettings(threshold=0.02, size=64, max_unchanged_s=0)
 PERSON = (100, 200)  # width, height in pixels of the figure that walks through the scene
 
 
@@ -29,7 +30,7 @@ def with_sensor_noise(image: np.ndarray, sigma: float, seed: int = 1) -> np.ndar
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
-def gate_with_reference(reference: np.ndarray, settings: GateSettings = SETTINGS, ts: float = 1000.0) -> SceneGate:
+def gate_with_reference(reference: np.ndarray, settings: SceneGateSettings = SETTINGS, ts: float = 1000.0) -> SceneGate:
     gate = SceneGate(settings)
     gate.accept(reference, ts)
     return gate
@@ -99,13 +100,13 @@ def test_accepting_a_frame_makes_it_the_new_reference():
 
 @pytest.mark.parametrize(("max_unchanged_s", "seconds_later", "forced"), [(60, 59, False), (60, 60, True), (0, 1e6, False)])
 def test_max_unchanged_s_forces_a_fresh_encode_of_an_unchanged_scene(max_unchanged_s, seconds_later, forced):
-    settings = GateSettings(threshold=0.02, size=64, max_unchanged_s=max_unchanged_s)
+    settings = SceneGateSettings(threshold=0.02, size=64, max_unchanged_s=max_unchanged_s)
     gate = gate_with_reference(room(), settings, ts=1000.0)
     assert gate.changed(room(), ts=1000.0 + seconds_later) is forced
 
 
 def test_without_a_time_the_gate_uses_the_wall_clock():
-    settings = GateSettings(threshold=0.02, size=64, max_unchanged_s=60)
+    settings = SceneGateSettings(threshold=0.02, size=64, max_unchanged_s=60)
     assert not gate_with_reference(room(), settings, ts=time.time()).changed(room())
     assert gate_with_reference(room(), settings, ts=time.time() - 61).changed(room())
 

@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.capture import CameraReader, CaptureSettings, validate_source
+from edge_agent.capture import CameraReader, validate_source
+from edge_agent.config import CameraSettings
 from edge_agent.capture.headers import image_size
 from edge_agent.config import parse_config
 from edge_agent.errors import UserError
@@ -24,8 +25,8 @@ from tests.test_config import MINIMAL
 pytestmark = pytest.mark.timeout(60)
 
 SECRETS = ("hunter2", "T0KEN", "s3cret", "k3y", "0auth")
-RETRYING = CaptureSettings(source="", loop=True, fps=5, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
-                           backoff_initial_s=0.05, backoff_max_s=0.1)
+RETRYING = CameraSettings(loop=True, fps=5, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
+                          backoff_initial_s=0.05, backoff_max_s=0.1)
 
 
 def closed_port() -> int:
@@ -109,12 +110,12 @@ def bomb_png(tmp_path_factory):
 
 PLAY_FOLDER = """
 import json, logging, pathlib, resource, sys, threading
-from edge_agent.capture import CaptureSettings
+from edge_agent.config import CameraSettings
 from edge_agent.capture.sources import ImageFolderSource, SourceEnded
 logging.basicConfig(level=logging.WARNING)
 folder = pathlib.Path(sys.argv[1])
-settings = CaptureSettings(source=str(folder), loop=False, fps=50, open_timeout_s=1, read_timeout_s=1,
-                           stale_after_s=1, backoff_initial_s=0.1, backoff_max_s=0.1)
+settings = CameraSettings(source=str(folder), loop=False, fps=50, open_timeout_s=1, read_timeout_s=1,
+                          stale_after_s=1, backoff_initial_s=0.1, backoff_max_s=0.1)
 source = ImageFolderSource(folder, settings, threading.Event())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 shapes = []

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from edge_agent.mqtt import AgentLink, AgentTopics, EntitySpec, MqttSettings
+from edge_agent.config import MqttSettings
+from edge_agent.mqtt import AgentLink, AgentTopics, EntitySpec
 from tests.support.broker import answer, wait_until
 
 TOPICS = AgentTopics("edge-agent", "kitchen")

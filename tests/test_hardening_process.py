@@ -26,7 +26,6 @@ from edge_agent.engine import Engine, Prompt
 from edge_agent.errors import UserError
 from edge_agent.export import export_model, staged_output_dir
 from edge_agent.mqtt import ask_remote
-from edge_agent.service import mqtt_settings
 from tests.support.agent import AGENT, agent_config, topic, write_config
 from tests.support.broker import wait_until
 from tests.support.videos import pattern
@@ -166,7 +165,7 @@ def test_sighup_is_logged_as_not_supported_and_the_agent_keeps_answering(
 
     agent.signal(signal.SIGHUP)
     wait_until(lambda: "received SIGHUP: reloading is not supported" in agent.log(), what="the SIGHUP log line")
-    reply = ask_remote(mqtt_settings(parse_config(config)), AGENT, "Is the door open?", timeout_s=30)
+    reply = ask_remote(parse_config(config).mqtt, AGENT, "Is the door open?", timeout_s=30)
     assert reply["answer"] and agent.process.poll() is None
 
     agent.signal(signal.SIGTERM)

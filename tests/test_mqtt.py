@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from edge_agent.config import MqttSettings, parse_config
 from edge_agent.errors import UserError
-from edge_agent.mqtt import AgentLink, AgentTopics, EntitySpec, MqttSettings
+from edge_agent.mqtt import AgentLink, AgentTopics, EntitySpec
 from tests.support.broker import answer, wait_until
 
 TOPICS = AgentTopics("edge-agent", "kitchen")
@@ -118,7 +119,8 @@ def _agent_script(port: int) -> str:
     return textwrap.dedent(
         f"""
         import time
-        from edge_agent.mqtt import AgentLink, MqttSettings
+        from edge_agent.config import MqttSettings
+        from edge_agent.mqtt import AgentLink
         link = AgentLink(MqttSettings(host="127.0.0.1", port={port}), "kitchen")
         link.start()
         while not link.connected:
@@ -205,8 +207,12 @@ def test_the_camera_status_is_retained(broker, make_link, subscriber):
     assert (status.payload, status.retain) == (b"offline", True)
 
 
-def test_the_settings_never_show_the_password():
-    assert "s3cret" not in repr(MqttSettings(username="agent", password="s3cret"))
+def test_the_settings_hold_the_password_file_never_the_password(tmp_path):
+    (tmp_path / "password").write_text("s3cret\n")
+    settings = MqttSettings(username="agent", password_file=str(tmp_path / "password"))
+
+    assert "s3cret" not in repr(settings)
+    assert settings.password() == "s3cret"
 
 
 @pytest.mark.parametrize(
@@ -220,7 +226,7 @@ def test_the_settings_never_show_the_password():
 )
 def test_invalid_settings_are_user_errors_naming_the_key(settings, key):
     with pytest.raises(UserError, match=key):
-        MqttSettings(**settings)
+        parse_config({"model": {"path": "models/llava"}, "mqtt": settings})
 
 
 def test_a_missing_tls_ca_file_is_a_user_error(tmp_path):

@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.capture import CameraReader, CaptureSettings
+from edge_agent.capture import CameraReader
+from edge_agent.config import CameraSettings
 from edge_agent.service import Agent
 from tests.support.broker import wait_until
 from tests.support.videos import pattern, write_video
@@ -26,8 +27,8 @@ from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = CaptureSettings(source="", loop=True, fps=10, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
-                       backoff_initial_s=0.2, backoff_max_s=0.8)
+FAST = CameraSettings(loop=True, fps=10, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
+                      backoff_initial_s=0.2, backoff_max_s=0.8)
 """Short timeouts and backoff, so each fault is noticed and retried within seconds."""
 FAST_CAMERA = {"fps": 5, "open_timeout_s": 1, "read_timeout_s": 1, "stale_after_s": 1.5, "backoff_initial_s": 0.2,
                "backoff_max_s": 0.8}
@@ -36,7 +37,7 @@ IN_TRANSIT_S = 0.5
 """Frames already on their way when a camera hangs may still arrive up to this long after it."""
 
 
-def reader_settings(source: object, **changes: object) -> CaptureSettings:
+def reader_settings(source: object, **changes: object) -> CameraSettings:
     return dataclasses.replace(FAST, source=str(source), **changes)
 
 

@@ -7,14 +7,14 @@ grants the agent only its own topics; certificates come from a CA made in the te
 from __future__ import annotations
 
 import logging
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from edge_agent.config import parse_config
-from edge_agent.mqtt import AgentLink, MqttSettings, ask_remote
-from edge_agent.service import mqtt_settings
+from edge_agent.config import MqttSettings, parse_config
+from edge_agent.mqtt import AgentLink, ask_remote
 from tests.support.broker import wait_until
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
 
@@ -36,10 +36,17 @@ topic readwrite homeassistant/#
 USERS = {AGENT_USER: AGENT_PASSWORD, HA_USER: HA_PASSWORD}
 
 
-def home_assistant(broker, ca=None) -> MqttSettings:
-    """How Home Assistant (or `edge-agent ask`) logs in to `broker`."""
-    return MqttSettings(host=broker.host, port=broker.port, username=HA_USER, password=HA_PASSWORD,
-                        tls_ca_file=str(ca.certificate) if ca else None)
+def password_file(folder: pathlib.Path, password: str) -> str:
+    """A file in `folder` holding `password`, as the config names one."""
+    path = folder / f"password-{password}"
+    path.write_text(password + "\n")
+    return str(path)
+
+
+def home_assistant(broker, secrets: pathlib.Path, ca=None) -> MqttSettings:
+    """How Home Assistant (or `edge-agent ask`) logs in to `broker`; its password file goes in `secrets`."""
+    return MqttSettings(host=broker.host, port=broker.port, username=HA_USER,
+                        password_file=password_file(secrets, HA_PASSWORD), tls_ca_file=str(ca.certificate) if ca else None)
 
 
 def secured_agent_config(model, broker, video, ca, credentials) -> dict:
@@ -57,13 +64,13 @@ def test_the_agent_works_over_tls_with_a_password_under_an_acl_granting_only_its
     broker = make_secure_broker(USERS, AGENT_ONLY_ITS_OWN_TOPICS, ca)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     config = secured_agent_config(tiny_llava_int8, broker, moving_video, ca, tmp_path)
-    watcher = observer(home_assistant(broker, ca), f"{ROOT}/#", "homeassistant/#")
+    watcher = observer(home_assistant(broker, tmp_path, ca), f"{ROOT}/#", "homeassistant/#")
     caplog.set_level(logging.INFO)
 
     with RunningAgent(config, engine=tiny_engine):
         watcher.wait_for(f"{ROOT}/availability", *(f"{ROOT}/answers/{q['id']}" for q in QUESTIONS),
                          f"homeassistant/binary_sensor/{AGENT}_door_open/config", timeout=60)
-        reply = ask_remote(home_assistant(broker, ca), AGENT, "Is anyone there?", timeout_s=30)
+        reply = ask_remote(home_assistant(broker, tmp_path, ca), AGENT, "Is anyone there?", timeout_s=30)
 
     assert isinstance(reply["answer"], str) and reply["model"] == tiny_llava_int8.name
     assert watcher.messages[f"{ROOT}/availability"][0] == b"online"
@@ -72,11 +79,11 @@ def test_the_agent_works_over_tls_with_a_password_under_an_acl_granting_only_its
 
 
 def test_a_broker_certificate_from_another_ca_is_refused_with_a_clear_log_line_and_retried(
-        make_ca, make_secure_broker, caplog):
+        make_ca, make_secure_broker, tmp_path, caplog):
     broker = make_secure_broker(USERS, AGENT_ONLY_ITS_OWN_TOPICS, make_ca("the broker's CA"))
     stranger = make_ca("another CA")
-    settings = MqttSettings(host=broker.host, port=broker.port, username=AGENT_USER, password=AGENT_PASSWORD,
-                            tls_ca_file=str(stranger.certificate))
+    settings = MqttSettings(host=broker.host, port=broker.port, username=AGENT_USER,
+                            password_file=password_file(tmp_path, AGENT_PASSWORD), tls_ca_file=str(stranger.certificate))
     link = AgentLink(settings, AGENT)
     caplog.set_level(logging.WARNING, logger="edge_agent")
 
@@ -100,7 +107,7 @@ def test_a_wrong_password_is_refused_and_retried_and_no_password_ever_reaches_th
     config = parse_config({"agent_id": AGENT, "model": {"path": "unused"}, "mqtt": {
         "host": broker.host, "port": broker.port, "username": AGENT_USER, "password_file": "mqtt-password"}})
     caplog.set_level(logging.DEBUG)
-    link = AgentLink(mqtt_settings(config), AGENT)
+    link = AgentLink(config.mqtt, AGENT)
 
     link.start()
     try:
@@ -114,7 +121,7 @@ def test_a_wrong_password_is_refused_and_retried_and_no_password_ever_reaches_th
 
     logged = caplog.text + "".join(repr(record.args) for record in caplog.records)
     assert wrong not in logged and AGENT_PASSWORD not in logged
-    assert wrong not in repr(config) and wrong not in repr(mqtt_settings(config))
+    assert wrong not in repr(config)
 
 
 @pytest.mark.parametrize("command", ["run", "ask"])

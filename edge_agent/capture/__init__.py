@@ -1,7 +1,7 @@
 """Capture: OpenCV sources, a reader thread that keeps only the newest frame, and the scene gate."""
 
-from edge_agent.capture.gate import GateSettings, SceneGate
+from edge_agent.capture.gate import SceneGate
 from edge_agent.capture.reader import CameraReader, Frame
-from edge_agent.capture.sources import CaptureSettings, DeviceMissing, validate_source
+from edge_agent.capture.sources import DeviceMissing, validate_source
 
-__all__ = ["CameraReader", "CaptureSettings", "DeviceMissing", "Frame", "GateSettings", "SceneGate", "validate_source"]
+__all__ = ["CameraReader", "DeviceMissing", "Frame", "SceneGate", "validate_source"]

@@ -18,10 +18,11 @@ answers may well depend on it), while small exposure drift stays under a sensibl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from edge_agent.config import SceneGateSettings
 
 # Kernel of the blur applied to the thumbnail: it evens out sensor noise and one-pixel jitter.
 BLUR_KERNEL = (3, 3)
@@ -32,25 +33,10 @@ LOCAL_FACTOR = 3.0
 of a few percent stays below it even in the brightest cell)."""
 
 
-@dataclass(frozen=True)
-class GateSettings:
-    """When a frame counts as changed."""
-
-    threshold: float
-    """Mean absolute difference of the thumbnails, as a fraction of full brightness (0..1), above which a
-    frame counts as changed (or `LOCAL_FACTOR` times it in one grid cell); 0.02 ignores sensor noise but
-    notices a person entering a room."""
-    size: int
-    """Side, in pixels, of the square grayscale thumbnail compared (larger notices smaller objects)."""
-    max_unchanged_s: float
-    """Seconds after which a frame counts as changed even if it looks the same, so answers are refreshed;
-    0 means never."""
-
-
 class SceneGate:
     """Remembers the last accepted frame and says whether a new frame differs from it."""
 
-    def __init__(self, settings: GateSettings) -> None:
+    def __init__(self, settings: SceneGateSettings) -> None:
         self._settings = settings
         self._reference: np.ndarray | None = None
         self._reference_ts = 0.0

@@ -21,14 +21,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from edge_agent.capture.sources import (
-    CaptureSettings,
-    Source,
-    SourceEnded,
-    SourceUnavailable,
-    Ticker,
-    open_source,
-)
+from edge_agent.capture.sources import Source, SourceEnded, SourceUnavailable, Ticker, open_source
+from edge_agent.config import CameraSettings
 from edge_agent.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -101,9 +95,9 @@ class CameraReader:
     (the first call says whether the first open worked).
     """
 
-    def __init__(self, settings: CaptureSettings, on_status: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, settings: CameraSettings, on_status: Callable[[bool], None] | None = None) -> None:
         self._settings = settings
-        self._name = redact_url(settings.source)
+        self._name = redact_url(settings.source_text)
         self._on_status = on_status
         self._stopped = threading.Event()
         self._finished = threading.Event()

@@ -17,13 +17,13 @@ import re
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from typing import Protocol
 
 import cv2
 import numpy as np
 
 from edge_agent.capture.headers import image_size
+from edge_agent.config import CameraSettings
 from edge_agent.errors import UserError
 from edge_agent.redact import redact_url
 
@@ -46,41 +46,6 @@ RTSP_CAPTURE_OPTIONS = "rtsp_transport;tcp|analyzeduration;500000|probesize;3276
 STALLED_READ_SHARE = 0.9
 # Frame rates a video file may declare; outside this the file's header is not believed and `fps` paces it.
 PLAUSIBLE_FILE_FPS = (1.0, 240.0)
-
-
-@dataclass(frozen=True)
-class CaptureSettings:
-    """Where frames come from and how the reader copes when they stop."""
-
-    source: str
-    """A V4L2 index (`0`), a device path (`/dev/video0`), an `rtsp://`/`http(s)://` URL, a video file,
-    an image file (a still camera) or a directory of images (played in sorted order)."""
-    loop: bool
-    """Replay a video file or an image directory from the start when it ends; otherwise the reader goes
-    offline at the end."""
-    fps: float
-    """Frames per second: the most the reader keeps from any source, and the rate at which an image or
-    an image directory is played."""
-    open_timeout_s: float
-    """Seconds an `rtsp`/`http` source may take to open before the attempt counts as failed."""
-    read_timeout_s: float
-    """Seconds one read from an `rtsp`/`http`/device source may block; a read that takes about this long
-    counts as failed, since a stalled stream still returns stale frames."""
-    stale_after_s: float
-    """Seconds without a usable frame after which the source is reported offline and reopened; longer
-    than one frame interval (1/fps)."""
-    backoff_initial_s: float
-    """Seconds to wait before the first reopen after a failure; doubled after each failure in a row."""
-    backoff_max_s: float
-    """Upper bound, in seconds, of the wait between reopen attempts."""
-
-    def __post_init__(self) -> None:
-        # Ranges of single fields are checked by the config schema; this rule ties two fields together.
-        if self.stale_after_s <= 1.0 / self.fps:
-            raise UserError(
-                f"camera.stale_after_s: must be longer than one frame interval at camera.fps "
-                f"({1.0 / self.fps:g} s), got {self.stale_after_s}"
-            )
 
 
 class SourceUnavailable(Exception):
@@ -137,11 +102,11 @@ class Ticker:
         self._next = max(self._next + self.interval_s, now)
 
 
-def validate_source(settings: CaptureSettings) -> None:
-    """Raise `UserError` if `settings.source` cannot name a usable source on this machine."""
-    source = settings.source.strip()
-    if not source:
-        raise UserError("camera.source: is empty; give a device index, /dev/videoN, a URL, a file or a folder")
+def validate_source(settings: CameraSettings) -> None:
+    """Raise `UserError` if `settings.source` cannot name a usable source on this machine.
+
+    The config schema already refused an empty one."""
+    source = settings.source_text
     if "://" in source:
         _validate_url(source)
     elif source.isdigit() or DEVICE_PATH.fullmatch(source):
@@ -194,12 +159,12 @@ def image_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def open_source(settings: CaptureSettings, stopped: threading.Event) -> Source:
+def open_source(settings: CameraSettings, stopped: threading.Event) -> Source:
     """Open the configured source; raise `SourceUnavailable` if it cannot be opened now.
 
     `stopped` interrupts the pacing of file and image sources so the reader can stop promptly.
     """
-    source = settings.source.strip()
+    source = settings.source_text
     if "://" in source:
         return StreamSource(source, settings)
     if source.isdigit() or DEVICE_PATH.fullmatch(source):
@@ -242,7 +207,7 @@ class CaptureSource:
 class StreamSource(CaptureSource):
     """An RTSP or HTTP(S) stream through FFmpeg, with the open and read timeouts applied at open."""
 
-    def __init__(self, url: str, settings: CaptureSettings) -> None:
+    def __init__(self, url: str, settings: CameraSettings) -> None:
         if url.lower().startswith("rtsp"):
             use_rtsp_over_tcp()
         timeouts = [
@@ -255,7 +220,7 @@ class StreamSource(CaptureSource):
 class DeviceSource(CaptureSource):
     """A V4L2 camera (the driver's own select() timeout bounds a read; no timeout parameters at open)."""
 
-    def __init__(self, source: str, settings: CaptureSettings) -> None:
+    def __init__(self, source: str, settings: CameraSettings) -> None:
         path = device_path(source)
         super().__init__(cv2.VideoCapture(path, cv2.CAP_V4L2), path, settings.read_timeout_s)
 
@@ -275,7 +240,7 @@ class VideoFileSource:
     Reopening (rather than seeking) notices a file that was deleted or replaced while it played.
     """
 
-    def __init__(self, path: pathlib.Path, settings: CaptureSettings, stopped: threading.Event) -> None:
+    def __init__(self, path: pathlib.Path, settings: CameraSettings, stopped: threading.Event) -> None:
         self._path = path
         self._loop = settings.loop
         self._stopped = stopped
@@ -317,7 +282,7 @@ class ImageFolderSource:
     again at each pass, so images added or removed while running are picked up.
     """
 
-    def __init__(self, path: pathlib.Path, settings: CaptureSettings, stopped: threading.Event) -> None:
+    def __init__(self, path: pathlib.Path, settings: CameraSettings, stopped: threading.Event) -> None:
         self._path = path
         self._loop = settings.loop or not path.is_dir()
         self._stopped = stopped

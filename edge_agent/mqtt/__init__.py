@@ -5,7 +5,7 @@
 """
 
 from edge_agent.mqtt.ask import AskRequest, BadRequest, parse_ask
-from edge_agent.mqtt.client import AgentLink, MqttSettings, ask_remote
+from edge_agent.mqtt.client import AgentLink, ask_remote
 from edge_agent.mqtt.discovery import EntitySpec
 from edge_agent.mqtt.topics import AgentTopics, AnswerMessage
 
@@ -16,7 +16,6 @@ __all__ = [
     "AskRequest",
     "BadRequest",
     "EntitySpec",
-    "MqttSettings",
     "ask_remote",
     "parse_ask",
 ]

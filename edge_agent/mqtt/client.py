@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -30,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.config import MqttSettings
 from edge_agent.errors import UserError
 from edge_agent.mqtt.ask import (
     AskRequest,
@@ -76,75 +76,18 @@ MAX_INCOMING_PACKET_BYTES = 64 * 1024
 never reaches the agent's memory. Requests are refused above 16 KiB anyway; the agent's own retained
 discovery list must fit too."""
 
-__all__ = ["AgentLink", "AnswerMessage", "EntitySpec", "MqttSettings", "ask_remote", "new_client"]
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """How to reach the broker and what to publish (the `mqtt` section of the config)."""
-
-    host: str = "localhost"
-    """Broker host name or address."""
-    port: int = 1883
-    """Broker TCP port (usually 1883, or 8883 with TLS)."""
-    protocol: str = "5"
-    """MQTT protocol version: `5` or `3.1.1` (for brokers without MQTT 5)."""
-    base_topic: str = "edge-agent"
-    """First topic level(s) of everything this agent publishes."""
-    qos: int = 1
-    """QoS (0, 1 or 2) of answers, states and replies."""
-    tls_ca_file: str | None = None
-    """PEM file of the CA that signed the broker's certificate; TLS is on when set."""
-    tls_insecure: bool = False
-    """With TLS, skip the check that the certificate names `host` (self-signed test brokers only)."""
-    username: str | None = None
-    """Broker user name, or None for anonymous access."""
-    password: str | None = field(default=None, repr=False)
-    """Broker password (already read from its file by the caller); never logged."""
-    client_id: str = ""
-    """MQTT client id; empty means `edge-agent-<agent id>`."""
-    keepalive_s: int = 60
-    """Seconds between keepalive pings; the broker declares the agent dead after 1.5 times this."""
-    queue_limit: int = 1000
-    """Answers kept while the broker is unreachable; beyond this the oldest is dropped (and counted)."""
-    heartbeat_s: float = 300.0
-    """Seconds after which an unchanged answer is published again; 0 publishes only changes."""
-    discovery: bool = True
-    """Announce one Home Assistant entity per question."""
-    discovery_prefix: str = "homeassistant"
-    """Home Assistant's discovery prefix (its MQTT integration setting)."""
-    ask_per_minute: float = 30.0
-    """Ask requests one requester (reply topic without its last level) may send per minute on average."""
-    ask_burst: int = 5
-    """Ask requests one requester may send at once before the per-minute rate applies."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.protocol in PROTOCOLS, "mqtt.protocol must be '5' or '3.1.1'"),
-            (self.qos in (0, 1, 2), "mqtt.qos must be 0, 1 or 2"),
-            (1 <= self.port <= 65535, "mqtt.port must be from 1 to 65535"),
-            (self.keepalive_s >= 1, "mqtt.keepalive_s must be at least 1"),
-            (self.queue_limit >= 1, "mqtt.queue_limit must be at least 1"),
-            (self.heartbeat_s >= 0, "mqtt.heartbeat_s must not be negative"),
-            (self.ask_per_minute > 0, "mqtt.ask_per_minute must be positive"),
-            (self.ask_burst >= 1, "mqtt.ask_burst must be at least 1"),
-            (
-                bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "+#"),
-                "mqtt.discovery_prefix must be non-empty, without '+' or '#'",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+__all__ = ["AgentLink", "AnswerMessage", "EntitySpec", "ask_remote", "new_client"]
 
 
 def new_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
-    """A paho client with the protocol, credentials and TLS of `settings`, not yet connected."""
+    """A paho client with the protocol, credentials and TLS of `settings`, not yet connected.
+
+    The password is read from `settings.password_file` here, so no settings object ever holds it."""
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[settings.protocol]
     )
     if settings.username is not None:
-        client.username_pw_set(settings.username, settings.password)
+        client.username_pw_set(settings.username, settings.password())
     if settings.tls_ca_file:
         try:
             client.tls_set(ca_certs=settings.tls_ca_file)
@@ -207,7 +150,7 @@ class AgentLink:
             self._topics.discovery: self._handle_announced,
         }
         self._last_ha_resend: float | None = None
-        self._client_id = settings.client_id or f"edge-agent-{agent_id}"
+        self._client_id = settings.client_id_for(agent_id)
         self._client = self._build_client(self._client_id)
 
     def _build_client(self, client_id: str) -> mqtt.Client:

@@ -28,7 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.mqtt import AgentLink, AnswerMessage, MqttSettings
+from edge_agent.config import MqttSettings
+from edge_agent.mqtt import AgentLink, AnswerMessage
 from edge_agent.mqtt.loopback import free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"

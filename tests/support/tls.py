@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.mqtt import MqttSettings
+from edge_agent.config import MqttSettings
 from edge_agent.mqtt.client import new_client
 from tests.support.broker import WAIT_TIMEOUT_S, Broker
 

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.capture import CameraReader, CaptureSettings
+from edge_agent.capture import CameraReader
+from edge_agent.config import CameraSettings
 
 FRAME_SIZE = (160, 120)  # width, height: small, so writing and decoding cost little on a shared CPU
 SQUARE = 20
@@ -165,7 +166,7 @@ def run_reader():
     """Start a reader (and its status log) for a test, and always stop it afterwards."""
     readers: list[CameraReader] = []
 
-    def start(capture: CaptureSettings) -> tuple[CameraReader, list[bool]]:
+    def start(capture: CameraSettings) -> tuple[CameraReader, list[bool]]:
         statuses: list[bool] = []
         reader = CameraReader(capture, on_status=statuses.append)
         readers.append(reader)
