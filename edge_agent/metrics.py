@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from edge_agent.errors import UserError
+from edge_agent.mqtt.ask import ASK_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for result in ASK_RESULTS:
+            self.ask_requests.labels(result=result)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

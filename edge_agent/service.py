@@ -38,13 +38,13 @@ from .errors import UserError
 from .loop import Turn, decide
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec
-from .mqtt.ask import AskRequest
+from .mqtt.ask import ANSWERED, AskRefusal, AskReply, AskRequest, Refusal
 from .questions import Schedule, build_prompt, parse_answer, state_string
 
 log = logging.getLogger(__name__)
 
 ASK_QUEUE_LIMIT = 16
-"""Ad hoc questions waiting to be answered; more are refused with a `busy` reply."""
+"""Ad hoc questions waiting to be answered; more are refused as `Refusal.BUSY`."""
 ASK_QUESTION_TOKEN_LIMIT = 160
 """Longest ad hoc question in model tokens (its prompt cost grows with them); the request format's
 character cap alone would let 500 emoji become about 2,000 byte-level tokens."""
@@ -120,7 +120,7 @@ class Agent:
         if self.config.metrics.listen:
             self.metrics_port = self.metrics.serve(self.config.metrics.listen)
         self._link = AgentLink(self.config.mqtt, self.config.agent_id, on_ask=self._enqueue_ask,
-                               model_name=self._engine.name)
+                               model_name=self._engine.name, on_refused=self._count_refusal)
         self._link.start()
         self._link.set_entities([entity_spec(q) for q in self.config.questions])
         self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
@@ -202,7 +202,7 @@ class Agent:
         """Do what `decide` said: asks first (someone waits for them), then the due standing questions."""
         if turn is Turn.NO_FRAME:
             for request in asks:
-                self._refuse_ask(request, "no_frame", "no camera frame yet")
+                self._refuse_ask(request, AskRefusal(Refusal.NO_FRAME, "no camera frame yet"))
             return
         if turn is Turn.ENCODE:
             self._encode(self._unencoded)
@@ -268,7 +268,7 @@ class Agent:
         try:
             self._asks.put_nowait(request)
         except queue.Full:
-            self._refuse_ask(request, "busy", "busy: too many questions waiting, try again later")
+            self._refuse_ask(request, AskRefusal(Refusal.BUSY, "busy: too many questions waiting, try again later"))
 
     def _take_asks(self, count: int) -> list[AskRequest]:
         """The `count` oldest waiting ad hoc questions, off the queue (only this thread takes from it)."""
@@ -280,37 +280,42 @@ class Agent:
                 self._answer_ask(request)
             except Exception:  # one odd request must not stop the loop that answers the standing questions
                 log.exception("could not answer the ad hoc question %r", request.question[:80])
-                self._refuse_ask(request, "failed", "internal error: the agent could not answer this question")
+                self._refuse_ask(request, AskRefusal(Refusal.FAILED,
+                                                     "internal error: the agent could not answer this question"))
 
     def _answer_ask(self, request: AskRequest) -> None:
         """Answer on the current scene's context (the loop encoded the newest frame first if it changed)."""
         tokens = len(self._engine.tokenizer.encode(request.question))
         if tokens > ASK_QUESTION_TOKEN_LIMIT:
-            self._refuse_ask(request, "too_long",
-                             f"'question' is {tokens} tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}")
+            self._refuse_ask(request, AskRefusal(
+                Refusal.TOO_LONG, f"'question' is {tokens} tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}"))
             return
         try:
             question = ad_hoc_question(request)
         except UserError as error:
-            self._refuse_ask(request, "invalid", str(error))
+            self._refuse_ask(request, AskRefusal(Refusal.INVALID, str(error)))
             return
         too_long = prompt_too_long(self._engine, question)
         if too_long is not None:
-            self._refuse_ask(request, "too_long", str(too_long))
+            self._refuse_ask(request, AskRefusal(Refusal.TOO_LONG, str(too_long)))
             return
         limit = request.max_new_tokens or self.config.model.max_new_tokens
         answer = self._engine.answer(self._scene.context, [engine_prompt(question, limit)])[0]
         typed = parse_answer(question, answer.text)
-        self.metrics.ask_requests.labels(result="answered").inc()
-        self._link.reply(request, {
-            "question": request.question, "answer": answer.text, "type": question.type, "value": typed.value,
-            "confidence": answer.confidence, **answer_times(self._scene.frame_ts), "model": self._engine.name,
-        })
+        self.metrics.ask_requests.labels(result=ANSWERED).inc()
+        self._link.reply(request, AskReply(
+            question=request.question, answer=answer.text, type=question.type, value=typed.value,
+            confidence=answer.confidence, **answer_times(self._scene.frame_ts), model=self._engine.name,
+        ))
 
-    def _refuse_ask(self, request: AskRequest, result: str, reason: str) -> None:
-        """Count the refusal by `result` and tell the requester why."""
-        self.metrics.ask_requests.labels(result=result).inc()
-        self._link.reply(request, {"error": reason})
+    def _refuse_ask(self, request: AskRequest, refusal: AskRefusal) -> None:
+        """Count the refusal by its reason and tell the requester why."""
+        self._count_refusal(refusal.reason)
+        self._link.reply(request, refusal)
+
+    def _count_refusal(self, reason: Refusal) -> None:
+        """Count a refused ask, the service's or the link's (then on the MQTT network thread)."""
+        self.metrics.ask_requests.labels(result=reason.value).inc()
 
     # -- health ------------------------------------------------------------------------------------------
 

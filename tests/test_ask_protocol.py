@@ -12,7 +12,7 @@ from edge_agent.errors import UserError
 from edge_agent.config import MqttSettings
 from edge_agent.mqtt import AskRequest, BadRequest, ask_remote, parse_ask
 from edge_agent.mqtt.ask import ReplyAddress
-from tests.support.broker import free_port
+from tests.support.broker import ask_reply, free_port
 
 ASK_TOPIC = "edge-agent/kitchen/ask"
 
@@ -105,7 +105,7 @@ def answering_agent(broker, make_link):
                     asked = requests.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                link.reply(asked, {"answer": f"echo: {asked.question}"})
+                link.reply(asked, ask_reply(asked.question, f"echo: {asked.question}"))
 
         threading.Thread(target=answer_questions, daemon=True).start()
         return link

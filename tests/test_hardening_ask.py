@@ -26,7 +26,7 @@ from edge_agent.mqtt import AskRequest, BadRequest, parse_ask
 from edge_agent.mqtt.ask import MAX_CORRELATION_BYTES, ReplyAddress, reply_message
 from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, answer_payload, topic_problem
 from tests.support.agent import RunningAgent, agent_config, topic
-from tests.support.broker import WAIT_TIMEOUT_S, answer, wait_until
+from tests.support.broker import WAIT_TIMEOUT_S, answer, ask_reply, wait_until
 
 LINK_ASK_TOPIC = "edge-agent/kitchen/ask"
 """Where a bare `AgentLink` (agent id `kitchen`, see `make_link`) takes requests."""
@@ -67,7 +67,7 @@ class EchoLink:
 
     def _answer(self, request: AskRequest) -> None:
         self.handed_over.append(request)
-        self.link.reply(request, {"answer": f"echo: {request.question}"})
+        self.link.reply(request, ask_reply(request.question, f"echo: {request.question}"))
 
 
 # -- the topic check ----------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_a_request_whose_reply_topic_cannot_be_published_to_is_refused_without_a
 def test_a_json_correlation_id_is_echoed_as_the_same_json_value(correlation_json):
     request = parse_ask(ask_json("me/reply/1", correlation_json), None)
 
-    body, properties = reply_message(request.reply, {"answer": "Yes"})
+    body, properties = reply_message(request.reply, ask_reply())
 
     assert strict_json(body)["correlation_id"] == json.loads(correlation_json)
     assert not hasattr(properties, "CorrelationData")
@@ -156,7 +156,7 @@ def test_mqtt5_correlation_data_is_echoed_as_bytes_and_as_json_text_only_when_it
     for correlation, as_text in [(b"c-1", "c-1"), ("caf\u00e9".encode(), "caf\u00e9"), (b"\xff\x00\xfe", None)]:
         request = parse_ask(ask_json("ignored"), v5_properties("me/reply", correlation))
 
-        body, properties = reply_message(request.reply, {"answer": "Yes"})
+        body, properties = reply_message(request.reply, ask_reply())
 
         assert properties.CorrelationData == correlation
         assert strict_json(body).get("correlation_id") == as_text
@@ -171,7 +171,7 @@ def test_correlation_data_over_the_bound_is_refused_with_a_reply_that_does_not_e
     with pytest.raises(BadRequest, match=f"correlation data longer than {MAX_CORRELATION_BYTES} bytes") as refused:
         parse_ask(payload, properties)
 
-    body, reply_properties = reply_message(refused.value.reply, {"error": refused.value.reason})
+    body, reply_properties = reply_message(refused.value.reply, refused.value.refusal)
     assert refused.value.reply.topic == "me/reply"
     assert len(body) < 200 and not hasattr(reply_properties, "CorrelationData")
 
@@ -181,7 +181,7 @@ def test_a_correlation_id_that_is_not_strict_json_is_refused_with_a_reply_that_d
     with pytest.raises(BadRequest, match="'correlation_id'") as refused:
         parse_ask(ask_json("me/reply", correlation_json), None)
 
-    body, _ = reply_message(refused.value.reply, {"error": refused.value.reason})
+    body, _ = reply_message(refused.value.reply, refused.value.refusal)
     assert "correlation_id" not in strict_json(body)
 
 
@@ -224,10 +224,11 @@ def test_a_request_is_answered_only_at_a_publishable_topic_with_bounded_strict_j
         reply = refused.reply
     if reply is None:
         return
-    body, reply_properties = reply_message(reply, {"answer": "Yes", "confidence": math.nan})
+    body, reply_properties = reply_message(reply, ask_reply("Door?", confidence=math.nan))
     echoed = strict_json(body).get("correlation_id")
     assert topic_problem(reply.topic) is None
-    assert len(body) <= 100 + 6 * MAX_CORRELATION_BYTES
+    unechoed, _ = reply_message(ReplyAddress(reply.topic), ask_reply("Door?"))
+    assert len(body) <= len(unechoed) + 30 + 6 * MAX_CORRELATION_BYTES  # the key, and every byte as \uXXXX
     assert len(getattr(reply_properties, "CorrelationData", b"")) <= MAX_CORRELATION_BYTES
     if not use_properties and echoed is not None:
         assert echoed == correlation
@@ -258,10 +259,10 @@ def test_a_reply_to_a_topic_that_cannot_be_published_to_is_dropped_with_one_log_
     watcher = subscriber(broker, "#")
     request = AskRequest(question="Door?", reply=ReplyAddress(bad_topic, None))
 
-    link.reply(request, {"answer": "Yes"})
-    link.reply(AskRequest(question="Door?", reply=ReplyAddress("asker/reply", None)), {"answer": "Yes"})
+    link.reply(request, ask_reply())
+    link.reply(AskRequest(question="Door?", reply=ReplyAddress("asker/reply", None)), ask_reply())
 
-    assert json.loads(watcher.next("asker/reply").payload) == {"answer": "Yes"}
+    assert json.loads(watcher.next("asker/reply").payload) == ask_reply().fields()
     dropped = [record for record in caplog.records if "not publishing" in record.getMessage()]
     assert len(dropped) == 1 and dropped[0].exc_info is None and len(dropped[0].getMessage()) < 200
     assert link.connected
@@ -349,9 +350,9 @@ def test_an_answer_with_a_non_finite_confidence_is_published_as_strict_json_with
 def test_an_ask_reply_with_non_finite_numbers_is_strict_json_with_null():
     reply = ReplyAddress("me/reply", correlation_id={"nested": [1.5]})
 
-    body, _ = reply_message(reply, {"confidence": math.nan, "latency_ms": math.inf, "value": [-math.inf]})
+    body, _ = reply_message(reply, ask_reply(confidence=math.nan, latency_ms=math.inf, value=[-math.inf]))
 
-    assert strict_json(body) == {"confidence": None, "latency_ms": None, "value": [None],
+    assert strict_json(body) == {**ask_reply().fields(), "confidence": None, "latency_ms": None, "value": [None],
                                  "correlation_id": {"nested": [1.5]}}
 
 

@@ -11,7 +11,15 @@ With MQTT 5 the reply address is the `ResponseTopic` property and the id the `Co
 property; they take precedence over the JSON fields. The reply is a JSON object on the reply topic
 (not retained) carrying the requester's id as sent: a JSON `correlation_id` comes back as the same
 JSON value; MQTT 5 `CorrelationData` comes back as the same property, and as the `correlation_id`
-text when it is UTF-8. An invalid request gets `{"error": "<reason>"}` when a reply address is known.
+text when it is UTF-8. The reply is an answer (`AskReply`) or a refusal (`AskRefusal`), written by
+`reply_message`:
+
+    {"question": ..., "answer": ..., "type": ..., "value": ..., "confidence": ...,
+     "frame_ts": ..., "answered_ts": ..., "latency_ms": ..., "model": ...}
+    {"error": "<one line for a person>"}
+
+A refused request gets its refusal when a reply address is known. Why it was refused is a `Refusal`,
+which the reply does not carry (its text says it) but the `edge_agent_ask_requests` counter counts by.
 
 What a client puts in the reply address comes back in the agent's own publish, so it is bounded:
 - The reply topic must pass `topics.topic_problem` (UTF-8, no U+0000, control characters or wildcards,
@@ -31,6 +39,8 @@ of the request is (`ReceivedAsk.request()`), so a flood costs little more than r
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import json
 import uuid
@@ -94,13 +104,87 @@ class AskRequest:
     """The allowed answers for an options question."""
 
 
+class Refusal(str, enum.Enum):
+    """Why an ask request is not answered. The values are the `result` labels of the metric
+    `edge_agent_ask_requests`, beside `ANSWERED`; a refusal is built only from a member (`AskRefusal`)."""
+
+    INVALID = "invalid"
+    """The request breaks the format (`BadRequest`), names no usable reply address, or asks for a question
+    the agent cannot build (an unknown `type`, options a choice does not allow)."""
+    RATE_LIMITED = "rate_limited"
+    """Its requester sent more than `mqtt.ask_burst` at once or `mqtt.ask_per_minute` on average."""
+    BUSY = "busy"
+    """`service.ASK_QUEUE_LIMIT` questions already wait for the loop."""
+    NO_FRAME = "no_frame"
+    """The camera has delivered no frame yet."""
+    TOO_LONG = "too_long"
+    """The question, its prompt or an option has more model tokens than the agent allows."""
+    FAILED = "failed"
+    """Answering raised: a fault of the agent, not of the request."""
+
+
+ANSWERED = "answered"
+"""The `result` label of an answered request."""
+ASK_RESULTS = (ANSWERED, *(refusal.value for refusal in Refusal))
+"""Every `result` label of `edge_agent_ask_requests`."""
+
+
+@dataclass(frozen=True)
+class AskReply:
+    """The answer to an ask request, in the reply's field order."""
+
+    question: str
+    """The question as received (stripped)."""
+    answer: str
+    """The model's text."""
+    type: str
+    """The question type the answer was parsed as (`text` when the request named none)."""
+    value: object
+    """The typed answer, or None when the text did not parse as `type`."""
+    confidence: float | None
+    """The model's probability of the answer, or None."""
+    frame_ts: float
+    """Capture time of the newest frame known to show the answered scene."""
+    answered_ts: float
+    """When the agent answered."""
+    latency_ms: float
+    """`answered_ts - frame_ts` in milliseconds."""
+    model: str
+    """The model's name."""
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AskRefusal:
+    """Why an ask request is not answered: the reason counted, and one line that tells the requester."""
+
+    reason: Refusal
+    detail: str
+    """For a person, in one line: line breaks become spaces."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, Refusal):
+            raise TypeError(f"an ask refusal's reason must be a Refusal, got {self.reason!r}")
+        object.__setattr__(self, "detail", " ".join(self.detail.splitlines()))
+
+    def fields(self) -> dict:
+        return {"error": self.detail}
+
+
 class BadRequest(Exception):
     """An ask request that cannot be answered; `reply` is where to say so, if known."""
 
     def __init__(self, reason: str, reply: ReplyAddress | None = None):
         super().__init__(reason)
         self.reason = reason
+        """What is wrong with the request, in one line."""
         self.reply = reply
+
+    @property
+    def refusal(self) -> AskRefusal:
+        return AskRefusal(Refusal.INVALID, self.reason)
 
 
 class ReceivedAsk:
@@ -177,10 +261,11 @@ def request_message(question: str, reply_topic: str) -> tuple[bytes, Properties]
     return json.dumps(fields).encode(), properties
 
 
-def reply_message(reply: ReplyAddress, payload: dict) -> tuple[bytes, Properties]:
-    """The responder's side: the reply JSON (with `correlation_id`) and its MQTT 5 properties."""
+def reply_message(reply: ReplyAddress, message: AskReply | AskRefusal) -> tuple[bytes, Properties]:
+    """The responder's side: the answer or refusal as strict JSON (with `correlation_id`) and its MQTT 5
+    properties."""
     properties = Properties(PacketTypes.PUBLISH)
-    body = dict(payload)
+    body = message.fields()
     if reply.correlation is not None:
         properties.CorrelationData = reply.correlation
     if reply.echoed_id is not None:

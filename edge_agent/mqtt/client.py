@@ -32,9 +32,12 @@ from paho.mqtt.properties import Properties
 from edge_agent.config import MqttSettings
 from edge_agent.errors import UserError
 from edge_agent.mqtt.ask import (
+    AskRefusal,
+    AskReply,
     AskRequest,
     BadRequest,
     ReceivedAsk,
+    Refusal,
     ReplyAddress,
     reply_message,
     request_message,
@@ -114,7 +117,8 @@ class AgentLink:
     """Publishes one agent's availability, answers and entities, and receives its ask requests.
 
     `on_ask` is called on paho's network thread: it must only enqueue the request (the service
-    answers it on its own thread and calls `reply`).
+    answers it on its own thread and calls `reply`). `on_refused`, on the same thread, hears the reason
+    of every request the link refuses itself (rate limit, invalid request), with or without a reply.
     """
 
     def __init__(
@@ -123,10 +127,13 @@ class AgentLink:
         agent_id: str,
         on_ask: Callable[[AskRequest], None] | None = None,
         model_name: str = "",
+        *,
+        on_refused: Callable[[Refusal], None] | None = None,
     ):
         self._settings = settings
         self._topics = AgentTopics(settings.base_topic, agent_id)
         self._on_ask = on_ask
+        self._on_refused = on_refused
         self._model_name = model_name
         self._lock = threading.Lock()
         self._connected = False
@@ -240,9 +247,9 @@ class AgentLink:
             if self._connected:
                 self._send_camera()
 
-    def reply(self, request: AskRequest, payload: dict) -> None:
-        """Send the answer to an ask request to its reply address."""
-        self._send_reply(request.reply, payload)
+    def reply(self, request: AskRequest, message: AskReply | AskRefusal) -> None:
+        """Send the answer to an ask request, or its refusal, to its reply address."""
+        self._send_reply(request.reply, message)
 
     # --- decisions and sends (called with the lock held) --------------------------------------
 
@@ -291,8 +298,8 @@ class AgentLink:
     def _send_camera(self) -> None:
         self._publish(self._topics.camera, ONLINE if self._camera_online else OFFLINE)
 
-    def _send_reply(self, reply: ReplyAddress, payload: dict) -> None:
-        body, properties = reply_message(reply, payload)
+    def _send_reply(self, reply: ReplyAddress, message: AskReply | AskRefusal) -> None:
+        body, properties = reply_message(reply, message)
         self._publish(reply.topic, body, retain=False, properties=properties)
 
     def _announce(self) -> None:
@@ -442,7 +449,7 @@ class AgentLink:
             request = received.request()
         except BadRequest as error:
             logger.warning("MQTT: rejected an ask request: %s", error.reason)
-            self._refuse(error.reply, error.reason)
+            self._refuse(error.reply, error.refusal)
             return
         self._on_ask(request)
 
@@ -464,12 +471,15 @@ class AgentLink:
             return True
         logger.debug("MQTT: ask request from %r over the rate limit", requester)
         limit = f"{self._settings.ask_per_minute:g} per minute, {self._settings.ask_burst} at once"
-        self._refuse(reply, f"rate limit: at most {limit}; try again later")
+        self._refuse(reply, AskRefusal(Refusal.RATE_LIMITED, f"rate limit: at most {limit}; try again later"))
         return False
 
-    def _refuse(self, reply: ReplyAddress | None, reason: str) -> None:
+    def _refuse(self, reply: ReplyAddress | None, refusal: AskRefusal) -> None:
+        """Report the refusal, and send it when the request named a usable reply address."""
+        if self._on_refused is not None:
+            self._on_refused(refusal.reason)
         if reply is not None:
-            self._send_reply(reply, {"error": reason})
+            self._send_reply(reply, refusal)
 
     def _handle_ha_status(self, message: mqtt.MQTTMessage) -> None:
         """Home Assistant (re)started: send discovery and states again, at most once per `HA_RESEND_MIN_S`.

@@ -8,7 +8,8 @@ Fixtures:
   teardown.
 - `make_link(broker, agent_id="kitchen", on_ask=None, connected=True, **settings)`: a started
   `AgentLink` (by default already connected), stopped at teardown.
-Helpers: `answer(...)` builds an `AnswerMessage`, `wait_until(condition)` polls with a deadline.
+Helpers: `answer(...)` builds an `AnswerMessage`, `ask_reply(...)` an `AskReply`, `wait_until(condition)`
+polls with a deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.config import MqttSettings
 from edge_agent.mqtt import AgentLink, AnswerMessage
+from edge_agent.mqtt.ask import AskReply
 from edge_agent.mqtt.loopback import free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -63,6 +65,13 @@ def answer(
         scene_changed=True,
     )
     return AnswerMessage(**{**defaults, **fields})
+
+
+def ask_reply(question: str = "Is the door open?", answer: str = "Yes", **fields) -> AskReply:
+    """An ask reply as the service would send it (a free-text answer); override any field by keyword."""
+    defaults = dict(type="text", value=answer, confidence=None, frame_ts=1_700_000_000.0,
+                    answered_ts=1_700_000_000.5, latency_ms=500.0, model="tiny-llava")
+    return AskReply(question=question, answer=answer, **{**defaults, **fields})
 
 
 class Broker:
