@@ -37,6 +37,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.bench import rss_mib
 from edge_agent.mqtt.ask import MAX_REQUEST_BYTES
+from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS
 from edge_agent.service import QUESTION_TYPES
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
 from tests.support.broker import WAIT_TIMEOUT_S
@@ -67,8 +68,6 @@ memory an engine's pool took for one request stays taken, so a check per example
 example came next (and hypothesis could not replay a failure)."""
 UNLIMITED_ASKS = {"ask_burst": 1_000_000, "ask_per_minute": 1e9}
 """Examples come faster than any sane rate limit (it has its own tests in `test_fuzz.py`)."""
-DELIVERABLE_LEVELS = 100
-"""mosquitto 2.0.11 delivers a topic of 201 levels and disconnects a client publishing one of 202."""
 
 
 # -- what the broker delivers -------------------------------------------------------------------------------
@@ -83,13 +82,14 @@ def deliverable_char(char: str) -> bool:
 
 
 def deliverable(topic: str) -> bool:
-    """Whether a reply on `topic` reaches a subscriber to `#`: a valid topic name outside `$...` (which `#`
+    """Whether a reply on `topic` reaches a subscriber to `#`: a valid topic name within the agent's stated
+    bounds (mosquitto 2.0.11 itself delivers up to 201 levels and 65,535 bytes), outside `$...` (which `#`
     does not match) and outside the agent's and Home Assistant's own topics (where other messages flow)."""
     return (
-        0 < len(topic.encode("utf-8", "surrogatepass")) <= 65535
+        0 < len(topic.encode("utf-8", "surrogatepass")) <= MAX_TOPIC_BYTES
         and all(deliverable_char(char) for char in topic)
         and not any(wildcard in topic for wildcard in "+#")
-        and topic.count("/") < DELIVERABLE_LEVELS
+        and topic.count("/") < MAX_TOPIC_LEVELS
         and not topic.startswith(("$", "edge-agent/", "homeassistant/"))
     )
 

@@ -37,6 +37,9 @@ MAX_TOPIC_BYTES = 1024
 """The longest topic the agent publishes to, in UTF-8 bytes. MQTT allows 65,535, but a reply topic comes
 from a client: this bound keeps the rate limit's memory of requesters (1,024 of them) near 1 MiB, and is
 far above any real topic."""
+MAX_TOPIC_LEVELS = 128
+"""The most levels a topic the agent publishes to may have. mosquitto 2.0.11 disconnects a client that
+publishes a topic of 202 levels or more (and paho re-sends the message after every reconnect)."""
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _WILDCARDS = ("+", "#")
@@ -108,12 +111,15 @@ def topic_problem(topic: object) -> str | None:
     refuse; the broker then drops the connection, and paho sends the message again after every
     reconnect. So a topic is checked before anything is published to it, and a reply topic as soon as
     a request names it. Lone surrogates, U+0000, control characters and non-characters are refused
-    as in the config's MQTT names (`config.mqtt_text`).
+    as in the config's MQTT names (`config.mqtt_text`), and so are topics longer than `MAX_TOPIC_BYTES`
+    or deeper than `MAX_TOPIC_LEVELS`.
     """
     if not isinstance(topic, str) or not topic:
         return "must be a non-empty string"
     if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
         return f"must not be longer than {MAX_TOPIC_BYTES} bytes"
+    if topic.count("/") >= MAX_TOPIC_LEVELS:
+        return f"must not have more than {MAX_TOPIC_LEVELS} levels"
     if any(wildcard in topic for wildcard in _WILDCARDS):
         return "must not contain a wildcard ('+' or '#')"
     return mqtt_text(topic)
