@@ -111,7 +111,8 @@ def test_the_last_will_of_a_killed_agent_makes_every_entity_unavailable(
 ):
     agent_id = "ha-killed"
     config = config_for(agent_id, tiny_llava_int8, home_assistant_broker, static_video)
-    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(write_config(tmp_path, config))])
+    config_file = write_config(tmp_path, config)
+    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)])
     try:
         entities = entities_of(home_assistant, agent_id, [question["id"] for question in ASKED])
         for entity_id in entities.values():

@@ -186,7 +186,8 @@ class HomeAssistant:
                                             "client_id": client_id}, auth=False, form=True)
         self._token = tokens["access_token"]
         self._post("/api/onboarding/analytics", {})
-        self._post("/api/onboarding/integration", {"client_id": client_id, "redirect_uri": f"{self.url}/?auth_callback=1"})
+        self._post("/api/onboarding/integration",
+                   {"client_id": client_id, "redirect_uri": f"{self.url}/?auth_callback=1"})
         self._token = self.websocket({"type": "auth/long_lived_access_token", "client_name": "edge-agent tests",
                                       "lifespan": 1})
 
