@@ -24,4 +24,6 @@ python -m pip install -q --disable-pip-version-check -c scripts/constraints.txt 
 python -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true
 
 python -m tests.support.models
+# Home Assistant as a test peer, in its own virtual environment under .cache/ (about 2 minutes when missing).
+python -m tests.support.homeassistant
 exec python -m pytest -q "$@"
