@@ -71,6 +71,11 @@ class RunningAgent:
         self._thread.start()
         return self.agent
 
+    @property
+    def running(self) -> bool:
+        """Whether the inference loop still runs (an exception escaping it ends the thread)."""
+        return self._thread.is_alive()
+
     def __exit__(self, *exc_info):
         self.agent.stop()
         self._thread.join(timeout=30)
