@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 
 from edge_agent.errors import UserError
+from edge_agent.questions import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,26 @@ MAX_OPTION_CHARS = 80
 tokenizer is known (`service.MAX_OPTION_TOKENS`)."""
 
 
+def question_kind(value: str) -> str | None:
+    """A rule that `value` names a row of `questions.KINDS` (read when checked, so every row counts)."""
+    if value in KINDS:
+        return None
+    close = difflib.get_close_matches(value, list(KINDS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"must be one of {', '.join(KINDS)}, got {_show(value)}{hint}"
+
+
+def kinds_with_options() -> str:
+    """The kinds whose questions list options to choose among ("choice")."""
+    return alternatives([kind.name for kind in KINDS.values() if kind.constraint.question_options])
+
+
+def alternatives(names: list[str]) -> str:
+    """`a, b or c`, as a sentence lists alternatives."""
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Question(Settings):
     """A standing question asked about the camera image, answered with a typed value."""
@@ -307,8 +328,9 @@ class Question(Settings):
     question: str = setting(
         REQUIRED, "The question, in plain language.", check=all_of(not_blank, no_image_placeholder)
     )
-    type: Literal["yes_no", "choice", "number", "text"] = setting(
-        REQUIRED, "Answer type (yes_no, choice, number or text): decides prompt, parsing and entity."
+    type: str = setting(
+        REQUIRED, f"Answer type ({alternatives(list(KINDS))}): decides prompt, parsing and entity.",
+        check=question_kind,
     )
     options: tuple[str, ...] = setting(
         (), "The allowed answers of a choice question (at least 2, unique); only for type choice.",
@@ -334,12 +356,12 @@ class Question(Settings):
     )
 
     def check_together(self) -> None:
-        if self.type != "choice":
+        if not KINDS[self.type].constraint.question_options:
             if self.options:
-                raise InvalidValue("options", f"only allowed when type is choice (type is {self.type})")
+                raise InvalidValue("options", f"only allowed when type is {kinds_with_options()} (type is {self.type})")
             return
         if len(self.options) < 2:
-            raise InvalidValue("options", "must list at least 2 options when type is choice")
+            raise InvalidValue("options", f"must list at least 2 options when type is {self.type}")
         if len(self.options) > MAX_OPTIONS:
             raise InvalidValue("options", f"lists {len(self.options)} options, more than {MAX_OPTIONS}")
         folded = [option.strip().casefold() for option in self.options]

@@ -1,13 +1,23 @@
-"""Standing questions: the prompt for each answer type, typed parsing of the model's raw answer, the
-Home Assistant state string, and which questions are due on a frame."""
+"""Standing questions: the table of question kinds (each kind's prompt instruction, typed parsing of the
+model's raw answer, Home Assistant state, engine constraint and entity), and which questions are due on a
+frame.
+
+A question kind lives in one row of `KINDS`: the config's `type` check, the prompt, the parser, the state,
+the engine's constrained decoding and Home Assistant discovery all read that row, so a new kind is one row.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from edge_agent.config import Question
+if TYPE_CHECKING:  # the config imports this table to check `type`, so the config is not imported at run time
+    from edge_agent.config import Question
+
+Value = bool | int | str
+"""A typed answer."""
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction, appended verbatim to the VQAv2, GQA and OCR-VQA questions of its
@@ -20,16 +30,58 @@ the given choices directly.". A letter would have to be mapped back, and a wrong
 wrong answer; the option text itself can be checked against the list, so options are listed verbatim
 (one per line, in the same layout) and the answer is asked for as one of them."""
 
-INSTRUCTIONS: dict[str, str] = {
-    "yes_no": SHORT_ANSWER,
-    "choice": ONE_OF_THE_OPTIONS,
-    "number": SHORT_ANSWER,
-    "text": SHORT_ANSWER,
-}
-"""The answer-format instruction appended to each question, by question type."""
-
-MAX_STATE_LENGTH = 255
+MAX_STATE_CHARS = 255
 """Home Assistant rejects sensor states longer than this."""
+
+ON, OFF = "ON", "OFF"
+"""The state of a yes/no answer, and the payloads its binary sensor is told to read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """What the engine must do to answer a kind: pick one option, decode digits only, or decode freely."""
+
+    options: tuple[str, ...] = ()
+    """Fixed options the answer is picked among (the most probable one; no free decoding)."""
+    question_options: bool = False
+    """The answer is picked among the question's own `options`, which such a question must list."""
+    digits: bool = False
+    """Free decoding may only emit digits."""
+
+    def options_for(self, question: Question) -> tuple[str, ...]:
+        """The options the engine picks among for `question`; none means it decodes."""
+        return tuple(question.options) if self.question_options else self.options
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """How Home Assistant shows a kind: the MQTT discovery component and the fields its config needs."""
+
+    name: str
+    """`binary_sensor` (the state is ON or OFF) or `sensor`."""
+    fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    """Fixed fields of the discovery config (`payload_on`, `state_class`, ...)."""
+    enum: bool = False
+    """The entity is an `enum` sensor whose `options` are the question's options."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionKind:
+    """One answer type a question may have (its config `type`), and everything that depends on it."""
+
+    name: str
+    """The `type` that names the kind in config.yaml and in an ask request."""
+    instruction: str
+    """The answer-format instruction appended after the question (and a choice's options)."""
+    parse: Callable[[str, tuple[str, ...]], Value | None]
+    """(raw answer, the question's options) -> the typed value, or None when the answer is unknown."""
+    state: Callable[[Value], str]
+    """A typed value -> its plain Home Assistant state (`state_string` caps it at `MAX_STATE_CHARS`)."""
+    constraint: Constraint
+    """What the engine must do to answer."""
+    component: Component
+    """How Home Assistant shows the answers."""
+
 
 _NUMBER_WORDS = {
     word: value
@@ -43,69 +95,31 @@ _NUMBER_WORDS = {
 _YES_NO = {"yes": True, "y": True, "true": True, "no": False, "n": False, "false": False}
 
 
-@dataclasses.dataclass(frozen=True)
-class TypedAnswer:
-    """The model's answer to one question: the typed `value` (None when unparseable) and the raw text."""
-
-    value: bool | int | str | None
-    raw: str
-
-    @property
-    def ok(self) -> bool:
-        """True when the raw text gave a value; an unparseable answer is reported as unknown, never guessed."""
-        return self.value is not None
-
-
-def build_prompt(question: Question) -> str:
-    """The user text sent with the image: the question, the options of a choice, then the instruction.
-
-    The question's own `instruction` replaces the type's; an empty one leaves the instruction out.
-    """
-    instruction = INSTRUCTIONS[question.type] if question.instruction is None else question.instruction
-    lines = [question.question.strip(), *question.options, instruction]
-    return "\n".join(line for line in lines if line)
-
-
-def parse_answer(question: Question, raw_text: str) -> TypedAnswer:
-    """Turn the model's raw text into the question's type; anything ambiguous stays unknown."""
-    parsers = {"yes_no": _yes_no, "choice": _choice, "number": _number, "text": _text}
-    return TypedAnswer(parsers[question.type](question, raw_text), raw_text)
-
-
-def state_string(question: Question, typed: TypedAnswer) -> str:
-    """The plain state for Home Assistant: ON/OFF, the option, the integer or the (capped) text."""
-    if not typed.ok:
-        return "unknown"
-    if question.type == "yes_no":
-        return "ON" if typed.value else "OFF"
-    return str(typed.value)[:MAX_STATE_LENGTH]
-
-
 def _words(text: str) -> list[str]:
     """Lower-case words and numbers, punctuation dropped ("Yes, 2.5!" -> ["yes", "2.5"])."""
     return re.findall(r"[0-9]+(?:[.,][0-9]+)*|[^\W\d_]+", text.casefold())
 
 
-def _yes_no(question: Question, text: str) -> bool | None:
+def _yes_no(text: str, options: tuple[str, ...]) -> bool | None:
     """The first word decides: "Yes, the door is open." -> True."""
     words = _words(text)
     return _YES_NO.get(words[0]) if words else None
 
 
-def _choice(question: Question, text: str) -> str | None:
+def _choice(text: str, options: tuple[str, ...]) -> str | None:
     """The one option the answer names as whole words, else the one option the answer begins.
 
     Words are compared case-insensitively without punctuation. An option inside a longer named option
     ("open" in "half open") does not count; more than one candidate means unknown.
     """
     answer = " ".join(_words(text))
-    options = {option: " ".join(_words(option)) for option in question.options}
-    named = [option for option, words in options.items() if _contains_words(answer, words)]
+    spelled = {option: " ".join(_words(option)) for option in options}
+    named = [option for option, words in spelled.items() if _contains_words(answer, words)]
     named = [
         option for option in named
-        if not any(other != option and _contains_words(options[other], options[option]) for other in named)
+        if not any(other != option and _contains_words(spelled[other], spelled[option]) for other in named)
     ]
-    begun = [option for option, words in options.items() if answer and words.startswith(answer)]
+    begun = [option for option, words in spelled.items() if answer and words.startswith(answer)]
     candidates = named or begun
     return candidates[0] if len(candidates) == 1 else None
 
@@ -114,7 +128,7 @@ def _contains_words(text: str, words: str) -> bool:
     return f" {words} " in f" {text} "
 
 
-def _number(question: Question, text: str) -> int | None:
+def _number(text: str, options: tuple[str, ...]) -> int | None:
     """The count the answer states in digits or words; none, several different or a fraction -> unknown."""
     values = set()
     for word in _words(text):
@@ -127,8 +141,64 @@ def _number(question: Question, text: str) -> int | None:
     return values.pop() if len(values) == 1 else None
 
 
-def _text(question: Question, text: str) -> str | None:
+def _text(text: str, options: tuple[str, ...]) -> str | None:
     return text.strip() or None
+
+
+def _on_off(value: Value) -> str:
+    return ON if value else OFF
+
+
+KINDS: dict[str, QuestionKind] = {kind.name: kind for kind in (
+    QuestionKind("yes_no", SHORT_ANSWER, _yes_no, _on_off, Constraint(options=("Yes", "No")),
+                 Component("binary_sensor", {"payload_on": ON, "payload_off": OFF})),
+    QuestionKind("choice", ONE_OF_THE_OPTIONS, _choice, str, Constraint(question_options=True),
+                 Component("sensor", enum=True)),
+    QuestionKind("number", SHORT_ANSWER, _number, str, Constraint(digits=True),
+                 Component("sensor", {"state_class": "measurement"})),
+    QuestionKind("text", SHORT_ANSWER, _text, str, Constraint(), Component("sensor")),
+)}
+"""The question kinds by name, in the order error messages list them."""
+
+
+def kind_of(question: Question) -> QuestionKind:
+    """The row of the question's `type` (the config checked that it has one)."""
+    return KINDS[question.type]
+
+
+@dataclasses.dataclass(frozen=True)
+class TypedAnswer:
+    """The model's answer to one question: the typed `value` (None when unparseable) and the raw text."""
+
+    value: Value | None
+    raw: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the raw text gave a value; an unparseable answer is reported as unknown, never guessed."""
+        return self.value is not None
+
+
+def build_prompt(question: Question) -> str:
+    """The user text sent with the image: the question, the options of a choice, then the instruction.
+
+    The question's own `instruction` replaces the kind's; an empty one leaves the instruction out.
+    """
+    instruction = kind_of(question).instruction if question.instruction is None else question.instruction
+    lines = [question.question.strip(), *question.options, instruction]
+    return "\n".join(line for line in lines if line)
+
+
+def parse_answer(question: Question, raw_text: str) -> TypedAnswer:
+    """Turn the model's raw text into the question's type; anything ambiguous stays unknown."""
+    return TypedAnswer(kind_of(question).parse(raw_text, question.options), raw_text)
+
+
+def state_string(question: Question, typed: TypedAnswer) -> str:
+    """The plain state for Home Assistant: ON/OFF, the option, the integer or the (capped) text."""
+    if not typed.ok:
+        return "unknown"
+    return kind_of(question).state(typed.value)[:MAX_STATE_CHARS]
 
 
 class Schedule:

@@ -39,7 +39,7 @@ from .loop import Turn, decide
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec
 from .mqtt.ask import ANSWERED, AskRefusal, AskReply, AskRequest, Refusal
-from .questions import Schedule, build_prompt, parse_answer, state_string
+from .questions import Schedule, build_prompt, kind_of, parse_answer, state_string
 
 log = logging.getLogger(__name__)
 
@@ -341,14 +341,11 @@ class Agent:
         self.metrics.mqtt_dropped.set(self._link.dropped)
 
 
-YES_NO_OPTIONS = ("Yes", "No")
-
-
 def engine_prompt(question: Question, default_max_new_tokens: int) -> Prompt:
-    """How the engine should answer a question: yes/no and choice pick an option, numbers decode digits."""
-    options = YES_NO_OPTIONS if question.type == "yes_no" else tuple(question.options)
+    """How the engine should answer a question, as its kind's constraint says (pick an option, digits, free)."""
+    constraint = kind_of(question).constraint
     return Prompt(build_prompt(question), max_new_tokens=question.max_new_tokens or default_max_new_tokens,
-                  options=options, digits=question.type == "number")
+                  options=constraint.options_for(question), digits=constraint.digits)
 
 
 def answer_times(frame_ts: float) -> dict[str, float]:
@@ -396,19 +393,13 @@ def entity_spec(question: Question) -> EntitySpec:
                       device_class=question.device_class, options=tuple(question.options or ()))
 
 
-QUESTION_TYPES: tuple[str, ...] = typing.get_args(typing.get_type_hints(Question)["type"])
-
-
 def ad_hoc_question(request: AskRequest) -> Question:
     """An ask request as a question: typed when the request names a type, free text otherwise.
 
-    The type is checked here because `Question` checks its rules but not its `Literal` type when built
-    in code (the config loader checks it for config files).
+    `Question` checks the request as it checks a config question (its type against `questions.KINDS`, its
+    options, its text) and raises `InvalidValue`, a one-line `UserError`.
     """
-    question_type = request.type or "text"
-    if question_type not in QUESTION_TYPES:
-        raise UserError(f"type: must be one of {', '.join(QUESTION_TYPES)}, got {question_type!r}")
-    return Question(id="ask", question=request.question, type=question_type, options=tuple(request.options))
+    return Question(id="ask", question=request.question, type=request.type or "text", options=tuple(request.options))
 
 
 def run_agent(config: Config) -> int:

@@ -59,7 +59,7 @@ def test_a_number_question_is_announced_as_a_measurement_sensor(broker, make_lin
 
 
 def test_a_question_with_options_is_an_enum_sensor():
-    weather = EntitySpec("weather", "Weather", "options", None, options=("sunny", "rainy"))
+    weather = EntitySpec("weather", "Weather", "choice", None, options=("sunny", "rainy"))
 
     config = json.loads(config_payload(weather, TOPICS, "tiny-llava"))
 

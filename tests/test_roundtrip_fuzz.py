@@ -38,7 +38,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.bench import rss_mib
 from edge_agent.mqtt.ask import MAX_REQUEST_BYTES
 from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS
-from edge_agent.service import QUESTION_TYPES
+from edge_agent.questions import KINDS
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
 from tests.support.broker import WAIT_TIMEOUT_S
 
@@ -356,7 +356,7 @@ long_options = st.lists(st.integers(0, 500).map(lambda length: "word " * (length
 questions = st.sampled_from(["Is the door open?", "What colour is the cup?", "How many people are there?"]) \
     | hostile_texts | st.text(max_size=600) | json_values
 request_fields = st.fixed_dictionaries({"question": questions}, optional={
-    "type": st.sampled_from([*QUESTION_TYPES, "", "multi"]) | json_values,
+    "type": st.sampled_from([*KINDS, "", "multi"]) | json_values,
     "options": options,
     "max_new_tokens": st.integers(-5, 300) | json_values,
     "reply_to": reply_topics | json_values,
@@ -533,7 +533,7 @@ retained_asks = st.one_of(
         {"question": st.sampled_from(["Is the door open?", "What colour is the cup?"]),
          "reply_to": st.sampled_from(["reply", "reply/\ud800", "reply/\x00", "reply/+", "reply/\x01"]).map(
              lambda topic: RETAINED_REPLY_PREFIX + topic)},
-        optional={"correlation_id": json_values, "type": st.sampled_from(QUESTION_TYPES)},
+        optional={"correlation_id": json_values, "type": st.sampled_from(list(KINDS))},
     ).map(lambda fields: json.dumps(fields).encode()),
     st.binary(max_size=300),
     json_values.map(lambda value: json.dumps(value).encode()),

@@ -1,6 +1,7 @@
 """Home Assistant MQTT discovery: one entity per standing question.
 
-A yes/no question becomes a `binary_sensor`, every other type a `sensor`. Each config is published
+Each question kind names its component and the fields it needs (`questions.KINDS`): a yes/no question
+becomes a `binary_sensor`, every other kind a `sensor`. Each config is published
 retained on `<discovery_prefix>/<component>/<agent>_<question_id>/config`; an empty retained config
 removes the entity. Home Assistant publishes `online` on `<discovery_prefix>/status` when it starts,
 and the agent then sends every config again.
@@ -14,11 +15,7 @@ from dataclasses import dataclass
 from edge_agent import __version__
 from edge_agent.errors import UserError
 from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics, check_id
-
-BINARY_TYPES = frozenset({"yes_no"})
-"""Question types shown as a binary sensor (state `ON`/`OFF`)."""
-NUMERIC_TYPES = frozenset({"number"})
-"""Question types whose state is a measurement Home Assistant can graph."""
+from edge_agent.questions import KINDS, Component
 
 _UNKNOWN_AS_NONE = "{{ 'None' if value == 'unknown' else value }}"
 """Home Assistant reads the payload `None` as "unknown"; our plain state says `unknown`."""
@@ -33,21 +30,21 @@ class EntitySpec:
     name: str
     """The entity's display name."""
     type: str
-    """The question type (`yes_no`, `number`, ...): picks the component."""
+    """The question type (`yes_no`, `number`, ...): its row of `questions.KINDS` gives the component."""
     device_class: str | None
     """A Home Assistant device class (`occupancy`, `door`, ...), or None."""
     options: tuple[str, ...] = ()
     """For a question with fixed options: the possible states (an `enum` sensor)."""
 
 
-COMPONENTS = ("binary_sensor", "sensor")
-"""The Home Assistant components an entity can be (see `component`)."""
+def component(entity: EntitySpec) -> Component:
+    """The Home Assistant component of the entity, as its question kind says."""
+    return KINDS[entity.type].component
 
 
-def component(entity: EntitySpec) -> str:
-    """The Home Assistant component of the entity."""
-    binary_sensor, sensor = COMPONENTS
-    return binary_sensor if entity.type in BINARY_TYPES else sensor
+def components() -> list[str]:
+    """The Home Assistant components an entity can be: those of the question kinds."""
+    return sorted({kind.component.name for kind in KINDS.values()})
 
 
 def status_topic(prefix: str) -> str:
@@ -56,19 +53,19 @@ def status_topic(prefix: str) -> str:
 
 
 def config_topic(prefix: str, agent_id: str, entity: EntitySpec) -> str:
-    return _config_topic(prefix, component(entity), agent_id, entity.question_id)
+    return _config_topic(prefix, component(entity).name, agent_id, entity.question_id)
 
 
-def _config_topic(prefix: str, kind: str, agent_id: str, question_id: str) -> str:
-    return f"{prefix}/{kind}/{agent_id}_{question_id}/config"
+def _config_topic(prefix: str, component_name: str, agent_id: str, question_id: str) -> str:
+    return f"{prefix}/{component_name}/{agent_id}_{question_id}/config"
 
 
 def could_have_announced(prefix: str, agent_id: str, topic: object) -> bool:
     """Whether `topic` is the config topic `config_topic` gives some question of this agent."""
     if not isinstance(topic, str):
         return False
-    for kind in COMPONENTS:
-        head, _, tail = _config_topic(prefix, kind, agent_id, "\0").partition("\0")
+    for name in components():
+        head, _, tail = _config_topic(prefix, name, agent_id, "\0").partition("\0")
         if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head):-len(tail)]):
             return True
     return False
@@ -136,13 +133,11 @@ def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> 
 
 
 def _component_fields(entity: EntitySpec) -> dict[str, object]:
-    fields: dict[str, object] = {}
-    if component(entity) == "binary_sensor":
-        fields.update(payload_on="ON", payload_off="OFF")
-    elif entity.options:
+    """The fields the entity's component needs; a configured device class replaces the `enum` one."""
+    shown_as = component(entity)
+    fields = dict(shown_as.fields)
+    if shown_as.enum:
         fields.update(device_class="enum", options=list(entity.options))
-    elif entity.type in NUMERIC_TYPES:
-        fields.update(state_class="measurement")
     if entity.device_class:
         fields["device_class"] = entity.device_class
     return fields

@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass
 
 from edge_agent.config import mqtt_text
 from edge_agent.errors import UserError
+from edge_agent.questions import MAX_STATE_CHARS
 
 ONLINE = "online"
 OFFLINE = "offline"
-MAX_STATE_CHARS = 255
-"""Home Assistant rejects sensor states longer than this."""
 
 MAX_TOPIC_BYTES = 1024
 """The longest topic the agent publishes to, in UTF-8 bytes. MQTT allows 65,535, but a reply topic comes
