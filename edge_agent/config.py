@@ -297,13 +297,23 @@ MAX_OPTION_CHARS = 80
 tokenizer is known (`service.MAX_OPTION_TOKENS`)."""
 
 
-def question_kind(value: str) -> str | None:
-    """A rule that `value` names a row of `questions.KINDS` (read when checked, so every row counts)."""
-    if value in KINDS:
-        return None
-    close = difflib.get_close_matches(value, list(KINDS), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"must be one of {', '.join(KINDS)}, got {_show(value)}{hint}"
+class QuestionKindRule:
+    """A rule that a value names a row of `questions.KINDS`; the table is read when checked and when the JSON
+    Schema is made, so every row counts (a new kind is one row)."""
+
+    def __call__(self, value: str) -> str | None:
+        if value in KINDS:
+            return None
+        close = difflib.get_close_matches(value, list(KINDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"must be one of {', '.join(KINDS)}, got {_show(value)}{hint}"
+
+    @property
+    def json_schema(self) -> dict:
+        return {"enum": list(KINDS)}
+
+
+question_kind = QuestionKindRule()
 
 
 def kinds_with_options() -> str:
