@@ -63,6 +63,10 @@ class Component:
     """Fixed fields of the discovery config (`payload_on`, `state_class`, ...)."""
     enum: bool = False
     """The entity is an `enum` sensor whose `options` are the question's options."""
+    unknown_as_none: bool = False
+    """Map the state `unknown` to `None` in the entity's value template. Binary and numeric entities read
+    `None` as "unknown"; Home Assistant shows it as the text "None" on others, which read the plain
+    `unknown` as unknown already."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +155,11 @@ def _on_off(value: Value) -> str:
 
 KINDS: dict[str, QuestionKind] = {kind.name: kind for kind in (
     QuestionKind("yes_no", SHORT_ANSWER, _yes_no, _on_off, Constraint(options=("Yes", "No")),
-                 Component("binary_sensor", {"payload_on": ON, "payload_off": OFF})),
+                 Component("binary_sensor", {"payload_on": ON, "payload_off": OFF}, unknown_as_none=True)),
     QuestionKind("choice", ONE_OF_THE_OPTIONS, _choice, str, Constraint(question_options=True),
                  Component("sensor", enum=True)),
     QuestionKind("number", SHORT_ANSWER, _number, str, Constraint(digits=True),
-                 Component("sensor", {"state_class": "measurement"})),
+                 Component("sensor", {"state_class": "measurement"}, unknown_as_none=True)),
     QuestionKind("text", SHORT_ANSWER, _text, str, Constraint(), Component("sensor")),
 )}
 """The question kinds by name, in the order error messages list them."""

@@ -18,7 +18,7 @@ from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics, check_id
 from edge_agent.questions import KINDS, Component
 
 _UNKNOWN_AS_NONE = "{{ 'None' if value == 'unknown' else value }}"
-"""Home Assistant reads the payload `None` as "unknown"; our plain state says `unknown`."""
+"""Binary and numeric entities read the payload `None` as "unknown"; our plain state says `unknown`."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,6 @@ def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> 
         "name": entity.name,
         "unique_id": f"edge_agent_{agent_id}_{entity.question_id}",
         "state_topic": topics.state(entity.question_id),
-        "value_template": _UNKNOWN_AS_NONE,
         "json_attributes_topic": topics.answers(entity.question_id),
         "availability_topic": topics.availability,
         "payload_available": ONLINE,
@@ -136,6 +135,8 @@ def _component_fields(entity: EntitySpec) -> dict[str, object]:
     """The fields the entity's component needs; a configured device class replaces the `enum` one."""
     shown_as = component(entity)
     fields = dict(shown_as.fields)
+    if shown_as.unknown_as_none:
+        fields["value_template"] = _UNKNOWN_AS_NONE
     if shown_as.enum:
         fields.update(device_class="enum", options=list(entity.options))
     if entity.device_class:
