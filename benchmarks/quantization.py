@@ -9,7 +9,7 @@ For each model (the random-weight `bench` LLaVA, and the trained demo LLaVA when
 - `int8`: 8-bit weights everywhere;
 - `int4`: the default: INT4 language model, INT8-weight vision encoder;
 - `int4+calibrated-vision`: INT4 language model, vision encoder fully INT8 (weights and activations)
-  calibrated on 64 frames of the synthetic kiosk camera (`edge_agent.scenes`, the user's "own camera").
+  calibrated on 64 frames of the synthetic kiosk camera (`edge_agent.devtools.scenes`, the user's "own camera").
 
 Then, each recipe in its own child process (so none inherits another's memory or threads), after one
 warm-up frame, on `--frames` new 640x480 kiosk frames it measures the vision encoder's time and the whole
@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent import scenes  # noqa: E402
+from edge_agent.devtools import scenes  # noqa: E402
 from edge_agent.config import Question  # noqa: E402
 from edge_agent.engine import Prompt  # noqa: E402
 from edge_agent.questions import build_prompt  # noqa: E402
@@ -112,7 +112,7 @@ def checkpoints(names: list[str]) -> dict[str, Path]:
     found = {}
     if "bench" in names:
         if not (BENCH_CHECKPOINT / "config.json").is_file():
-            from edge_agent.testmodels import build_test_model
+            from edge_agent.devtools.testmodels import build_test_model
 
             build_test_model(BENCH_CHECKPOINT, "llava", "bench")
         found["bench"] = BENCH_CHECKPOINT

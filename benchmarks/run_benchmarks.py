@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
+from edge_agent.devtools.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
 
 import decode_profile  # noqa: E402  (benchmarks/, beside this script)
 
@@ -701,7 +701,7 @@ def plot(results: dict, path: Path) -> None:
 def ensure_models(rebuild: bool) -> tuple[Path, Path]:
     """The `bench` checkpoint and its INT4/INT8 export, built once into .cache/bench/."""
     from edge_agent.export import export_model
-    from edge_agent.testmodels import build_test_model
+    from edge_agent.devtools.testmodels import build_test_model
 
     checkpoint, exported = CACHE / "llava-bench", CACHE / "llava-bench-int4"
     if rebuild or not checkpoint.is_dir():

@@ -208,7 +208,7 @@ def _add_bench(commands) -> None:
 
 
 def _bench(args) -> int:
-    from .bench import BenchSettings, format_report, run_bench
+    from .devtools.bench import BenchSettings, format_report, run_bench
     report = run_bench(BenchSettings(model=Path(args.model), questions=args.questions, new_tokens=args.new_tokens,
                                      frames=args.frames, yes_no=args.yes_no, device=args.device,
                                      cache_dir=args.cache_dir))
@@ -230,7 +230,7 @@ def _add_demo(commands) -> None:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .devtools.demo import run_demo
     return run_demo(args.duration, args.model, video_seconds=args.video_seconds)
 
 
@@ -287,7 +287,7 @@ def _model_export(args) -> int:
 
 def _model_build_test(args) -> int:
     _require_export_extra()
-    from .testmodels import build_test_model
+    from .devtools.testmodels import build_test_model
     print(build_test_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed, overwrite=args.force))
     return 0
 

@@ -3,7 +3,7 @@
     python models/eval_demo.py --scenes 300
 
 Scenes come from seeds 1,000,000 and up, which training (seeds 0..--scenes-1 of train_demo.py) never
-uses, at every resolution of `edge_agent.scenes.RESOLUTIONS`. Each scene is asked one question per fact
+uses, at every resolution of `edge_agent.devtools.scenes.RESOLUTIONS`. Each scene is asked one question per fact
 (door, people, cup, bag, bag colour when there is one) in the agent's own prompt form, and an answer
 counts as right when `edge_agent.questions.parse_answer` gives the true typed value.
 
@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from edge_agent import scenes  # noqa: E402
+from edge_agent.devtools import scenes  # noqa: E402
 from edge_agent.questions import build_prompt, parse_answer  # noqa: E402
 
 MODEL = REPO / "models" / "demo-llava"

@@ -19,7 +19,7 @@ The drill stages draw their batches from their own generators (seeded by --seed 
 number), so --resume from the stage-3 checkpoint gives what a run from scratch gives. Whether the "door"
 stage leaves the saddle depends on the batch order: with door-open batch seed 3 instead of 9 it did not
 within 400 steps (see the model card); a run that ends with door yes/no loss near 0.06 has not.
-Each stage uses AdamW with a short warm-up and a cosine decay. Images are drawn by `edge_agent.scenes`
+Each stage uses AdamW with a short warm-up and a cosine decay. Images are drawn by `edge_agent.devtools.scenes`
 from seeds 0..--scenes-1 and preprocessed exactly as the engine does; every image carries one question
 per fact, asked as `edge_agent.questions.build_prompt` asks it, with the loss on answer tokens only.
 Everything random comes from --seed, so a run is reproducible (up to CPU floating-point order).
@@ -45,7 +45,7 @@ from torch import nn
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent import scenes, testmodels  # noqa: E402
+from edge_agent.devtools import scenes, testmodels  # noqa: E402
 from edge_agent.config import Question  # noqa: E402
 from edge_agent.engine.preprocess import ClipPreprocessor, ProcessorSettings  # noqa: E402
 from edge_agent.export import export_model, staged_output_dir  # noqa: E402

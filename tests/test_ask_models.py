@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.config import parse_config
 from edge_agent.metrics import Metrics
 from edge_agent.mqtt.ask import ANSWERED, ASK_RESULTS, AskRefusal, AskReply, Refusal, ReplyAddress, reply_message
-from edge_agent.mqtt.loopback import free_port
+from edge_agent.devtools.loopback import free_port
 from edge_agent.service import ASK_QUEUE_LIMIT, ASK_QUESTION_TOKEN_LIMIT, Agent
 from tests.support.agent import AGENT, RunningAgent, agent_config
 from tests.support.broker import wait_until

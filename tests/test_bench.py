@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from edge_agent.bench import STAGES, format_report
+from edge_agent.devtools.bench import STAGES, format_report
 
 QUESTIONS = 3
 NEW_TOKENS = 4
@@ -93,7 +93,7 @@ def test_peak_memory_is_the_process_own_not_its_parents():
     """Linux hands a spawned process its parent's `ru_maxrss`: a bench run started by a large process (a
     benchmark that has just exported its model) must still report its own peak."""
     parents_memory = b"\x01" * (600 * 2**20)  # written, so resident
-    child = subprocess.run([sys.executable, "-c", "from edge_agent.bench import peak_rss_mib; print(peak_rss_mib())"],
+    child = subprocess.run([sys.executable, "-c", "from edge_agent.devtools.bench import peak_rss_mib; print(peak_rss_mib())"],
                            capture_output=True, text=True, check=True)
     assert len(parents_memory) and float(child.stdout) < 300
 

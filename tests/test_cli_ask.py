@@ -50,13 +50,14 @@ def test_ask_plain_output_shows_question_and_answer(tiny_llava_fp32, image_file)
     assert result.stdout.splitlines()[0] == "Is the door open?"
 
 
-def test_loading_and_answering_never_imports_torch_transformers_or_optimum(tiny_llava_int4, image_file):
+def test_loading_and_answering_never_imports_torch_transformers_optimum_or_the_devtools(tiny_llava_int4, image_file):
     script = textwrap.dedent(f"""
         import sys
         from edge_agent.cli import main
         code = main(["ask", "Is the door open?", "--image", {str(image_file)!r}, "--model", {str(tiny_llava_int4)!r},
                      "--max-new-tokens", "2"])
-        heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "optimum"))
+        heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "optimum")
+                       or name.startswith("edge_agent.devtools"))
         print("HEAVY", heavy)
         sys.exit(code)
     """)

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from edge_agent.demo import DEMO_MODEL, demo_config, truth_of
-from edge_agent.mqtt.loopback import BrokerAddress
-from edge_agent.scenes import scene_timeline, write_video
+from edge_agent.devtools.demo import DEMO_MODEL, demo_config, truth_of
+from edge_agent.devtools.loopback import BrokerAddress
+from edge_agent.devtools.scenes import scene_timeline, write_video
 from tests.support.agent import RunningAgent
 from tests.support.broker import wait_until
 
@@ -79,8 +79,8 @@ def test_edge_agent_demo_prints_answers_beside_the_truth_and_stops_after_its_dur
 
 
 def test_without_mosquitto_the_demo_runs_on_an_embedded_amqtt_broker(monkeypatch, capsys):
-    import edge_agent.demo as demo
-    import edge_agent.mqtt.loopback as loopback
+    import edge_agent.devtools.demo as demo
+    import edge_agent.devtools.loopback as loopback
     monkeypatch.setattr(loopback.shutil, "which", lambda name: None)
     monkeypatch.setattr(loopback, "MOSQUITTO_PATHS", ())
     assert demo.run_demo(duration_s=10, model=None, video_seconds=8) == 0

@@ -11,7 +11,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_agent.mqtt.loopback import free_port, wait_for_port
+from edge_agent.devtools.loopback import free_port, wait_for_port
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "edge-agent.service"

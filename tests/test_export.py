@@ -11,7 +11,7 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from edge_agent import scenes
+from edge_agent.devtools import scenes
 from edge_agent.cli import main
 from edge_agent.engine import Engine, Prompt
 from edge_agent.errors import UserError

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.bench import rss_mib
+from edge_agent.devtools.bench import rss_mib
 from edge_agent.config import Config, load_config
 from edge_agent.errors import UserError
 from edge_agent.mqtt import AskRequest, BadRequest, parse_ask

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edge_agent.bench import rss_mib
+from edge_agent.devtools.bench import rss_mib
 from edge_agent.config import MAX_OPTION_CHARS, MAX_OPTIONS, Question, parse_config
 from edge_agent.engine import Engine, Prompt
 from edge_agent.errors import UserError

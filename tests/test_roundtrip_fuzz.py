@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.bench import rss_mib
+from edge_agent.devtools.bench import rss_mib
 from edge_agent.mqtt.ask import MAX_REQUEST_BYTES
 from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS
 from edge_agent.questions import KINDS

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent import scenes
+from edge_agent.devtools import scenes
 from edge_agent.questions import parse_answer
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from edge_agent.errors import UserError
-from edge_agent.testmodels import (PRESETS, SPECIAL_TOKENS, build_test_model, image_tokens_per_tile,
+from edge_agent.devtools.testmodels import (PRESETS, SPECIAL_TOKENS, build_test_model, image_tokens_per_tile,
                                    train_tokenizer)
 
 QUESTIONS = ("How many people are there?", "Is the door open?", "What colour is the cup?")

@@ -32,7 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge_agent.config import MqttSettings
 from edge_agent.mqtt import AgentLink, AnswerMessage
 from edge_agent.mqtt.ask import AskReply
-from edge_agent.mqtt.loopback import free_port
+from edge_agent.devtools.loopback import free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 READY_TIMEOUT_S = 5.0

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import pytest
 from websockets.sync.client import connect
 
-from edge_agent.mqtt.loopback import free_port
+from edge_agent.devtools.loopback import free_port
 from tests.support.broker import Broker, Subscriber
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """Tiny LLaVA models for tests: random-weight checkpoints and their OpenVINO exports, built once and cached.
 
 Each model is built offline on first use into `<repo>/.cache/test-models/<key>/<name>`, where the key
-hashes the sources of `edge_agent/testmodels.py` and `edge_agent/export.py` and the versions of the
+hashes the sources of `edge_agent/devtools/testmodels.py` and `edge_agent/export.py` and the versions of the
 libraries that shape the files, so a change to any of them rebuilds. A file lock serialises builds across
 parallel test processes. Prebuild everything (e.g. in CI) with `python -m tests.support.models`.
 """
@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-_KEYED_SOURCES = ("edge_agent/testmodels.py", "edge_agent/export.py")
+_KEYED_SOURCES = ("edge_agent/devtools/testmodels.py", "edge_agent/export.py")
 _KEYED_PACKAGES = ("torch", "transformers", "tokenizers", "optimum-intel", "optimum", "nncf", "openvino",
                    "openvino-tokenizers")
 
@@ -89,7 +89,7 @@ def _ensure_locked(name: str) -> pathlib.Path:
     recipe = RECIPES[name]
     with _hub_offline():
         if recipe.weight_format is None:
-            from edge_agent.testmodels import build_test_model
+            from edge_agent.devtools.testmodels import build_test_model
 
             build_test_model(path, arch=recipe.arch, preset="tiny", seed=0)
         else:

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .capture.gate import SceneGate
-from .config import SceneGateSettings
-from .engine import Engine, Prompt
-from .errors import UserError
-from .mqtt.loopback import BrokerAddress, local_broker
+from ..capture.gate import SceneGate
+from ..config import SceneGateSettings
+from ..engine import Engine, Prompt
+from ..errors import UserError
+from .loopback import BrokerAddress, local_broker
 from .scenes import scene_timeline, write_video
 
 FRAME_SHAPE = (480, 640, 3)

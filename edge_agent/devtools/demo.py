@@ -17,11 +17,11 @@ import threading
 import time
 
 
-from .config import parse_config
-from .errors import UserError
-from .mqtt.loopback import BrokerAddress, local_broker
+from ..config import parse_config
+from ..errors import UserError
+from .loopback import BrokerAddress, local_broker
 from .scenes import Moment, SyntheticScene, scene_at, scene_timeline, write_video
-from .service import Agent
+from ..service import Agent
 
 log = logging.getLogger(__name__)
 
