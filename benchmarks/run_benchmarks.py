@@ -43,9 +43,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.devtools.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
-
 import decode_profile  # noqa: E402  (benchmarks/, beside this script)
+
+from edge_agent.devtools.bench import files_mib, peak_rss_mib, standing_questions, synthetic_frame  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 QUESTION_COUNTS = (1, 4, 8)
@@ -64,6 +64,7 @@ AskAll = Callable[[np.ndarray, list], None]
 
 # -- the paths compared ---------------------------------------------------------------------------------
 
+
 def rgb(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame[..., ::-1])
 
@@ -76,6 +77,7 @@ def edge_agent_batched(exported: Path) -> AskAll:
 
     def ask_all(frame, questions):
         engine.answer(engine.encode(frame), [Prompt(question, NEW_TOKENS, ignore_eos=True) for question in questions])
+
     return ask_all
 
 
@@ -95,6 +97,7 @@ def genai_per_question(exported: Path) -> AskAll:
         image = ov.Tensor(rgb(frame))
         for question in questions:
             pipe.generate(question, images=[image], generation_config=config)
+
     return ask_all
 
 
@@ -113,6 +116,7 @@ def genai_anchored(exported: Path, **properties) -> AskAll:
         for question in questions[1:]:
             history = genai.ChatHistory([{"role": "user", "content": question}])
             pipe.generate(history, images=[image], generation_config=config)
+
     return ask_all
 
 
@@ -155,6 +159,7 @@ def hf_generate_per_question(model, processor) -> AskAll:
             prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
             inputs = processor(images=image, text=prompt, return_tensors="pt")
             model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
     return ask_all
 
 
@@ -176,15 +181,18 @@ OURS = Peer("**edge-agent** (encode once, questions batched)", edge_agent_batche
 PEERS = {
     "genai": Peer("(a) OpenVINO GenAI VLMPipeline.generate, per question", genai_per_question),
     "genai_anchor": Peer("(b) OpenVINO GenAI with a ChatHistory anchor", genai_anchored),
-    "genai_anchor_tuned": Peer("(b') GenAI with a ChatHistory anchor and edge-agent's CPU settings, not a target",
-                               genai_anchored_edge_settings),
+    "genai_anchor_tuned": Peer(
+        "(b') GenAI with a ChatHistory anchor and edge-agent's CPU settings, not a target", genai_anchored_edge_settings
+    ),
     "optimum": Peer("(c) optimum-intel OVModelForVisualCausalLM.generate, per question", optimum_per_question),
-    "transformers": Peer("(d) transformers PyTorch FP32 generate, per question", transformers_fp32,
-                         uses_checkpoint=True, slow=True),
+    "transformers": Peer(
+        "(d) transformers PyTorch FP32 generate, per question", transformers_fp32, uses_checkpoint=True, slow=True
+    ),
 }
 
 
 # -- running every path in its own process -------------------------------------------------------------
+
 
 def seconds(ask_all: AskAll, frame: np.ndarray, questions: list) -> float:
     started = time.perf_counter()
@@ -213,17 +221,35 @@ def reply(message: dict) -> None:
 
 def run_child(command: list[str]) -> dict:
     """Run a measuring child process and parse the JSON object it prints last."""
-    done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_ours(exported: Path, questions: int, frames: int, yes_no: bool = False) -> dict:
-    return run_child([sys.executable, "-m", "edge_agent.cli", "bench", "--model", str(exported),
-                      "--questions", str(questions), "--new-tokens", str(NEW_TOKENS), "--frames", str(frames),
-                      "--cache-dir", str(CACHE / "compiled"), "--json", *(["--yes-no"] if yes_no else [])])
+    return run_child(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "bench",
+            "--model",
+            str(exported),
+            "--questions",
+            str(questions),
+            "--new-tokens",
+            str(NEW_TOKENS),
+            "--frames",
+            str(frames),
+            "--cache-dir",
+            str(CACHE / "compiled"),
+            "--json",
+            *(["--yes-no"] if yes_no else []),
+        ]
+    )
 
 
 @dataclass
@@ -242,8 +268,13 @@ class Contender:
     def start(self) -> None:
         self._log = (CACHE / f"{self.name}.log").open("w")
         self._child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", self.name, "--model", str(self.model)], text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            [sys.executable, __file__, "--serve", self.name, "--model", str(self.model)],
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         self.load_s = self._reply()["load_s"]
 
     def time_frame(self, count: int, seed: int) -> float:
@@ -259,13 +290,18 @@ class Contender:
         self._child.wait(timeout=60)
         self._log.close()
         frame_s = {count: statistics.median(times) for count, times in self.seconds.items()}
-        return {"load_s": self.load_s, "frame_s": frame_s, "frames": self.frames, "peak_rss_mib": peak,
-                "each_frame_s": self.seconds}
+        return {
+            "load_s": self.load_s,
+            "frame_s": frame_s,
+            "frames": self.frames,
+            "peak_rss_mib": peak,
+            "each_frame_s": self.seconds,
+        }
 
     def _reply(self) -> dict:
         for line in self._child.stdout:
             if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
+                return json.loads(line[len(REPLY) :])
         raise RuntimeError(f"{self.name} stopped: see {self._log.name}")
 
 
@@ -294,14 +330,26 @@ def contenders(args, checkpoint: Path, exported: Path) -> list[Contender]:
     for name, peer in PEERS.items():
         if name not in args.skip:
             counts = tuple(c for c in QUESTION_COUNTS if c <= TARGET_QUESTIONS) if peer.slow else QUESTION_COUNTS
-            found.append(Contender(name, checkpoint if peer.uses_checkpoint else exported, counts,
-                                   args.slow_frames if peer.slow else args.frames))
+            found.append(
+                Contender(
+                    name,
+                    checkpoint if peer.uses_checkpoint else exported,
+                    counts,
+                    args.slow_frames if peer.slow else args.frames,
+                )
+            )
     return found
 
 
 def measure_all(args, checkpoint: Path, exported: Path) -> dict:
-    results = {"started": now(), "load_before": load_average(), "machine": machine(), "model": exported.name,
-               "model_files_mib": files_mib(exported), "ours": {}}
+    results = {
+        "started": now(),
+        "load_before": load_average(),
+        "machine": machine(),
+        "model": exported.name,
+        "model_files_mib": files_mib(exported),
+        "ours": {},
+    }
     for count in QUESTION_COUNTS:
         log(f"edge-agent bench, {count} questions")
         results["ours"][count] = run_ours(exported, count, args.frames)
@@ -322,6 +370,7 @@ def measure_all(args, checkpoint: Path, exported: Path) -> dict:
 
 
 # -- the roofline -----------------------------------------------------------------------------------------
+
 
 def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     """Best GB/s of copying a large array with one thread per core (bytes read plus bytes written)."""
@@ -350,8 +399,9 @@ def matmul_gflops(m: int, k: int, n: int, int8: bool = False, repeats: int = 10)
         low, high = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
         left = ops.fake_quantize(activations, low, high, low, high, 256)
         right = ops.fake_quantize(weights, low, high, low, high, 255)
-    compiled = ov.Core().compile_model(ov.Model([ops.matmul(left, right, False, False)], [activations]),
-                                       "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    compiled = ov.Core().compile_model(
+        ov.Model([ops.matmul(left, right, False, False)], [activations]), "CPU", {"PERFORMANCE_HINT": "LATENCY"}
+    )
     request = compiled.create_infer_request()
     data = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     best = float("inf")
@@ -378,20 +428,28 @@ def roofline(exported: Path, ours: dict) -> dict:
     peak = max(matmul_gflops(*shape) for shape in shapes)
     int8_peak = max(matmul_gflops(*shape, int8=True) for shape in shapes)
     core = ov.Core()
-    graphs = {submodel: core.read_model(exported / f"openvino_{submodel}.xml")
-              for submodel in ("language_model", "vision_embeddings_model")}
+    graphs = {
+        submodel: core.read_model(exported / f"openvino_{submodel}.xml")
+        for submodel in ("language_model", "vision_embeddings_model")
+    }
     int8_activations = {submodel: activation_group(graph) is not None for submodel, graph in graphs.items()}
     kv_precision = compile_properties("CPU", None, graphs["language_model"]).get("KV_CACHE_PRECISION", "u8")
     step_bytes = decode_step_bytes(exported, text, prefix, kv_precision)
     step_ms = ours["decode"]["step_ms"]
     return {
-        "copy_bandwidth_gbs": bandwidth, "matmul_peak_gflops": peak, "int8_matmul_peak_gops": int8_peak,
+        "copy_bandwidth_gbs": bandwidth,
+        "matmul_peak_gflops": peak,
+        "int8_matmul_peak_gops": int8_peak,
         "float_precision": core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string(),
-        "decode_step_bytes": step_bytes, "decode_step_ms": step_ms, "kv_cache_precision": kv_precision,
+        "decode_step_bytes": step_bytes,
+        "decode_step_ms": step_ms,
+        "kv_cache_precision": kv_precision,
         "decode_roofline_ms": step_bytes / bandwidth / 1e6,
-        "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9, "prefix_ms": ours["stages_ms"]["prefix"],
+        "prefix_gflop": lm_prefill_flops(text, prefix) / 1e9,
+        "prefix_ms": ours["stages_ms"]["prefix"],
         "prefix_int8": int8_activations["language_model"],
-        "vision_gflop": vision_encoder_flops(config, vision, text) / 1e9, "vision_ms": ours["stages_ms"]["vision"],
+        "vision_gflop": vision_encoder_flops(config, vision, text) / 1e9,
+        "vision_ms": ours["stages_ms"]["vision"],
         "vision_int8": int8_activations["vision_embeddings_model"],
     }
 
@@ -434,7 +492,9 @@ def vision_encoder_flops(config: dict, vision: dict, text: dict) -> float:
     patches = (vision["image_size"] // patch) ** 2
     tokens = patches + 1
     layers = vision["num_hidden_layers"] + 1 + config.get("vision_feature_layer", -2)
-    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * vision["intermediate_size"]) + 4 * tokens * tokens * hidden
+    per_layer = (
+        2 * tokens * (4 * hidden * hidden + 2 * hidden * vision["intermediate_size"]) + 4 * tokens * tokens * hidden
+    )
     embed = 2 * patches * 3 * patch * patch * hidden
     projector = 2 * patches * (hidden * text["hidden_size"] + text["hidden_size"] ** 2)
     return layers * per_layer + embed + projector
@@ -442,18 +502,25 @@ def vision_encoder_flops(config: dict, vision: dict, text: dict) -> float:
 
 # -- the machine --------------------------------------------------------------------------------------------
 
+
 def machine() -> dict:
     from edge_agent.engine.int8_activations import host_cpu_flags
 
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     flags = host_cpu_flags()
     meminfo = Path("/proc/meminfo").read_text().split()
     return {
-        "cpu": model, "cores": os.cpu_count(),
-        "isa": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-                        if f in flags),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "isa": " ".join(
+            f
+            for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+            if f in flags
+        ),
         "memory_gib": int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20,
         "python": platform.python_version(),
         "versions": {package: importlib.metadata.version(package) for package in VERSIONED},
@@ -474,6 +541,7 @@ def log(message: str) -> None:
 
 # -- the report -------------------------------------------------------------------------------------------
 
+
 def ours_frame_s(results: dict, count: int) -> float:
     return results["ours_side_by_side"]["frame_s"][str(count)]
 
@@ -493,7 +561,7 @@ def write_report(results: dict, out: Path) -> None:
 def kept_quantization_section(report: Path) -> str:
     """The `## Quantization recipes` section that `benchmarks/quantization.py` appends: a run of its own."""
     text = report.read_text() if report.is_file() else ""
-    return "\n" + text[text.index(QUANTIZATION_HEADING):] if QUANTIZATION_HEADING in text else ""
+    return "\n" + text[text.index(QUANTIZATION_HEADING) :] if QUANTIZATION_HEADING in text else ""
 
 
 def kept_analysis(report: Path) -> str:
@@ -501,16 +569,20 @@ def kept_analysis(report: Path) -> str:
     text = report.read_text() if report.is_file() else ""
     if ANALYSIS_START not in text or ANALYSIS_END not in text:
         return "No analysis written yet for these numbers."
-    return text[text.index(ANALYSIS_START) + len(ANALYSIS_START):text.index(ANALYSIS_END)].strip()
+    return text[text.index(ANALYSIS_START) + len(ANALYSIS_START) : text.index(ANALYSIS_END)].strip()
 
 
 def render(results: dict, analysis: str) -> str:
     sections = [
         "# Benchmark results\n\nGenerated by `python benchmarks/run_benchmarks.py` "
         f"({results['started']} to {results['finished']}); see README.md for what is measured and how.\n",
-        machine_section(results), latency_section(results), targets_section(results),
+        machine_section(results),
+        latency_section(results),
+        targets_section(results),
         f"## Why targets are missed\n\n{ANALYSIS_START}\n{analysis}\n{ANALYSIS_END}\n",
-        profile_section(results), roofline_section(results), decode_profile.section(results["decode_profile"]),
+        profile_section(results),
+        roofline_section(results),
+        decode_profile.section(results["decode_profile"]),
         startup_section(results),
         "![seconds per new frame](latency.png)\n",
     ]
@@ -520,30 +592,37 @@ def render(results: dict, analysis: str) -> str:
 def machine_section(results: dict) -> str:
     m = results["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    return (f"## Machine\n\n- CPU: {m['cpu']}, {m['cores']} cores visible ({m['isa']}), {m['memory_gib']:.0f} GiB RAM\n"
-            f"- Python {m['python']}; {versions}\n"
-            f"- Load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']}. "
-            f"{load_remark(results['load_before'])}\n"
-            f"- Model: `{results['model']}`, {results['model_files_mib']:.0f} MiB of files (by default the "
-            "random-weight `bench` LLaVA: CLIP ViT-L/14-336, 0.4B Llama-style LM, exported with an INT4 LM and "
-            f"INT8 vision); synthetic 640x480 frames; answers of exactly {NEW_TOKENS} tokens (end-of-sequence "
-            "ignored); greedy.\n")
+    return (
+        f"## Machine\n\n- CPU: {m['cpu']}, {m['cores']} cores visible ({m['isa']}), {m['memory_gib']:.0f} GiB RAM\n"
+        f"- Python {m['python']}; {versions}\n"
+        f"- Load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']}. "
+        f"{load_remark(results['load_before'])}\n"
+        f"- Model: `{results['model']}`, {results['model_files_mib']:.0f} MiB of files (by default the "
+        "random-weight `bench` LLaVA: CLIP ViT-L/14-336, 0.4B Llama-style LM, exported with an INT4 LM and "
+        f"INT8 vision); synthetic 640x480 frames; answers of exactly {NEW_TOKENS} tokens (end-of-sequence "
+        "ignored); greedy.\n"
+    )
 
 
 def load_remark(load_before: str) -> str:
     """Whether other jobs shared the cores when the run started (a load of 1 or more on 2 cores)."""
     if float(load_before.split()[0]) < 1.0:
         return "The machine was otherwise idle; the paths answered in turn, one frame at a time."
-    return ("Something else had been running (the load average counts the last minutes, so a benchmark run "
-            "just before counts too): absolute times may be inflated; the ratios compare paths measured in "
-            "the same run.")
+    return (
+        "Something else had been running (the load average counts the last minutes, so a benchmark run "
+        "just before counts too): absolute times may be inflated; the ratios compare paths measured in "
+        "the same run."
+    )
 
 
 def latency_section(results: dict) -> str:
     header = "| path | " + " | ".join(f"{c} q: s/frame (ours faster by)" for c in QUESTION_COUNTS) + " | frames |"
     rows = [header, "|" + " --- |" * (len(QUESTION_COUNTS) + 2)]
-    rows.append(f"| {OURS.label} | " + " | ".join(f"**{ours_frame_s(results, c):.2f}**" for c in QUESTION_COUNTS)
-                + f" | {results['ours_side_by_side']['frames']} |")
+    rows.append(
+        f"| {OURS.label} | "
+        + " | ".join(f"**{ours_frame_s(results, c):.2f}**" for c in QUESTION_COUNTS)
+        + f" | {results['ours_side_by_side']['frames']} |"
+    )
     for name, measured in results["peers"].items():
         cells = []
         for count in QUESTION_COUNTS:
@@ -551,13 +630,18 @@ def latency_section(results: dict) -> str:
             cells.append("not run" if value is None else f"{value:.2f} ({value / ours_frame_s(results, count):.1f}x)")
         rows.append(f"| {PEERS[name].label} | " + " | ".join(cells) + f" | {measured['frames']} |")
     unchanged = results["ours"][TARGET_QUESTIONS]["unchanged_frame_ms"] / 1000
-    rows.append("| unchanged scene (edge-agent: scene gate only) | "
-                + " | ".join(f"{unchanged:.5f}" for _ in QUESTION_COUNTS) + " | 200 calls |")
-    return ("## Seconds per new frame (median), questions x 16 tokens\n\n" + "\n".join(rows) + "\n\n"
-            "Each path runs in its own process. All of them are loaded side by side and answer in turn, frame by "
-            "frame (the order rotating), after one warm-up frame per question count, so that a neighbour on the "
-            "machine slows them alike. PyTorch FP32 is slow, so it runs on fewer frames and not with 8 "
-            "questions. The stage timings below come from separate `edge-agent bench` runs before.\n")
+    rows.append(
+        "| unchanged scene (edge-agent: scene gate only) | "
+        + " | ".join(f"{unchanged:.5f}" for _ in QUESTION_COUNTS)
+        + " | 200 calls |"
+    )
+    return (
+        "## Seconds per new frame (median), questions x 16 tokens\n\n" + "\n".join(rows) + "\n\n"
+        "Each path runs in its own process. All of them are loaded side by side and answer in turn, frame by "
+        "frame (the order rotating), after one warm-up frame per question count, so that a neighbour on the "
+        "machine slows them alike. PyTorch FP32 is slow, so it runs on fewer frames and not with 8 "
+        "questions. The stage timings below come from separate `edge-agent bench` runs before.\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -587,42 +671,63 @@ def targets(results: dict) -> list[Target]:
         if peer_s is not None:
             found.append(Target(f"4 q x 16 tokens: faster than {PEERS[name].label}", peer_s / new_frame, bound, True))
     yes_no = results["ours_yes_no"]
-    found.append(Target("4 yes_no questions: whole frame / (vision + prefix)", yes_no["frame_over_vision_and_prefix"],
-                        1.15, False))
+    found.append(
+        Target(
+            "4 yes_no questions: whole frame / (vision + prefix)", yes_no["frame_over_vision_and_prefix"], 1.15, False
+        )
+    )
     found.append(Target("new frame / unchanged-scene frame", ours4["new_vs_unchanged_frame"], 50, True))
     roof = results["roofline"]
-    found.append(Target("decode: share of the bandwidth roofline", roof["decode_roofline_ms"] / roof["decode_step_ms"],
-                        0.6, True, unit=""))
-    found.append(Target("peak RSS - model files", ours4["peak_rss_mib"] - results["model_files_mib"], 400, False,
-                        unit=" MiB"))
+    found.append(
+        Target(
+            "decode: share of the bandwidth roofline",
+            roof["decode_roofline_ms"] / roof["decode_step_ms"],
+            0.6,
+            True,
+            unit="",
+        )
+    )
+    found.append(
+        Target("peak RSS - model files", ours4["peak_rss_mib"] - results["model_files_mib"], 400, False, unit=" MiB")
+    )
     return found
 
 
 def targets_section(results: dict) -> str:
     rows = ["| target | bound | measured | |", "| --- | --- | --- | --- |"]
     rows += [target.row() for target in targets(results)]
-    return ("## Targets (issue 4)\n\n" + "\n".join(rows) + "\n\n"
-            "The yes_no row divides the wall time of a whole new frame (preprocessing and answering included) by "
-            "the vision stage plus the prefix prefilled alone, timed on a second encoding of the same frames "
-            "(`edge-agent bench --yes-no`).\n")
+    return (
+        "## Targets (issue 4)\n\n" + "\n".join(rows) + "\n\n"
+        "The yes_no row divides the wall time of a whole new frame (preprocessing and answering included) by "
+        "the vision stage plus the prefix prefilled alone, timed on a second encoding of the same frames "
+        "(`edge-agent bench --yes-no`).\n"
+    )
 
 
 def profile_section(results: dict) -> str:
     stages = list(results["ours"][TARGET_QUESTIONS]["stages_ms"])
-    rows = ["| questions x tokens | " + " | ".join(stages) + " | frame (wall) | decode tok/s |",
-            "|" + " --- |" * (len(stages) + 3)]
+    rows = [
+        "| questions x tokens | " + " | ".join(stages) + " | frame (wall) | decode tok/s |",
+        "|" + " --- |" * (len(stages) + 3),
+    ]
     runs = [(f"{c} x {NEW_TOKENS}", results["ours"][c]) for c in QUESTION_COUNTS]
     runs.append((f"{TARGET_QUESTIONS} yes/no", results["ours_yes_no"]))
     for label, run in runs:
         speed = run["decode"]["tokens_per_s"]
-        rows.append(f"| {label} | " + " | ".join(f"{run['stages_ms'][s]:.0f}" for s in stages)
-                    + f" | {run['frame_ms']['median']:.0f} | {'-' if speed is None else f'{speed:.1f}'} |")
-    return ("## Where edge-agent's time goes (median ms per frame, `edge-agent bench`)\n\n" + "\n".join(rows)
-            + f"\n\nThe shared prefix is {results['ours'][TARGET_QUESTIONS]['prefix_tokens']} tokens "
-            "(system prompt, `USER:` and the image tokens). The agent prefills it with the first question in one "
-            "call and the other questions in a second; `prefix` is the prefix prefilled alone (a second encoding "
-            "of each frame) and `question_prefill` the rest, a difference of two medians (with one question it "
-            "can come out a few ms below zero).\n")
+        rows.append(
+            f"| {label} | "
+            + " | ".join(f"{run['stages_ms'][s]:.0f}" for s in stages)
+            + f" | {run['frame_ms']['median']:.0f} | {'-' if speed is None else f'{speed:.1f}'} |"
+        )
+    return (
+        "## Where edge-agent's time goes (median ms per frame, `edge-agent bench`)\n\n"
+        + "\n".join(rows)
+        + f"\n\nThe shared prefix is {results['ours'][TARGET_QUESTIONS]['prefix_tokens']} tokens "
+        "(system prompt, `USER:` and the image tokens). The agent prefills it with the first question in one "
+        "call and the other questions in a second; `prefix` is the prefix prefilled alone (a second encoding "
+        "of each frame) and `question_prefill` the rest, a difference of two medians (with one question it "
+        "can come out a few ms below zero).\n"
+    )
 
 
 def roofline_section(results: dict) -> str:
@@ -631,30 +736,37 @@ def roofline_section(results: dict) -> str:
 
     def against_peak(stage: str, label: str) -> str:
         rate = r[f"{stage}_gflop"] / (r[f"{stage}_ms"] / 1000)
-        peak, arithmetic = ((int8_peak, "int8") if r.get(f"{stage}_int8") and int8_peak
-                            else (r["matmul_peak_gflops"], "float"))
-        return (f"{label}: {r[f'{stage}_gflop']:.0f} GFLOP in {r[f'{stage}_ms']:.0f} ms = {rate:.0f} GFLOP/s "
-                f"({rate / peak:.0%} of the {arithmetic} peak)")
+        peak, arithmetic = (
+            (int8_peak, "int8") if r.get(f"{stage}_int8") and int8_peak else (r["matmul_peak_gflops"], "float")
+        )
+        return (
+            f"{label}: {r[f'{stage}_gflop']:.0f} GFLOP in {r[f'{stage}_ms']:.0f} ms = {rate:.0f} GFLOP/s "
+            f"({rate / peak:.0%} of the {arithmetic} peak)"
+        )
 
-    peaks = f"**{r['matmul_peak_gflops']:.0f} GFLOP/s** at the engine's float precision ({r.get('float_precision', 'bf16')})"
+    precision = r.get("float_precision", "bf16")
+    peaks = f"**{r['matmul_peak_gflops']:.0f} GFLOP/s** at the engine's float precision ({precision})"
     if int8_peak:
         peaks += f", **{int8_peak:.0f} GOP/s** with 8-bit operands"
     return (
         "## Against the hardware\n\n"
         f"- Copy bandwidth (numpy, one thread per core, read + write): **{r['copy_bandwidth_gbs']:.1f} GB/s**. "
         f"One decode step of 4 answers reads {r['decode_step_bytes'] / 1e6:.0f} MB (all INT4 LM weights once, "
-        f"plus the KV cache: the prefix they share once and their own tokens, {r['kv_cache_precision']}): roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
+        f"plus the KV cache: the prefix they share once and their own tokens, {r['kv_cache_precision']}): "
+        f"roofline {r['decode_roofline_ms']:.1f} ms per step; measured "
         f"{r['decode_step_ms']:.1f} ms ({r['decode_roofline_ms'] / r['decode_step_ms']:.0%} of the roofline).\n"
         f"- Matmul peak (OpenVINO MatMul on the CPU, best of the prefix shape and 2048^3): {peaks}. "
-        f"{against_peak('prefix', 'Prefix prefill')}. {against_peak('vision', 'Vision encoder')}.\n")
+        f"{against_peak('prefix', 'Prefix prefill')}. {against_peak('vision', 'Vision encoder')}.\n"
+    )
 
 
 def startup_section(results: dict) -> str:
     ours = results["ours"][TARGET_QUESTIONS]
     start = ours["first_answer_s"]
     loads = ", ".join(f"{PEERS[n].label.split(' ', 1)[0]} {p['load_s']:.1f} s" for n, p in results["peers"].items())
-    peers_rss = ", ".join(f"{PEERS[n].label.split(' ', 1)[0]} {p['peak_rss_mib']:.0f} MiB"
-                          for n, p in results["peers"].items())
+    peers_rss = ", ".join(
+        f"{PEERS[n].label.split(' ', 1)[0]} {p['peak_rss_mib']:.0f} MiB" for n, p in results["peers"].items()
+    )
     return (
         "## Start-up and memory\n\n"
         f"- edge-agent: from `edge-agent run` starting to its first answer received on MQTT: "
@@ -662,7 +774,8 @@ def startup_section(results: dict) -> str:
         f"cache, {start['warm_cache']:.1f} s warm (`CACHE_DIR`).\n"
         f"- Peers' model load (in process, no compiled cache): {loads}.\n"
         f"- Peak RSS: edge-agent {ours['peak_rss_mib']:.0f} MiB for {results['model_files_mib']:.0f} MiB of model "
-        f"files{after_frames(ours)}; peers {peers_rss}.\n")
+        f"files{after_frames(ours)}; peers {peers_rss}.\n"
+    )
 
 
 def after_frames(ours: dict) -> str:
@@ -698,10 +811,11 @@ def plot(results: dict, path: Path) -> None:
 
 # -- entry point ----------------------------------------------------------------------------------------
 
+
 def ensure_models(rebuild: bool) -> tuple[Path, Path]:
     """The `bench` checkpoint and its INT4/INT8 export, built once into .cache/bench/."""
-    from edge_agent.export import export_model
     from edge_agent.devtools.testmodels import build_test_model
+    from edge_agent.export import export_model
 
     checkpoint, exported = CACHE / "llava-bench", CACHE / "llava-bench-int4"
     if rebuild or not checkpoint.is_dir():
@@ -716,12 +830,17 @@ def ensure_models(rebuild: bool) -> tuple[Path, Path]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=3, help="frames per configuration (default: %(default)s)")
-    parser.add_argument("--slow-frames", type=int, default=1,
-                        help="frames per configuration for PyTorch FP32 (default: %(default)s)")
+    parser.add_argument(
+        "--slow-frames", type=int, default=1, help="frames per configuration for PyTorch FP32 (default: %(default)s)"
+    )
     parser.add_argument("--skip", action="append", default=[], choices=list(PEERS), help="leave a peer out")
     parser.add_argument("--rebuild", action="store_true", help="rebuild and re-export the bench model")
-    parser.add_argument("--checkpoint", type=Path, help="compare on this Hugging Face LLaVA checkpoint instead of "
-                        "the bench model (with --exported: its OpenVINO export)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="compare on this Hugging Face LLaVA checkpoint instead of "
+        "the bench model (with --exported: its OpenVINO export)",
+    )
     parser.add_argument("--exported", type=Path, help="the OpenVINO export of --checkpoint")
     parser.add_argument("--report-only", action="store_true", help="re-render RESULTS.md from the last results")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="where RESULTS.md and the plot go")

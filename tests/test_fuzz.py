@@ -10,25 +10,20 @@ import json
 import threading
 import time
 
-import paho.mqtt.client as mqtt
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from edge_agent.devtools.bench import rss_mib
 from edge_agent.config import Config, load_config
+from edge_agent.devtools.bench import rss_mib
 from edge_agent.errors import UserError
 from edge_agent.mqtt import AskRequest, BadRequest, parse_ask
 from edge_agent.mqtt.ask import MAX_QUESTION_CHARS, MAX_REQUEST_BYTES
 from edge_agent.mqtt.ratelimit import RequestRateLimit
-from edge_agent.service import ASK_QUEUE_LIMIT, ASK_QUESTION_TOKEN_LIMIT
-from tests.support.broker import WAIT_TIMEOUT_S, wait_until
-from tests.support.agent import AGENT, RunningAgent, agent_config
+from edge_agent.service import ASK_QUESTION_TOKEN_LIMIT, ASK_QUEUE_LIMIT
+from tests.support.agent import RunningAgent, agent_config
+from tests.support.broker import wait_until
+from tests.support.requester import Requester, ask_payload, v5_properties
 
-ASK_TOPIC = f"edge-agent/{AGENT}/ask"
 LINK_ASK_TOPIC = "edge-agent/kitchen/ask"
 """Where a bare `AgentLink` (agent id `kitchen`, see `make_link`) takes requests."""
 
@@ -39,14 +34,17 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-request_fields = st.fixed_dictionaries({}, optional={
-    "question": st.text(max_size=600) | json_values,
-    "max_new_tokens": st.integers(-5, 300) | json_values,
-    "type": st.sampled_from(["yes_no", "choice", "number", "text", "", "multi"]) | json_values,
-    "options": st.lists(st.text(max_size=10), max_size=40) | json_values,
-    "reply_to": st.sampled_from(["me/reply", "", "me/+", "#"]) | json_values,
-    "correlation_id": json_values,
-})
+request_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "question": st.text(max_size=600) | json_values,
+        "max_new_tokens": st.integers(-5, 300) | json_values,
+        "type": st.sampled_from(["yes_no", "choice", "number", "text", "", "multi"]) | json_values,
+        "options": st.lists(st.text(max_size=10), max_size=40) | json_values,
+        "reply_to": st.sampled_from(["me/reply", "", "me/+", "#"]) | json_values,
+        "correlation_id": json_values,
+    },
+)
 payloads = st.one_of(
     st.binary(max_size=300),
     request_fields.map(lambda fields: json.dumps(fields).encode()),
@@ -54,19 +52,8 @@ payloads = st.one_of(
 )
 
 
-def v5_properties(response_topic: str | None, correlation: bytes | None) -> Properties | None:
-    if response_topic is None:
-        return None
-    properties = Properties(PacketTypes.PUBLISH)
-    properties.ResponseTopic = response_topic
-    if correlation is not None:
-        properties.CorrelationData = correlation
-    return properties
-
-
 @settings(max_examples=500, deadline=None)
-@given(payload=payloads, response_topic=st.none() | st.text(max_size=12),
-       correlation=st.none() | st.binary(max_size=8))
+@given(payload=payloads, response_topic=st.none() | st.text(max_size=12), correlation=st.none() | st.binary(max_size=8))
 def test_any_request_is_either_a_valid_question_or_refused_with_one_line(payload, response_topic, correlation):
     properties = v5_properties(response_topic or None, correlation)
     try:
@@ -85,14 +72,33 @@ def test_any_request_is_either_a_valid_question_or_refused_with_one_line(payload
 # -- the config loader, from the file's bytes (tests/test_config.py fuzzes loaded mappings) -------------
 
 yaml_lines = st.lists(
-    st.sampled_from(["model:", "  path: m", "mqtt:", "  port: 99999", "  port: 1883", "questions:",
-                     "  - id: a", "    type: text", "    question: Q?", "camera: [1, 2", "agent_id: 'x y'",
-                     "\t- tab", "&a [*a]", "!!python/object:os.system x", "key: *undefined", "---", "..."])
+    st.sampled_from(
+        [
+            "model:",
+            "  path: m",
+            "mqtt:",
+            "  port: 99999",
+            "  port: 1883",
+            "questions:",
+            "  - id: a",
+            "    type: text",
+            "    question: Q?",
+            "camera: [1, 2",
+            "agent_id: 'x y'",
+            "\t- tab",
+            "&a [*a]",
+            "!!python/object:os.system x",
+            "key: *undefined",
+            "---",
+            "...",
+        ]
+    )
     | st.text(max_size=30),
     max_size=12,
 )
-config_files = st.one_of(yaml_lines.map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")),
-                         st.binary(max_size=200))
+config_files = st.one_of(
+    yaml_lines.map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")), st.binary(max_size=200)
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -141,8 +147,7 @@ def test_the_rate_limit_remembers_a_bounded_number_of_requesters():
     assert limit.requesters == 100
 
 
-def test_a_requester_over_its_rate_gets_an_error_reply_and_others_are_still_served(
-        broker, make_link, subscriber):
+def test_a_requester_over_its_rate_gets_an_error_reply_and_others_are_still_served(broker, make_link, subscriber):
     handed_over: list[AskRequest] = []
     make_link(broker, on_ask=handed_over.append, ask_burst=3, ask_per_minute=1)
     replies = subscriber(broker, "panel/#", "phone/#")
@@ -155,75 +160,33 @@ def test_a_requester_over_its_rate_gets_an_error_reply_and_others_are_still_serv
     refusals = [json.loads(replies.next(f"panel/reply/{index}").payload) for index in (3, 4)]
     assert all(refusal["error"].startswith("rate limit: at most 1 per minute, 3 at once") for refusal in refusals)
     assert [request.reply.topic for request in handed_over] == [
-        "panel/reply/0", "panel/reply/1", "panel/reply/2", "phone/r/1"]
+        "panel/reply/0",
+        "panel/reply/1",
+        "panel/reply/2",
+        "phone/r/1",
+    ]
 
 
 # -- hostile requests at the running agent ------------------------------------------------------------
 
 
-class Requester:
-    """Publishes raw ask requests with MQTT 5 reply properties and keeps each reply's JSON by correlation id.
-
-    It keeps only the parsed replies (not paho's message objects), so a flood's replies barely count
-    in the process's memory, which the agent shares in these tests.
-    """
-
-    def __init__(self, broker, prefix: str):
-        self.prefix = prefix
-        self.replies: dict[str, dict] = {}
-        subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self._client.on_message = self._record
-        self._client.on_subscribe = lambda *args: subscribed.set()
-        self._client.connect(broker.host, broker.port)
-        self._client.subscribe(f"{prefix}/#", qos=1)
-        self._client.loop_start()
-        assert subscribed.wait(WAIT_TIMEOUT_S), "requester not subscribed"
-
-    def _record(self, client, userdata, message) -> None:
-        self.replies[message.properties.CorrelationData.decode()] = json.loads(message.payload)
-
-    def send(self, payload: bytes, correlation: str, requester: str = "r") -> None:
-        properties = v5_properties(f"{self.prefix}/{requester}/reply", correlation.encode())
-        self._client.publish(ASK_TOPIC, payload, qos=1, properties=properties).wait_for_publish(WAIT_TIMEOUT_S)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-@pytest.fixture
-def make_requester(broker):
-    opened = []
-
-    def open_requester(prefix: str) -> Requester:
-        opened.append(Requester(broker, prefix))
-        return opened[-1]
-
-    yield open_requester
-    for each in opened:
-        each.close()
-
-
-def ask_payload(**fields) -> bytes:
-    return json.dumps(fields).encode()
-
-
 HOSTILE = {
     "not-utf8": (b'{"question": "\xff\xfe"}', "request is not valid JSON"),
     "truncated": (b'{"question": "Is the', "request is not valid JSON"),
-    "oversized": (ask_payload(question="Door?", padding="x" * MAX_REQUEST_BYTES),
-                  f"request larger than {MAX_REQUEST_BYTES} bytes"),
+    "oversized": (
+        ask_payload(question="Door?", padding="x" * MAX_REQUEST_BYTES),
+        f"request larger than {MAX_REQUEST_BYTES} bytes",
+    ),
     "not-a-string": (ask_payload(question=["Door?"]), "'question' must be a non-empty string"),
     "wrong-tokens": (ask_payload(question="Door?", max_new_tokens=1e9), "'max_new_tokens' must be an integer"),
-    "many-tokens": (ask_payload(question="\U0001F642" * 125),
-                    f"tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}"),
+    "many-tokens": (ask_payload(question="\U0001f642" * 125), f"tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}"),
     "unknown-type": (ask_payload(question="Door?", type="multi"), "type: must be one of"),
 }
 
 
 def test_every_hostile_request_gets_an_error_reply_and_the_agent_keeps_answering(
-        tiny_llava_int8, tiny_engine, broker, make_requester, static_video):
+    tiny_llava_int8, tiny_engine, broker, make_requester, static_video
+):
     hostile = make_requester("hostile")
     with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=tiny_engine) as agent:
         wait_until(lambda: agent.metrics.inferences._value.get() >= 1, timeout=30, what="a first answer")
@@ -257,12 +220,12 @@ def flood(flooder: Requester, rounds: str) -> None:
     big = ask_payload(question="Is anyone there?", padding="x" * (MAX_REQUEST_BYTES - 100))
     small = ask_payload(question="Is anyone there?")
     for index in range(FLOOD_REQUESTERS * FLOOD_PER_REQUESTER):
-        flooder.send(big if index % 2 else small, f"{rounds}-{index}",
-                       requester=f"{rounds}-{index % FLOOD_REQUESTERS}")
+        flooder.send(big if index % 2 else small, f"{rounds}-{index}", requester=f"{rounds}-{index % FLOOD_REQUESTERS}")
 
 
 def test_a_flood_of_requests_is_refused_or_answered_one_reply_each_and_memory_stays_bounded(
-        tiny_llava_int8, tiny_engine, broker, make_requester, static_video):
+    tiny_llava_int8, tiny_engine, broker, make_requester, static_video
+):
     flooder = make_requester("flood")
     total = FLOOD_REQUESTERS * FLOOD_PER_REQUESTER
 
@@ -272,8 +235,11 @@ def test_a_flood_of_requests_is_refused_or_answered_one_reply_each_and_memory_st
         before, started = resident_kib(), time.monotonic()
         flood(flooder, rounds)
         sending_s = time.monotonic() - started
-        wait_until(lambda: len(flooder.replies) == expected_replies, timeout=120,
-                   what=f"a reply to every request of the {rounds} flood")
+        wait_until(
+            lambda: len(flooder.replies) == expected_replies,
+            timeout=120,
+            what=f"a reply to every request of the {rounds} flood",
+        )
         return resident_kib() - before, sending_s
 
     with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=tiny_engine) as agent:
@@ -282,8 +248,11 @@ def test_a_flood_of_requests_is_refused_or_answered_one_reply_each_and_memory_st
         first_growth, flood_s = flood_and_wait("flood")
         second_growth, _ = flood_and_wait("again")
 
-    outcomes = [reply.get("error", "answered").split(":")[0] for key, reply in flooder.replies.items()
-                if key.startswith("flood-")]
+    outcomes = [
+        reply.get("error", "answered").split(":")[0]
+        for key, reply in flooder.replies.items()
+        if key.startswith("flood-")
+    ]
     growths = f"RSS grew by {first_growth:.0f} and {second_growth:.0f} KiB"
     assert min(first_growth, second_growth) < RSS_GROWTH_LIMIT_KIB, growths
     allowed_per_requester = 5 + flood_s * 30 / 60  # the default burst, and 30 per minute
@@ -310,7 +279,8 @@ class EngineFailingOn:
 
 
 def test_a_question_the_engine_fails_on_gets_an_error_reply_and_the_agent_goes_on(
-        tiny_llava_int8, tiny_engine, broker, make_requester, static_video, caplog):
+    tiny_llava_int8, tiny_engine, broker, make_requester, static_video, caplog
+):
     asker = make_requester("asker")
     engine = EngineFailingOn(tiny_engine, "Explode?")
     with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=engine) as agent:
@@ -319,7 +289,9 @@ def test_a_question_the_engine_fails_on_gets_an_error_reply_and_the_agent_goes_o
         asker.send(ask_payload(question="Is the door open?"), "fine")
         wait_until(lambda: "fine" in asker.replies, timeout=30, what="the next question answered")
 
-    assert asker.replies["failing"] == {"error": "internal error: the agent could not answer this question",
-                                        "correlation_id": "failing"}
+    assert asker.replies["failing"] == {
+        "error": "internal error: the agent could not answer this question",
+        "correlation_id": "failing",
+    }
     assert "answer" in asker.replies["fine"]
     assert "could not answer the ad hoc question 'Explode?'" in caplog.text

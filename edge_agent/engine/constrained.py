@@ -50,6 +50,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def spelling_score(
+    first_log_probs: np.ndarray, later_log_probs: dict[tuple[int, int], float], ids: tuple[int, ...]
+) -> float:
+    """The log-probability of one spelling of an option: its first token from the question's distribution
+    (`first_log_probs`), each later token from its teacher-forced branch ({(position, token): log-prob})."""
+    return first_log_probs[ids[0]] + sum(later_log_probs[(j, ids[j + 1])] for j in range(len(ids) - 1))
+
+
 def option_probabilities(option_scores: list[list[float]]) -> np.ndarray:
     """Per option, the log-probabilities of its spellings -> the options' normalised probabilities."""
     totals = np.array([np.logaddexp.reduce(scores) if scores else -np.inf for scores in option_scores])

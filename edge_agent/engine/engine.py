@@ -34,8 +34,16 @@ import numpy as np
 import openvino as ov
 
 from ..errors import UserError
-from .constrained import (DigitVocabulary, Prompt, continuation, finite_confidence, log_softmax, option_probabilities,
-                          spellings)
+from .constrained import (
+    DigitVocabulary,
+    Prompt,
+    continuation,
+    finite_confidence,
+    log_softmax,
+    option_probabilities,
+    spelling_score,
+    spellings,
+)
 from .devices import DevicePlan, compile_properties, plan_devices
 from .image_features import pack_anyres
 from .mapped_files import mapped_pages_dropped_during
@@ -45,7 +53,6 @@ from .preprocess import AnyresPreprocessor, ClipPreprocessor, ProcessorSettings
 from .prompt import ChatTemplate
 from .session import LanguageModel, LanguageSession
 from .tokenizer import Tokenizer
-
 
 OPTION_CACHE_ENTRIES = 1024
 """Options whose spellings' token ids are kept (keyed by question and option). Standing questions find
@@ -67,8 +74,13 @@ class Timings:
     decode_ms: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"preprocess": self.preprocess_ms, "vision": self.vision_ms, "prefix": self.prefix_ms,
-                "question_prefill": self.question_prefill_ms, "decode": self.decode_ms}
+        return {
+            "preprocess": self.preprocess_ms,
+            "vision": self.vision_ms,
+            "prefix": self.prefix_ms,
+            "question_prefill": self.question_prefill_ms,
+            "decode": self.decode_ms,
+        }
 
 
 @dataclass(frozen=True)
@@ -121,29 +133,47 @@ class Stopwatch:
 class Engine:
     """A loaded model: the compiled submodels, tokenizer, chat template and preprocessing."""
 
-    def __init__(self, model: ModelDir, core: ov.Core, devices: DevicePlan, inference_precision: str | None = None,
-                 system_prompt: str | None = None):
+    def __init__(
+        self,
+        model: ModelDir,
+        core: ov.Core,
+        devices: DevicePlan,
+        inference_precision: str | None = None,
+        system_prompt: str | None = None,
+    ):
         self.model = model
         self.devices = devices
         self._core = core
         self.tokenizer = Tokenizer(core, model.graph("tokenizer"), model.graph("detokenizer"))
         self.template = ChatTemplate(model.chat_template, model.special_tokens, system_prompt)
         settings = ProcessorSettings.from_dict(model.processor)
-        self.preprocess = AnyresPreprocessor(settings) if model.model_type == "llava_next" else ClipPreprocessor(settings)
-        self._language_compiling = in_background(load_language_model, core, model.graph("language"),
-                                                 devices.language, inference_precision)
+        self.preprocess = (
+            AnyresPreprocessor(settings) if model.model_type == "llava_next" else ClipPreprocessor(settings)
+        )
+        self._language_compiling = in_background(
+            load_language_model, core, model.graph("language"), devices.language, inference_precision
+        )
         self._vision = self._compile_vision(inference_precision)
-        self._embed = core.compile_model(model.graph("text_embeddings"), devices.language,
-                                         compile_properties(devices.language, inference_precision))
+        self._embed = core.compile_model(
+            model.graph("text_embeddings"), devices.language, compile_properties(devices.language, inference_precision)
+        )
         self._lock = threading.Lock()
         self._weights_still_mapped = {"vision", "language"}
-        self._option_cache: collections.OrderedDict[tuple[str, str], tuple[tuple[int, ...], ...]] = \
+        self._option_cache: collections.OrderedDict[tuple[str, str], tuple[tuple[int, ...], ...]] = (
             collections.OrderedDict()
+        )
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "CPU", vision_device: str | None = None,
-             language_device: str | None = None, cache_dir: str | Path | None = None,
-             inference_precision: str | None = None, system_prompt: str | None = None) -> "Engine":
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str = "CPU",
+        vision_device: str | None = None,
+        language_device: str | None = None,
+        cache_dir: str | Path | None = None,
+        inference_precision: str | None = None,
+        system_prompt: str | None = None,
+    ) -> "Engine":
         """Open and compile an exported model. `cache_dir` keeps compiled blobs so later starts are fast."""
         model = ModelDir.open(model_dir)
         core = ov.Core()
@@ -176,8 +206,9 @@ class Engine:
             graph.reshape({graph.inputs[0].get_any_name(): shape})
         # With static shapes the CPU plugin repacks the weights while compiling, not at the first inference.
         with mapped_pages_dropped_during(self._mapped_directories()):
-            return self._core.compile_model(graph, self.devices.vision,
-                                            compile_properties(self.devices.vision, inference_precision, graph))
+            return self._core.compile_model(
+                graph, self.devices.vision, compile_properties(self.devices.vision, inference_precision, graph)
+            )
 
     def _vision_input_shape(self) -> list[int] | None:
         """The encoder's input shape to compile, or None to keep the export's dynamic one.
@@ -190,8 +221,10 @@ class Engine:
         on_npu = "NPU" in self.devices.vision
         if tile is None:
             if on_npu:
-                raise UserError(f"the vision encoder of {self.model.path} cannot run on the NPU: its preprocessor "
-                                "sizes images by the frame's aspect ratio, and the NPU needs one fixed tile shape")
+                raise UserError(
+                    f"the vision encoder of {self.model.path} cannot run on the NPU: its preprocessor "
+                    "sizes images by the frame's aspect ratio, and the NPU needs one fixed tile shape"
+                )
             return None
         return [-1 if self.model.model_type == "llava_next" and not on_npu else 1, 3, *tile]
 
@@ -236,8 +269,14 @@ class Engine:
                     session.prefill_prefix()
                 prefix_ms = watch.lap()
             timings = Timings(preprocess_ms=preprocess_ms, vision_ms=vision_ms, prefix_ms=prefix_ms)
-        return FrameContext(prefix_ids=prefix_ids, prefix_embeds=prefix_embeds, image_tokens=len(features),
-                            image_size=prepared.image_size, timings=timings, session=session)
+        return FrameContext(
+            prefix_ids=prefix_ids,
+            prefix_embeds=prefix_embeds,
+            image_tokens=len(features),
+            image_size=prepared.image_size,
+            timings=timings,
+            session=session,
+        )
 
     def _image_features(self, pixel_values: np.ndarray, image_size) -> np.ndarray:
         if "NPU" in self.devices.vision:
@@ -247,8 +286,14 @@ class Engine:
             features = self._vision(pixel_values)[0]
         if self.model.model_type == "llava_next":
             tile_px = pixel_values.shape[-1]
-            return pack_anyres(features, image_size, self.preprocess.settings.grid_pinpoints, tile_px,
-                               self.model.vision_grid, self.model.image_newline)
+            return pack_anyres(
+                features,
+                image_size,
+                self.preprocess.settings.grid_pinpoints,
+                tile_px,
+                self.model.vision_grid,
+                self.model.image_newline,
+            )
         return features[0]
 
     def _split_prompt(self, question: str) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +302,7 @@ class Engine:
         where = np.flatnonzero(ids == self.model.image_token_id)
         if len(where) != 1:
             raise UserError(f"the chat template of {self.model.path} does not place exactly one image token")
-        return ids[:where[0]], ids[where[0] + 1:]
+        return ids[: where[0]], ids[where[0] + 1 :]
 
     def _prefix_ids(self) -> np.ndarray:
         return self._split_prompt("")[0]
@@ -284,16 +329,17 @@ class Engine:
             watch = Stopwatch()
             session = context.session
             embedded = self._embed_each(suffixes + [np.asarray(ids) for _, ids in branches])
-            branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes):])]
+            branch_embeds = [(row, e) for (row, _), e in zip(branches, embedded[len(suffixes) :])]
             with self._first_use("language"):
                 reduce = self._needed_log_probs(branches, option_spellings)
-                logits, branch_log_probs = session.prefill_questions(embedded[:len(suffixes)], branch_embeds, reduce)
+                logits, branch_log_probs = session.prefill_questions(embedded[: len(suffixes)], branch_embeds, reduce)
                 prefill_ms = watch.lap()
                 chosen = self._choose(prompts, option_spellings, logits, dict(zip(branches, branch_log_probs)))
                 generated = self._decode(session, prompts, logits)
                 decode_ms = watch.lap()
-        timings = Timings(context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms,
-                          prefill_ms, decode_ms)
+        timings = Timings(
+            context.timings.preprocess_ms, context.timings.vision_ms, context.timings.prefix_ms, prefill_ms, decode_ms
+        )
         answers = []
         for row, prompt in enumerate(prompts):
             if row in chosen:
@@ -315,8 +361,9 @@ class Engine:
     def _question_suffix(self, context: FrameContext, question: str) -> np.ndarray:
         prefix, suffix = self._split_prompt(question)
         if not np.array_equal(prefix, context.prefix_ids):
-            raise UserError("the chat template puts question text before the image; "
-                            "a shared frame prefix needs the image first")
+            raise UserError(
+                "the chat template puts question text before the image; a shared frame prefix needs the image first"
+            )
         return suffix
 
     def _embed_each(self, suffixes: list[np.ndarray]) -> list[np.ndarray]:
@@ -328,14 +375,24 @@ class Engine:
 
     def _option_spellings(self, prompts: list[Prompt]) -> dict[int, list[tuple[tuple[int, ...], ...]]]:
         """For option rows: {row: per option, the token ids of each way to spell it}."""
-        return {row: [self._option_ids(p.text, option) for option in p.options]
-                for row, p in enumerate(prompts) if p.options}
+        return {
+            row: [self._option_ids(p.text, option) for option in p.options]
+            for row, p in enumerate(prompts)
+            if p.options
+        }
 
     @staticmethod
     def _branches(option_spellings: dict) -> list[tuple[int, tuple[int, ...]]]:
         """(row, ids) for every distinct spelling prefix that needs teacher forcing: all but the last token."""
-        return sorted({(row, ids[:-1]) for row, options in option_spellings.items()
-                       for variants in options for ids in variants if len(ids) > 1})
+        return sorted(
+            {
+                (row, ids[:-1])
+                for row, options in option_spellings.items()
+                for variants in options
+                for ids in variants
+                if len(ids) > 1
+            }
+        )
 
     @staticmethod
     def _needed_log_probs(branches: list[tuple[int, tuple[int, ...]]], option_spellings: dict):
@@ -368,12 +425,10 @@ class Engine:
         chosen = {}
         for row, options in option_spellings.items():
             first = log_softmax(logits[row])
-
-            def score(ids):
-                steps = branch_log_probs.get((row, ids[:-1]), {})
-                return first[ids[0]] + sum(steps[(j, ids[j + 1])] for j in range(len(ids) - 1))
-
-            scores = [[score(ids) for ids in variants] for variants in options]
+            scores = [
+                [spelling_score(first, branch_log_probs.get((row, ids[:-1]), {}), ids) for ids in variants]
+                for variants in options
+            ]
             probabilities = option_probabilities(scores)
             best = int(probabilities.argmax())
             best_ids = options[best][int(np.argmax(scores[best]))]
@@ -393,7 +448,9 @@ class Engine:
     def _spell_option(self, question: str, option: str) -> tuple[tuple[int, ...], ...]:
         rendered = self.template.render(question)
         prompt_ids = self.tokenizer.encode(rendered)
-        variants = {continuation(prompt_ids, self.tokenizer.encode(rendered + spelling)) for spelling in spellings(option)}
+        variants = {
+            continuation(prompt_ids, self.tokenizer.encode(rendered + spelling)) for spelling in spellings(option)
+        }
         variants.discard(None)
         if not variants:
             raise UserError(f"option {option!r} cannot be tokenized as an answer to {question!r}")

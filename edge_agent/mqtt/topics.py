@@ -6,8 +6,8 @@
 | --- | --- | --- |
 | `<base>/<agent>/availability` | yes | `online` / `offline`; `offline` is also the last will |
 | `<base>/<agent>/camera` | yes | `online` / `offline`: whether frames are arriving |
-| `<base>/<agent>/answers/<question_id>` | yes | JSON `{question_id, question, type, value, raw, frame_ts, answered_ts, latency_ms, model, scene_changed, confidence}` (timestamps in Unix seconds; `confidence` is the option's probability for yes/no and choice questions, else null) |
-| `<base>/<agent>/state/<question_id>` | yes | plain state for Home Assistant: `ON`/`OFF` (yes/no), the option, the integer, the text (at most 255 characters) or `unknown` |
+| `<base>/<agent>/answers/<question_id>` | yes | JSON `AnswerMessage` without `state` (strict JSON) |
+| `<base>/<agent>/state/<question_id>` | yes | the plain Home Assistant state (at most 255 characters) |
 | `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
 | `<base>/<agent>/discovery` | yes | JSON list of the Home Assistant config topics this agent announced |
 
@@ -148,9 +148,7 @@ class AgentTopics:
     def __post_init__(self) -> None:
         check_id("agent id", self.agent_id)
         if not self.base or any(w in self.base for w in _WILDCARDS) or self.base.endswith("/"):
-            raise UserError(
-                f"mqtt.base_topic {self.base!r} must be non-empty, without '+', '#' or a trailing '/'"
-            )
+            raise UserError(f"mqtt.base_topic {self.base!r} must be non-empty, without '+', '#' or a trailing '/'")
 
     @property
     def root(self) -> str:
