@@ -90,8 +90,10 @@ def step_ms(exported: Path, prefixes: tuple[int, ...]) -> tuple[dict, dict]:
                     times[prefix][rows].append((end - start) / STEPS * 1000)
                 else:
                     kernels[rows] = matmul_kernels(model.compiled)
-    return ({prefix: {rows: statistics.median(ms) for rows, ms in by_rows.items()} for prefix, by_rows in times.items()},
-            kernels)
+    return (
+        {prefix: {rows: statistics.median(ms) for rows, ms in by_rows.items()} for prefix, by_rows in times.items()},
+        kernels,
+    )
 
 
 def matmul_kernels(compiled) -> str:
@@ -123,14 +125,37 @@ def sampled_shares(exported: Path, prefix_tokens: int, rows: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "perf.data"
         record = subprocess.run(
-            ["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-e", "cpu-clock", "-F", str(SAMPLES_PER_S),
-             "-o", str(data), "--", sys.executable, __file__, "--loop", str(rows), "--model", str(exported),
-             "--prefix-tokens", str(prefix_tokens)], capture_output=True, text=True)
+            [
+                "perf",
+                "record",
+                "-q",
+                "-k",
+                "CLOCK_MONOTONIC",
+                "-e",
+                "cpu-clock",
+                "-F",
+                str(SAMPLES_PER_S),
+                "-o",
+                str(data),
+                "--",
+                sys.executable,
+                __file__,
+                "--loop",
+                str(rows),
+                "--model",
+                str(exported),
+                "--prefix-tokens",
+                str(prefix_tokens),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if record.returncode != 0:
             return {"unavailable": f"perf record failed: {(record.stderr.strip().splitlines() or ['?'])[-1]}"}
         windows = json.loads(record.stdout.strip().splitlines()[-1])
-        script = subprocess.run(["perf", "script", "-i", str(data), "-G", "-F", "time,ip,dso"],
-                                capture_output=True, text=True, check=True)
+        script = subprocess.run(
+            ["perf", "script", "-i", str(data), "-G", "-F", "time,ip,dso"], capture_output=True, text=True, check=True
+        )
     return shares_in_windows(script.stdout, windows)
 
 
@@ -165,24 +190,34 @@ def code_kind(dso: str) -> str:
 
 def measure(exported: Path, prefix_tokens: int) -> dict:
     times, kernels = step_ms(exported, (prefix_tokens, SHORT_PREFIX))
-    return {"prefix_tokens": prefix_tokens, "step_ms": times, "matmul_kernels": kernels,
-            "samples": {rows: sampled_shares(exported, prefix_tokens, rows) for rows in SAMPLED_ROWS}}
+    return {
+        "prefix_tokens": prefix_tokens,
+        "step_ms": times,
+        "matmul_kernels": kernels,
+        "samples": {rows: sampled_shares(exported, prefix_tokens, rows) for rows in SAMPLED_ROWS},
+    }
 
 
 def prefix_attention_remark(extra_ms: float) -> str:
     """What the extra cost per row after the long prefix says: attention over it, unless noise hid it."""
     if extra_ms <= 0:
-        return (f"The difference, {extra_ms:.1f} ms per row, is within this run's noise: it did not show the "
-                "attention over the longer prefix that each row computes again.")
-    return (f"The difference, {extra_ms:.1f} ms per row, is attention over the longer prefix: each row computes "
-            "it again, though the rows share the cached prefix.")
+        return (
+            f"The difference, {extra_ms:.1f} ms per row, is within this run's noise: it did not show the "
+            "attention over the longer prefix that each row computes again."
+        )
+    return (
+        f"The difference, {extra_ms:.1f} ms per row, is attention over the longer prefix: each row computes "
+        "it again, though the rows share the cached prefix."
+    )
 
 
 def many_rows_remark(short: dict) -> str:
     """What a row costs from 8 to 16 rows against 1 to 4, after the short prefix."""
     few, many = (short[4] - short[1]) / 3, (short[16] - short[8]) / 8
-    return (f" From 8 to 16 rows, after the {SHORT_PREFIX}-token prefix, a row adds {many:.1f} ms "
-            f"({many / few:.0%} of its cost from 1 to 4 rows).")
+    return (
+        f" From 8 to 16 rows, after the {SHORT_PREFIX}-token prefix, a row adds {many:.1f} ms "
+        f"({many / few:.0%} of its cost from 1 to 4 rows)."
+    )
 
 
 def section(profile: dict) -> str:
@@ -198,30 +233,46 @@ def section(profile: dict) -> str:
     lines.append("| matmul kernel | " + " | ".join(f"`{kernels[rows]}`" for rows in ROWS) + " |")
     per_row = (long[4] - long[1]) / 3
     per_row_short = (short[4] - short[1]) / 3
-    text = ("## Decode, profiled (language model alone, ms per step)\n\n" + "\n".join(lines) + "\n\n"
-            f"From 1 to 4 rows, each row adds {per_row:.1f} ms per step after the {prefix}-token prefix and "
-            f"{per_row_short:.1f} ms after a {SHORT_PREFIX}-token one. "
-            + prefix_attention_remark(per_row - per_row_short) + many_rows_remark(short) + " Medians of "
-            f"{ROUNDS - 1} interleaved rounds of {STEPS} steps, random embeddings, the engine's settings.\n")
+    text = (
+        "## Decode, profiled (language model alone, ms per step)\n\n" + "\n".join(lines) + "\n\n"
+        f"From 1 to 4 rows, each row adds {per_row:.1f} ms per step after the {prefix}-token prefix and "
+        f"{per_row_short:.1f} ms after a {SHORT_PREFIX}-token one. "
+        + prefix_attention_remark(per_row - per_row_short)
+        + many_rows_remark(short)
+        + " Medians of "
+        f"{ROUNDS - 1} interleaved rounds of {STEPS} steps, random embeddings, the engine's settings.\n"
+    )
     samples = {int(rows): shares for rows, shares in profile["samples"].items()}
     if any("unavailable" in shares for shares in samples.values()):
         reasons = {shares["unavailable"] for shares in samples.values() if "unavailable" in shares}
         return text + f"\nNo sampled profile: {'; '.join(sorted(reasons))}.\n"
-    lines = ["| where the CPU was | " + " | ".join(f"{rows} {'row' if rows == 1 else 'rows'}" for rows in samples) + " |",
-             "|" + " --- |" * (len(samples) + 1)]
+    lines = [
+        "| where the CPU was | " + " | ".join(f"{rows} {'row' if rows == 1 else 'rows'}" for rows in samples) + " |",
+        "|" + " --- |" * (len(samples) + 1),
+    ]
     for kind, label in CODE_KINDS.items():
         lines.append(f"| {label} | " + " | ".join(f"{shares[kind]:.0%}" for shares in samples.values()) + " |")
     counts = ", ".join(f"{shares['samples']}" for shares in samples.values())
-    return (text + "\nSampled by Linux `perf` during the decode steps after the "
-            f"{prefix}-token prefix ({counts} samples on both cores):\n\n" + "\n".join(lines) + "\n")
+    return (
+        text + "\nSampled by Linux `perf` during the decode steps after the "
+        f"{prefix}-token prefix ({counts} samples on both cores):\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / ".cache" / "bench" / "llava-bench-int4",
-                        help="an exported model directory (default: the bench model)")
-    parser.add_argument("--prefix-tokens", type=int, default=583, help="prefix length (default: %(default)s, "
-                        "the bench model's system prompt, USER: and 576 image tokens)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=REPO / ".cache" / "bench" / "llava-bench-int4",
+        help="an exported model directory (default: the bench model)",
+    )
+    parser.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=583,
+        help="prefix length (default: %(default)s, the bench model's system prompt, USER: and 576 image tokens)",
+    )
     parser.add_argument("--loop", type=int, metavar="ROWS", help=argparse.SUPPRESS)  # child under perf record
     args = parser.parse_args(argv)
     if args.loop:

@@ -41,8 +41,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.devtools import scenes  # noqa: E402
 from edge_agent.config import Question  # noqa: E402
+from edge_agent.devtools import scenes  # noqa: E402
 from edge_agent.engine import Prompt  # noqa: E402
 from edge_agent.questions import build_prompt  # noqa: E402
 
@@ -72,6 +72,7 @@ CHILD_TIMEOUT_S = 3600
 
 
 # -- frames and questions --------------------------------------------------------------------------------
+
 
 def kiosk_frame(seed: int) -> tuple[np.ndarray, list[scenes.Asked]]:
     """A 640x480 frame of a random kiosk scene and its questions with their true answers."""
@@ -107,6 +108,7 @@ def write_calibration_images(directory: Path) -> Path:
 
 # -- exports ---------------------------------------------------------------------------------------------
 
+
 def checkpoints(names: list[str]) -> dict[str, Path]:
     """The checkpoints to measure: the bench model (built once if missing) and the demo model if trained."""
     found = {}
@@ -135,8 +137,13 @@ def export_recipe(model: str, checkpoint: Path, recipe: str, calibration: Path) 
         return out
     options = RECIPES[recipe]
     print(f"{model}: exporting {recipe}", file=sys.stderr, flush=True)
-    return export_model(str(checkpoint), out, weight_format=options["weight_format"], overwrite=True,
-                        calibration_images=calibration if options.get("calibrated") else None)
+    return export_model(
+        str(checkpoint),
+        out,
+        weight_format=options["weight_format"],
+        overwrite=True,
+        calibration_images=calibration if options.get("calibrated") else None,
+    )
 
 
 def model_sizes_mib(directory: Path) -> dict:
@@ -146,6 +153,7 @@ def model_sizes_mib(directory: Path) -> dict:
 
 
 # -- measuring one recipe (child process) ----------------------------------------------------------------
+
 
 def measure(model_dir: Path, frames: int, precision: str | None) -> dict:
     """Per frame: vision and whole-frame milliseconds, free answers' token ids, constrained choices."""
@@ -160,11 +168,13 @@ def measure(model_dir: Path, frames: int, precision: str | None) -> dict:
 def answer_frame(engine, frame: np.ndarray, asked: list[scenes.Asked]) -> dict:
     started = time.perf_counter()
     context = engine.encode(frame)
-    free = engine.answer(context, [Prompt(build_prompt(item.question), NEW_TOKENS, ignore_eos=True)
-                                   for item in asked[:FREE_QUESTIONS]])
+    free = engine.answer(
+        context, [Prompt(build_prompt(item.question), NEW_TOKENS, ignore_eos=True) for item in asked[:FREE_QUESTIONS]]
+    )
     frame_ms = (time.perf_counter() - started) * 1000.0
-    constrained = engine.answer(context, [Prompt(build_prompt(item.question), options=options_of(item.question))
-                                          for item in asked])
+    constrained = engine.answer(
+        context, [Prompt(build_prompt(item.question), options=options_of(item.question)) for item in asked]
+    )
     return {
         "vision_ms": context.timings.vision_ms,
         "frame_ms": frame_ms,
@@ -186,13 +196,19 @@ def measure_in_child(model_dir: Path, frames: int, precision: str | None) -> dic
 
 # -- agreement -------------------------------------------------------------------------------------------
 
+
 def agreement(run: dict, reference: dict) -> dict:
     """Shares of answers that equal the FP32 reference's (and, with known truths, that are right)."""
-    pairs = [(ids, ref) for frame, ref_frame in zip(run["free_ids"], reference["free_ids"])
-             for ids, ref in zip(frame, ref_frame)]
-    choices = [(choice, ref, truth) for frame, ref_frame, truths in
-               zip(run["choices"], reference["choices"], run["truths"]) for choice, ref, truth in
-               zip(frame, ref_frame, truths)]
+    pairs = [
+        (ids, ref)
+        for frame, ref_frame in zip(run["free_ids"], reference["free_ids"])
+        for ids, ref in zip(frame, ref_frame)
+    ]
+    choices = [
+        (choice, ref, truth)
+        for frame, ref_frame, truths in zip(run["choices"], reference["choices"], run["truths"])
+        for choice, ref, truth in zip(frame, ref_frame, truths)
+    ]
     return {
         "exact_sequence": share(ids == ref for ids, ref in pairs),
         "first_token": share(ids[:1] == ref[:1] for ids, ref in pairs),
@@ -220,6 +236,7 @@ def summarize(model_dir: Path, run: dict, reference: dict) -> dict:
 
 # -- the whole run ---------------------------------------------------------------------------------------
 
+
 def run(models: list[str], frames: int) -> dict:
     """Export and measure every recipe of `models`; results of models not measured now are kept."""
     calibration = write_calibration_images(CACHE / "calibration")
@@ -232,7 +249,9 @@ def run(models: list[str], frames: int) -> dict:
             print(f"{model}: measuring {recipe}", file=sys.stderr, flush=True)
             raw[recipe] = measure_in_child(directory, frames, "f32" if recipe == "fp32" else None)
         results[model] = {
-            "machine": machine(), "frames": frames, "load": [load_before, os.getloadavg()[0]],
+            "machine": machine(),
+            "frames": frames,
+            "load": [load_before, os.getloadavg()[0]],
             "recipes": {recipe: summarize(directories[recipe], raw[recipe], raw["fp32"]) for recipe in RECIPES},
         }
     return results
@@ -241,52 +260,68 @@ def run(models: list[str], frames: int) -> dict:
 def machine() -> dict:
     import openvino as ov
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "openvino": ov.__version__,
-            "date": datetime.date.today().isoformat()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {"cpu": cpu, "cores": os.cpu_count(), "openvino": ov.__version__, "date": datetime.date.today().isoformat()}
 
 
 # -- report ----------------------------------------------------------------------------------------------
 
+
 def format_section(results: dict) -> str:
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"Per frame: median over new 640x480 kiosk frames, 4 questions x {NEW_TOKENS} tokens (end-of-sequence "
         "ignored). Agreement is with the `fp32` recipe run at f32 precision (the others run at the CPU's "
         "default precision, bf16 where supported, as the agent does): `same tokens` = whole answers equal, "
         "`first token` = first tokens equal, `same choice` = constrained answers (every question of the "
         "frame: yes/no, options, counts, colours) equal. The calibrated vision encoder was calibrated on "
         f"{CALIBRATION_FRAMES} other frames of the same camera (`edge-agent model export ... "
-        "--calibration-images DIR`). Reproduce with `python benchmarks/quantization.py`.", "",
+        "--calibration-images DIR`). Reproduce with `python benchmarks/quantization.py`.",
+        "",
     ]
     for model, measured in results.items():
         lines += model_table(model, measured)
     if "bench" in results:
-        lines += ["The bench model has random weights: its answers are near-ties between arbitrary tokens, so "
-                  "its agreement figures show how much a recipe perturbs the logits, not how accurate it is.", ""]
+        lines += [
+            "The bench model has random weights: its answers are near-ties between arbitrary tokens, so "
+            "its agreement figures show how much a recipe perturbs the logits, not how accurate it is.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def model_table(model: str, measured: dict) -> list[str]:
     m = measured["machine"]
     accuracy = model == "demo"
-    lines = [f"### {model} model", "",
-             f"{m['cpu']}, {m['cores']} cores, OpenVINO {m['openvino']}, {m['date']}; {measured['frames']} frames "
-             f"per recipe; load average {measured['load'][0]:.1f} before, {measured['load'][1]:.1f} after "
-             "(the recipes run one after another, so their own runs count in it; compare recipes within this "
-             "table).", "",
-             "| recipe | vision ms/frame | frame ms | vision MiB | model MiB | same tokens | first token "
-             "| same choice |" + (" accuracy |" if accuracy else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if accuracy else "")]
+    lines = [
+        f"### {model} model",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, OpenVINO {m['openvino']}, {m['date']}; {measured['frames']} frames "
+        f"per recipe; load average {measured['load'][0]:.1f} before, {measured['load'][1]:.1f} after "
+        "(the recipes run one after another, so their own runs count in it; compare recipes within this "
+        "table).",
+        "",
+        "| recipe | vision ms/frame | frame ms | vision MiB | model MiB | same tokens | first token "
+        "| same choice |" + (" accuracy |" if accuracy else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if accuracy else ""),
+    ]
     for recipe, row in measured["recipes"].items():
         a = row["agreement"]
-        lines.append(f"| `{recipe}` | {row['vision_ms']:.0f} | {row['frame_ms']:.0f} | "
-                     f"{row['size_mib']['vision']:.0f} | {row['size_mib']['total']:.0f} | "
-                     f"{a['exact_sequence']:.0%} | {a['first_token']:.0%} | {a['choice']:.0%} |"
-                     + (f" {a['accuracy']:.0%} |" if accuracy else ""))
-    return lines + ["", f"{a['free_answers']} free and {a['constrained_answers']} constrained answers per recipe.",
-                    ""]
+        lines.append(
+            f"| `{recipe}` | {row['vision_ms']:.0f} | {row['frame_ms']:.0f} | "
+            f"{row['size_mib']['vision']:.0f} | {row['size_mib']['total']:.0f} | "
+            f"{a['exact_sequence']:.0%} | {a['first_token']:.0%} | {a['choice']:.0%} |"
+            + (f" {a['accuracy']:.0%} |" if accuracy else "")
+        )
+    return lines + ["", f"{a['free_answers']} free and {a['constrained_answers']} constrained answers per recipe.", ""]
 
 
 def write_section(section: str) -> None:

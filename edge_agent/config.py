@@ -93,8 +93,11 @@ class Bounds:
     maximum: float | None = None
 
     def __call__(self, value: float) -> str | None:
-        inside = ((self.minimum is None or value >= self.minimum) and (self.above is None or value > self.above)
-                  and (self.maximum is None or value <= self.maximum))
+        inside = (
+            (self.minimum is None or value >= self.minimum)
+            and (self.above is None or value > self.above)
+            and (self.maximum is None or value <= self.maximum)
+        )
         return None if inside else self.reason.format(value=value, minimum=self.minimum, maximum=self.maximum)
 
     @property
@@ -145,8 +148,9 @@ def json_schema_of(check: Check | None) -> dict:
 def all_of(*checks: Check) -> Rule:
     """A rule that each of `checks` holds; the reason is the first broken one's."""
     stated = [json_schema_of(check) for check in checks if json_schema_of(check)]
-    return Rule(lambda value: next(filter(None, (check(value) for check in checks)), None),
-                {"allOf": stated} if stated else {})
+    return Rule(
+        lambda value: next(filter(None, (check(value) for check in checks)), None), {"allOf": stated} if stated else {}
+    )
 
 
 def each(check: Check) -> Rule:
@@ -168,8 +172,13 @@ def refused_by_brokers(character: str) -> bool:
     user name with one is refused at every connect, a topic with one ends the connection at every publish.
     """
     code = ord(character)
-    return (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF
-            or code & 0xFFFE == 0xFFFE)
+    return (
+        code < 0x20
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or 0xFDD0 <= code <= 0xFDEF
+        or code & 0xFFFE == 0xFFFE
+    )
 
 
 def mqtt_text(value: str) -> str | None:
@@ -184,8 +193,11 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 no_image_placeholder = Rule(
-    lambda value: None if IMAGE_PLACEHOLDER not in value
-    else f"must not contain {IMAGE_PLACEHOLDER!r}: the model reads it as a second place for the image",
+    lambda value: (
+        None
+        if IMAGE_PLACEHOLDER not in value
+        else f"must not contain {IMAGE_PLACEHOLDER!r}: the model reads it as a second place for the image"
+    ),
     {"not": {"pattern": re.escape(IMAGE_PLACEHOLDER)}},
 )
 topic_safe = Pattern(r"[A-Za-z0-9_-]+", "must contain only letters, digits, '_' and '-'")
@@ -262,8 +274,12 @@ def usable_cache_dir(path: str | None, key: str = "model.cache_dir") -> str | No
     except NotADirectoryError:
         raise UserError(f"{key}: cannot create {directory}: a parent of it is a file") from None
     except OSError as error:
-        log.warning("%s: %s is not writable (%s); loading the model without a compiled-model cache",
-                    key, directory, error.strerror)
+        log.warning(
+            "%s: %s is not writable (%s); loading the model without a compiled-model cache",
+            key,
+            directory,
+            error.strerror,
+        )
         return None
     return str(directory)
 
@@ -332,22 +348,24 @@ class Question(Settings):
     """A standing question asked about the camera image, answered with a typed value."""
 
     id: str = setting(
-        REQUIRED, "Unique name used in MQTT topics and Home Assistant ids (letters, digits, '_', '-').",
+        REQUIRED,
+        "Unique name used in MQTT topics and Home Assistant ids (letters, digits, '_', '-').",
         check=topic_safe,
     )
-    question: str = setting(
-        REQUIRED, "The question, in plain language.", check=all_of(not_blank, no_image_placeholder)
-    )
+    question: str = setting(REQUIRED, "The question, in plain language.", check=all_of(not_blank, no_image_placeholder))
     type: str = setting(
-        REQUIRED, f"Answer type ({alternatives(list(KINDS))}): decides prompt, parsing and entity.",
+        REQUIRED,
+        f"Answer type ({alternatives(list(KINDS))}): decides prompt, parsing and entity.",
         check=question_kind,
     )
     options: tuple[str, ...] = setting(
-        (), "The allowed answers of a choice question (at least 2, unique); only for type choice.",
+        (),
+        "The allowed answers of a choice question (at least 2, unique); only for type choice.",
         check=each(no_image_placeholder),
     )
     every: float = setting(
-        30.0, "Seconds between answers (interval), or the minimum gap between answers (change).",
+        30.0,
+        "Seconds between answers (interval), or the minimum gap between answers (change).",
         check=positive,
     )
     trigger: Literal["interval", "change"] = setting(
@@ -361,7 +379,8 @@ class Question(Settings):
         None, "Home Assistant device_class of the entity (e.g. door, occupancy); null = none."
     )
     instruction: Optional[str] = setting(
-        None, "Replaces the type's answer-format instruction after the question; \"\" = none.",
+        None,
+        'Replaces the type\'s answer-format instruction after the question; "" = none.',
         check=no_image_placeholder,
     )
 
@@ -379,8 +398,10 @@ class Question(Settings):
             raise InvalidValue(f"options[{folded.index('')}]", "must not be empty")
         too_long = next((index for index, option in enumerate(self.options) if len(option) > MAX_OPTION_CHARS), None)
         if too_long is not None:
-            raise InvalidValue(f"options[{too_long}]", f"is {len(self.options[too_long])} characters long, "
-                                                       f"more than {MAX_OPTION_CHARS}")
+            raise InvalidValue(
+                f"options[{too_long}]",
+                f"is {len(self.options[too_long])} characters long, more than {MAX_OPTION_CHARS}",
+            )
         duplicate = first_duplicate(folded)
         if duplicate is not None:
             raise InvalidValue(f"options[{duplicate}]", f"duplicate option {self.options[duplicate]!r}")
@@ -391,7 +412,8 @@ class CameraSettings(Settings):
     """Where frames come from and how a failing source is retried."""
 
     source: str | int = setting(
-        0, "V4L2 index, /dev/videoN, rtsp/http(s) URL, video file, image file or directory of images.",
+        0,
+        "V4L2 index, /dev/videoN, rtsp/http(s) URL, video file, image file or directory of images.",
         check=camera_source,
     )
     loop: bool = setting(False, "Restart a video file or image directory at its end instead of stopping.")
@@ -399,7 +421,8 @@ class CameraSettings(Settings):
     open_timeout_s: float = setting(10.0, "Seconds to wait for the source to open.", check=wait_seconds)
     read_timeout_s: float = setting(5.0, "Seconds to wait for one frame before a read fails.", check=wait_seconds)
     stale_after_s: float = setting(
-        15.0, "Seconds without a new frame before the source is reopened; longer than one frame interval (1/fps).",
+        15.0,
+        "Seconds without a new frame before the source is reopened; longer than one frame interval (1/fps).",
         check=wait_seconds,
     )
     backoff_initial_s: float = setting(
@@ -413,8 +436,11 @@ class CameraSettings(Settings):
         if self.backoff_initial_s > self.backoff_max_s:
             raise InvalidValue("backoff_initial_s", f"must not exceed backoff_max_s ({self.backoff_max_s})")
         if self.stale_after_s <= 1.0 / self.fps:  # else every pause between two samples would count as stale
-            raise InvalidValue("stale_after_s", f"must be longer than one frame interval at camera.fps "
-                                                f"({1.0 / self.fps:g} s), got {self.stale_after_s}")
+            raise InvalidValue(
+                "stale_after_s",
+                f"must be longer than one frame interval at camera.fps "
+                f"({1.0 / self.fps:g} s), got {self.stale_after_s}",
+            )
 
     @property
     def source_text(self) -> str:
@@ -443,9 +469,7 @@ class ModelSettings(Settings):
         "Directory where OpenVINO caches compiled models for faster starts; null = no cache.",
         check=not_blank,
     )
-    max_new_tokens: int = setting(
-        16, "Default answer length limit in tokens for each question.", check=positive
-    )
+    max_new_tokens: int = setting(16, "Default answer length limit in tokens for each question.", check=positive)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -460,15 +484,15 @@ class MqttSettings(Settings):
     )
     qos: Literal[0, 1, 2] = setting(1, "QoS of published answers: 0, 1 or 2.")
     tls_ca_file: Optional[str] = setting(
-        None, "CA certificate file (PEM); enables TLS with certificate verification; null = plain TCP.",
+        None,
+        "CA certificate file (PEM); enables TLS with certificate verification; null = plain TCP.",
         check=not_blank,
     )
-    tls_insecure: bool = setting(
-        False, "Skip the broker host name check (TLS only; for tests, not production)."
-    )
+    tls_insecure: bool = setting(False, "Skip the broker host name check (TLS only; for tests, not production).")
     username: Optional[str] = setting(None, "User name; null = anonymous.", check=mqtt_text)
     password_file: Optional[str] = setting(
-        None, "File holding the password; relative paths resolve in $CREDENTIALS_DIRECTORY under systemd.",
+        None,
+        "File holding the password; relative paths resolve in $CREDENTIALS_DIRECTORY under systemd.",
         check=not_blank,
     )
     client_id: Optional[str] = setting(
@@ -477,17 +501,18 @@ class MqttSettings(Settings):
     keepalive_s: int = setting(
         60, "Seconds between keepalive pings.", check=at_most(65535, "seconds", "MQTT sends it in 16 bits")
     )
-    queue_limit: int = setting(
-        100, "Most answers kept while disconnected (oldest dropped first).", check=positive
-    )
+    queue_limit: int = setting(100, "Most answers kept while disconnected (oldest dropped first).", check=positive)
     heartbeat_s: float = setting(
         0.0, "Republish unchanged states this often in seconds; 0 = only on change.", check=zero_or_more
     )
     ask_per_minute: float = setting(
-        30.0, "Ad hoc questions answered per minute for each requester (reply topic); more get a refusal.",
+        30.0,
+        "Ad hoc questions answered per minute for each requester (reply topic); more get a refusal.",
         check=positive,
     )
-    ask_burst: int = setting(5, "Ad hoc questions a requester may send at once before the rate applies.", check=positive)
+    ask_burst: int = setting(
+        5, "Ad hoc questions a requester may send at once before the rate applies.", check=positive
+    )
     discovery: bool = setting(True, "Publish Home Assistant discovery configs for every question.")
     discovery_prefix: str = setting(
         "homeassistant", "Home Assistant discovery topic prefix.", check=all_of(topic_levels, mqtt_text)
@@ -513,11 +538,13 @@ class SceneGateSettings(Settings):
     """When a frame counts as a new scene worth encoding again."""
 
     threshold: float = setting(
-        0.02, "Mean absolute difference (0..1) of downscaled grayscale frames that counts as a change.",
+        0.02,
+        "Mean absolute difference (0..1) of downscaled grayscale frames that counts as a change.",
         check=fraction,
     )
     size: int = setting(
-        64, "Side in pixels of the downscaled grayscale comparison image.",
+        64,
+        "Side in pixels of the downscaled grayscale comparison image.",
         check=at_most(256, "pixels", "a thumbnail to compare; larger only costs memory"),
     )
     max_unchanged_s: float = setting(
@@ -759,8 +786,11 @@ def config_schema() -> dict:
     Types, defaults, descriptions and enums come from the fields, bounds and patterns from their checks
     (`json_schema`). Cross-field rules (e.g. `stale_after_s` against `fps`) only the loader checks.
     """
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "edge-agent config.yaml",
-            **_section_schema(Config)}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "edge-agent config.yaml",
+        **_section_schema(Config),
+    }
 
 
 def _section_schema(cls: type) -> dict:
@@ -768,7 +798,8 @@ def _section_schema(cls: type) -> dict:
     fields = dataclasses.fields(cls)
     required = [field.name for field in fields if field.default is REQUIRED and field.default_factory is REQUIRED]
     schema = {
-        "type": "object", "description": " ".join(cls.__doc__.split()),
+        "type": "object",
+        "description": " ".join(cls.__doc__.split()),
         "properties": {field.name: _field_schema(field, hints[field.name]) for field in fields},
         "additionalProperties": False,
     }

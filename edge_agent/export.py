@@ -68,17 +68,24 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 VISION_SMOOTH_QUANT_ALPHA = 0.6
 """SmoothQuant migration strength for the vision encoder's MatMuls: optimum-intel's value for CLIP ViTs."""
 
-_VERSIONED_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "optimum", "nncf",
-                       "transformers", "torch")
+_VERSIONED_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "optimum", "nncf", "transformers", "torch")
 _NOISY_LOGGERS = ("optimum", "nncf", "transformers")
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 log = logging.getLogger(__name__)
 
 
-def export_model(src: str, out_dir, weight_format: str = "int4", group_size: int | None = None,
-                 ratio: float | None = None, sym: bool = False, calibration_images=None,
-                 overwrite: bool = False, progress: bool = True) -> pathlib.Path:
+def export_model(
+    src: str,
+    out_dir,
+    weight_format: str = "int4",
+    group_size: int | None = None,
+    ratio: float | None = None,
+    sym: bool = False,
+    calibration_images=None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pathlib.Path:
     """Export checkpoint `src` (a local directory or a Hub model id) into `out_dir` and return its path.
 
     `weight_format`: int4 compresses the language model to 4 bits (`group_size` channels per scale,
@@ -96,8 +103,11 @@ def export_model(src: str, out_dir, weight_format: str = "int4", group_size: int
     out = pathlib.Path(out_dir)
     with _quiet_libraries(), staged_output_dir(out, overwrite) as staging:
         with _stage("exporting to OpenVINO", progress):
-            float_dir = _export_float(source, staging if compression is None else staging / ".float",
-                                      "fp16" if weight_format == "fp16" else "fp32")
+            float_dir = _export_float(
+                source,
+                staging if compression is None else staging / ".float",
+                "fp16" if weight_format == "fp16" else "fp32",
+            )
         if compression is not None:
             with _stage(f"compressing weights to {weight_format}", progress):
                 _compress(float_dir, staging, compression)
@@ -113,8 +123,7 @@ def export_model(src: str, out_dir, weight_format: str = "int4", group_size: int
     return out
 
 
-def weight_compression(weight_format: str, group_size: int | None, ratio: float | None,
-                       sym: bool) -> dict | None:
+def weight_compression(weight_format: str, group_size: int | None, ratio: float | None, sym: bool) -> dict | None:
     """The language model's NNCF compression settings for the options, or None for float formats."""
     if weight_format not in WEIGHT_FORMATS:
         raise UserError(f"weight_format: unsupported {weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -271,8 +280,9 @@ def _resolve_source(src: str) -> _Source:
 def _check_model_type(src: str, config: dict) -> None:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{src}: model_type {model_type!r} is not supported; "
-                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(
+            f"{src}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def _read_json(path) -> dict:
@@ -316,14 +326,16 @@ def _hub_config_file(repo_id: str, offline_reason: str | None) -> str:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:  # LocalEntryNotFoundError is an EntryNotFoundError: catch it first
-        return hf_hub_download(repo_id, "config.json", local_files_only=offline_reason is not None,
-                               etag_timeout=HUB_TIMEOUT_S)
+        return hf_hub_download(
+            repo_id, "config.json", local_files_only=offline_reason is not None, etag_timeout=HUB_TIMEOUT_S
+        )
     except RepositoryNotFoundError:
         raise UserError(f"{repo_id}: no such model on the Hugging Face Hub, or it needs a login") from None
     except LocalEntryNotFoundError:
-        raise UserError(f"cannot download {repo_id}: no network access to the Hugging Face Hub "
-                        f"({offline_reason or 'timed out'}); download it elsewhere and pass the local directory"
-                        ) from None
+        raise UserError(
+            f"cannot download {repo_id}: no network access to the Hugging Face Hub "
+            f"({offline_reason or 'timed out'}); download it elsewhere and pass the local directory"
+        ) from None
     except EntryNotFoundError:
         raise UserError(f"{repo_id}: the Hub repository has no config.json; is it a transformers model?") from None
 
@@ -334,8 +346,13 @@ def _export_float(source: _Source, out: pathlib.Path, dtype: str) -> pathlib.Pat
     from optimum.intel.openvino.configuration import OVConfig
 
     main_export(
-        source.name, out, task="image-text-to-text", library_name="transformers",
-        ov_config=OVConfig(dtype=dtype), convert_tokenizer=True, local_files_only=source.local_files_only,
+        source.name,
+        out,
+        task="image-text-to-text",
+        library_name="transformers",
+        ov_config=OVConfig(dtype=dtype),
+        convert_tokenizer=True,
+        local_files_only=source.local_files_only,
     )
     return out
 
@@ -362,8 +379,10 @@ def _group_size_advice(group_size: int, nncf_message: str) -> str:
     channels = sorted({int(size) for size in re.findall(r"channel size: (\d+)", nncf_message)})
     fitting = math.gcd(group_size, *channels)
     suggestion = f"--group-size {fitting}" if fitting > 1 else "--group-size -1 (per channel)"
-    return (f"group_size: {group_size} does not divide the input channels ({', '.join(map(str, channels))}) "
-            f"of some language model layers; pass a group size that does, e.g. {suggestion}")
+    return (
+        f"group_size: {group_size} does not divide the input channels ({', '.join(map(str, channels))}) "
+        f"of some language model layers; pass a group size that does, e.g. {suggestion}"
+    )
 
 
 def _move_missing_files(src_dir: pathlib.Path, out: pathlib.Path) -> None:
@@ -374,6 +393,7 @@ def _move_missing_files(src_dir: pathlib.Path, out: pathlib.Path) -> None:
 
 
 # -- calibrated INT8 vision encoder ------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationFrame:
@@ -421,14 +441,21 @@ def find_calibration_frames(directory) -> CalibrationSet:
             candidates.append(CalibrationFrame(path))
         elif path.suffix.lower() in VIDEO_SUFFIXES:
             candidates += [CalibrationFrame(path, index) for index in range(_frame_count(path))]
-    frames = [frame for frame in _spread(candidates, MAX_CALIBRATION_FRAMES)
-              if frame.index is not None or _is_readable_image(frame.path)]
+    frames = [
+        frame
+        for frame in _spread(candidates, MAX_CALIBRATION_FRAMES)
+        if frame.index is not None or _is_readable_image(frame.path)
+    ]
     if not frames:
-        raise UserError(f"calibration_images: {root} holds no readable images ({' '.join(IMAGE_SUFFIXES)}) "
-                        f"or videos ({' '.join(VIDEO_SUFFIXES)})")
+        raise UserError(
+            f"calibration_images: {root} holds no readable images ({' '.join(IMAGE_SUFFIXES)}) "
+            f"or videos ({' '.join(VIDEO_SUFFIXES)})"
+        )
     if len(frames) < MIN_CALIBRATION_FRAMES:
-        raise UserError(f"calibration_images: {root} holds {len(frames)} readable frames; calibration needs at "
-                        f"least {MIN_CALIBRATION_FRAMES} (add images, or a video to sample frames from)")
+        raise UserError(
+            f"calibration_images: {root} holds {len(frames)} readable frames; calibration needs at "
+            f"least {MIN_CALIBRATION_FRAMES} (add images, or a video to sample frames from)"
+        )
     return CalibrationSet(root, tuple(frames))
 
 
@@ -496,15 +523,29 @@ def quantize_vision_encoder(float_dir: pathlib.Path, out: pathlib.Path, calibrat
     model = ov.Core().read_model(float_dir / _VISION_GRAPH)
     advanced = nncf.AdvancedQuantizationParameters()
     advanced.smooth_quant_alphas.matmul = VISION_SMOOTH_QUANT_ALPHA
-    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
-                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
-                              fast_bias_correction=True, advanced_parameters=advanced)
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(samples),
+        subset_size=len(samples),
+        model_type=nncf.ModelType.TRANSFORMER,
+        preset=nncf.QuantizationPreset.MIXED,
+        fast_bias_correction=True,
+        advanced_parameters=advanced,
+    )
     _replace_graph(quantized, out / _VISION_GRAPH)
     return {
-        "bits": 8, "activations": True, "method": "nncf.quantize", "model_type": "transformer",
-        "preset": "mixed", "smooth_quant_alpha": VISION_SMOOTH_QUANT_ALPHA, "fast_bias_correction": True,
-        "calibration": {"directory": str(calibration.directory), "frames": len(calibration.frames),
-                        "samples": len(samples)},
+        "bits": 8,
+        "activations": True,
+        "method": "nncf.quantize",
+        "model_type": "transformer",
+        "preset": "mixed",
+        "smooth_quant_alpha": VISION_SMOOTH_QUANT_ALPHA,
+        "fast_bias_correction": True,
+        "calibration": {
+            "directory": str(calibration.directory),
+            "frames": len(calibration.frames),
+            "samples": len(samples),
+        },
     }
 
 
@@ -530,8 +571,9 @@ def _write_preprocessor_config(out: pathlib.Path) -> None:
     (out / PREPROCESSOR_FILE).write_text(json.dumps(processor["image_processor"], indent=2) + "\n")
 
 
-def _write_metadata(out: pathlib.Path, src: str, weight_format: str, compression: dict | None,
-                    vision: dict | None) -> None:
+def _write_metadata(
+    out: pathlib.Path, src: str, weight_format: str, compression: dict | None, vision: dict | None
+) -> None:
     """Record the source, the recipe and the tool versions, so an export can be reproduced and audited.
 
     `language_model_compression` and `text_embeddings_compression` are NNCF weight compression settings

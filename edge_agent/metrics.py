@@ -38,22 +38,26 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self.frames = Counter("edge_agent_frames", "Frames read from the camera.", registry=self.registry)
         self.scene_changes = Counter(
-            "edge_agent_scene_changes", "Frames the scene gate found different enough to encode.",
+            "edge_agent_scene_changes",
+            "Frames the scene gate found different enough to encode.",
             registry=self.registry,
         )
-        self.inferences = Counter(
-            "edge_agent_inferences", "Frames run through the model.", registry=self.registry
-        )
+        self.inferences = Counter("edge_agent_inferences", "Frames run through the model.", registry=self.registry)
         self.answers_published = Counter(
             "edge_agent_answers_published", "Answers handed to MQTT for publishing.", registry=self.registry
         )
         self.ask_requests = Counter(
-            "edge_agent_ask_requests", "Ad-hoc questions received over MQTT, by outcome.", ["result"],
+            "edge_agent_ask_requests",
+            "Ad-hoc questions received over MQTT, by outcome.",
+            ["result"],
             registry=self.registry,
         )
         self.stage_seconds = Histogram(
-            "edge_agent_stage_seconds", "Time spent per inference stage, in seconds.", ["stage"],
-            buckets=STAGE_BUCKETS_S, registry=self.registry,
+            "edge_agent_stage_seconds",
+            "Time spent per inference stage, in seconds.",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=self.registry,
         )
         self.camera_up = Gauge(
             "edge_agent_camera_up", "1 while the camera delivers frames, else 0.", registry=self.registry
@@ -65,7 +69,8 @@ class Metrics:
             "edge_agent_mqtt_queue_depth", "Messages waiting to be sent to the broker.", registry=self.registry
         )
         self.mqtt_dropped = Gauge(
-            "edge_agent_mqtt_dropped", "Answers dropped since start because the offline queue was full.",
+            "edge_agent_mqtt_dropped",
+            "Answers dropped since start because the offline queue was full.",
             registry=self.registry,
         )
         for stage in STAGES:

@@ -120,7 +120,8 @@ def _choice(text: str, options: tuple[str, ...]) -> str | None:
     spelled = {option: " ".join(_words(option)) for option in options}
     named = [option for option, words in spelled.items() if _contains_words(answer, words)]
     named = [
-        option for option in named
+        option
+        for option in named
         if not any(other != option and _contains_words(spelled[other], spelled[option]) for other in named)
     ]
     begun = [option for option, words in spelled.items() if answer and words.startswith(answer)]
@@ -153,15 +154,36 @@ def _on_off(value: Value) -> str:
     return ON if value else OFF
 
 
-KINDS: dict[str, QuestionKind] = {kind.name: kind for kind in (
-    QuestionKind("yes_no", SHORT_ANSWER, _yes_no, _on_off, Constraint(options=("Yes", "No")),
-                 Component("binary_sensor", {"payload_on": ON, "payload_off": OFF}, unknown_as_none=True)),
-    QuestionKind("choice", ONE_OF_THE_OPTIONS, _choice, str, Constraint(question_options=True),
-                 Component("sensor", enum=True)),
-    QuestionKind("number", SHORT_ANSWER, _number, str, Constraint(digits=True),
-                 Component("sensor", {"state_class": "measurement"}, unknown_as_none=True)),
-    QuestionKind("text", SHORT_ANSWER, _text, str, Constraint(), Component("sensor")),
-)}
+KINDS: dict[str, QuestionKind] = {
+    kind.name: kind
+    for kind in (
+        QuestionKind(
+            "yes_no",
+            SHORT_ANSWER,
+            _yes_no,
+            _on_off,
+            Constraint(options=("Yes", "No")),
+            Component("binary_sensor", {"payload_on": ON, "payload_off": OFF}, unknown_as_none=True),
+        ),
+        QuestionKind(
+            "choice",
+            ONE_OF_THE_OPTIONS,
+            _choice,
+            str,
+            Constraint(question_options=True),
+            Component("sensor", enum=True),
+        ),
+        QuestionKind(
+            "number",
+            SHORT_ANSWER,
+            _number,
+            str,
+            Constraint(digits=True),
+            Component("sensor", {"state_class": "measurement"}, unknown_as_none=True),
+        ),
+        QuestionKind("text", SHORT_ANSWER, _text, str, Constraint(), Component("sensor")),
+    )
+}
 """The question kinds by name, in the order error messages list them."""
 
 

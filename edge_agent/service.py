@@ -27,7 +27,6 @@ import threading
 import time
 import typing
 
-
 from . import systemd
 from .capture import CameraReader, DeviceMissing, SceneGate, validate_source
 from .capture.reader import Frame
@@ -67,8 +66,13 @@ open or read (up to `open_timeout_s` or `read_timeout_s`) is left behind: it is 
 
 def load_engine(config: Config) -> Engine:
     model = config.model
-    return Engine.load(model.path, device=model.device, vision_device=model.vision_device,
-                       language_device=model.language_device, cache_dir=usable_cache_dir(model.cache_dir))
+    return Engine.load(
+        model.path,
+        device=model.device,
+        vision_device=model.vision_device,
+        language_device=model.language_device,
+        cache_dir=usable_cache_dir(model.cache_dir),
+    )
 
 
 @dataclasses.dataclass
@@ -119,8 +123,13 @@ class Agent:
         check_prompt_lengths(self._engine, self.config.questions)
         if self.config.metrics.listen:
             self.metrics_port = self.metrics.serve(self.config.metrics.listen)
-        self._link = AgentLink(self.config.mqtt, self.config.agent_id, on_ask=self._enqueue_ask,
-                               model_name=self._engine.name, on_refused=self._count_refusal)
+        self._link = AgentLink(
+            self.config.mqtt,
+            self.config.agent_id,
+            on_ask=self._enqueue_ask,
+            model_name=self._engine.name,
+            on_refused=self._count_refusal,
+        )
         self._link.start()
         self._link.set_entities([entity_spec(q) for q in self.config.questions])
         self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
@@ -130,8 +139,12 @@ class Agent:
         self.watchdog.start()
         systemd.ready()
         systemd.status(f"answering {len(self.config.questions)} questions")
-        log.info("agent %s started: model %s, %d questions", self.config.agent_id, self._engine.name,
-                 len(self.config.questions))
+        log.info(
+            "agent %s started: model %s, %d questions",
+            self.config.agent_id,
+            self._engine.name,
+            len(self.config.questions),
+        )
         return True
 
     def _load_engine(self) -> Engine | None:
@@ -181,8 +194,12 @@ class Agent:
         self._report_capture_health(frame)
         due = self._look(frame) if frame is not None else []
         asks = self._take_asks(self._asks.qsize())
-        turn = decide(changed=self._unencoded is not None, have_context=self._scene is not None, due=len(due),
-                      pending_asks=len(asks))
+        turn = decide(
+            changed=self._unencoded is not None,
+            have_context=self._scene is not None,
+            due=len(due),
+            pending_asks=len(asks),
+        )
         self._take_turn(turn, due, asks)
         self._update_link_metrics()
 
@@ -232,8 +249,9 @@ class Agent:
                 scene.answers[question.id] = self._message(question, answer)
         now = time.monotonic()
         for question in due:
-            message = dataclasses.replace(scene.answers[question.id], scene_changed=question in fresh,
-                                          **answer_times(scene.frame_ts))
+            message = dataclasses.replace(
+                scene.answers[question.id], scene_changed=question in fresh, **answer_times(scene.frame_ts)
+            )
             self._link.publish_answer(message)
             self.metrics.answers_published.inc()
             self._schedule.mark_answered(question.id, now)
@@ -244,21 +262,33 @@ class Agent:
         answers = self._engine.answer(context, [engine_prompt(q, default) for q in questions])
         self.metrics.inferences.inc()
         timings = answers[0].timings
-        self.metrics.observe_stages({"prefill": timings.question_prefill_ms / 1000,
-                                     "decode": timings.decode_ms / 1000,
-                                     "total": time.perf_counter() - started})
+        self.metrics.observe_stages(
+            {
+                "prefill": timings.question_prefill_ms / 1000,
+                "decode": timings.decode_ms / 1000,
+                "total": time.perf_counter() - started,
+            }
+        )
         return answers
 
     def _message(self, question: Question, answer: Answer) -> AnswerMessage:
         """The message for an answer just computed on the current scene."""
         typed = parse_answer(question, answer.text)
         if not typed.ok:
-            log.info("question %s: could not parse %r as %s; publishing unknown", question.id, answer.text,
-                     question.type)
+            log.info(
+                "question %s: could not parse %r as %s; publishing unknown", question.id, answer.text, question.type
+            )
         return AnswerMessage(
-            question_id=question.id, question=question.question, type=question.type, value=typed.value,
-            raw=answer.text, state=state_string(question, typed), model=self._engine.name,
-            scene_changed=True, confidence=answer.confidence, **answer_times(self._scene.frame_ts),
+            question_id=question.id,
+            question=question.question,
+            type=question.type,
+            value=typed.value,
+            raw=answer.text,
+            state=state_string(question, typed),
+            model=self._engine.name,
+            scene_changed=True,
+            confidence=answer.confidence,
+            **answer_times(self._scene.frame_ts),
         )
 
     # -- ad hoc questions --------------------------------------------------------------------------------
@@ -280,15 +310,20 @@ class Agent:
                 self._answer_ask(request)
             except Exception:  # one odd request must not stop the loop that answers the standing questions
                 log.exception("could not answer the ad hoc question %r", request.question[:80])
-                self._refuse_ask(request, AskRefusal(Refusal.FAILED,
-                                                     "internal error: the agent could not answer this question"))
+                self._refuse_ask(
+                    request, AskRefusal(Refusal.FAILED, "internal error: the agent could not answer this question")
+                )
 
     def _answer_ask(self, request: AskRequest) -> None:
         """Answer on the current scene's context (the loop encoded the newest frame first if it changed)."""
         tokens = len(self._engine.tokenizer.encode(request.question))
         if tokens > ASK_QUESTION_TOKEN_LIMIT:
-            self._refuse_ask(request, AskRefusal(
-                Refusal.TOO_LONG, f"'question' is {tokens} tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}"))
+            self._refuse_ask(
+                request,
+                AskRefusal(
+                    Refusal.TOO_LONG, f"'question' is {tokens} tokens long, more than {ASK_QUESTION_TOKEN_LIMIT}"
+                ),
+            )
             return
         try:
             question = ad_hoc_question(request)
@@ -303,10 +338,18 @@ class Agent:
         answer = self._engine.answer(self._scene.context, [engine_prompt(question, limit)])[0]
         typed = parse_answer(question, answer.text)
         self.metrics.ask_requests.labels(result=ANSWERED).inc()
-        self._link.reply(request, AskReply(
-            question=request.question, answer=answer.text, type=question.type, value=typed.value,
-            confidence=answer.confidence, **answer_times(self._scene.frame_ts), model=self._engine.name,
-        ))
+        self._link.reply(
+            request,
+            AskReply(
+                question=request.question,
+                answer=answer.text,
+                type=question.type,
+                value=typed.value,
+                confidence=answer.confidence,
+                **answer_times(self._scene.frame_ts),
+                model=self._engine.name,
+            ),
+        )
 
     def _refuse_ask(self, request: AskRequest, refusal: AskRefusal) -> None:
         """Count the refusal by its reason and tell the requester why."""
@@ -344,8 +387,12 @@ class Agent:
 def engine_prompt(question: Question, default_max_new_tokens: int) -> Prompt:
     """How the engine should answer a question, as its kind's constraint says (pick an option, digits, free)."""
     constraint = kind_of(question).constraint
-    return Prompt(build_prompt(question), max_new_tokens=question.max_new_tokens or default_max_new_tokens,
-                  options=constraint.options_for(question), digits=constraint.digits)
+    return Prompt(
+        build_prompt(question),
+        max_new_tokens=question.max_new_tokens or default_max_new_tokens,
+        options=constraint.options_for(question),
+        digits=constraint.digits,
+    )
 
 
 def answer_times(frame_ts: float) -> dict[str, float]:
@@ -367,8 +414,9 @@ def prompt_too_long(engine: Engine, question: Question) -> InvalidValue | None:
     tokens = engine.prompt_tokens(prompt)
     if tokens > MAX_PROMPT_TOKENS:
         key, parts = ("options", "question, options") if question.options else ("question", "question")
-        return InvalidValue(key, f"the prompt ({parts} and instruction) is {tokens} tokens long, "
-                                 f"more than {MAX_PROMPT_TOKENS}")
+        return InvalidValue(
+            key, f"the prompt ({parts} and instruction) is {tokens} tokens long, more than {MAX_PROMPT_TOKENS}"
+        )
     for index, option in enumerate(question.options):
         tokens = engine.option_tokens(prompt, option)
         if tokens > MAX_OPTION_TOKENS:
@@ -389,8 +437,13 @@ def check_prompt_lengths(engine: Engine, questions: tuple[Question, ...]) -> Non
 
 
 def entity_spec(question: Question) -> EntitySpec:
-    return EntitySpec(question_id=question.id, name=question.question, type=question.type,
-                      device_class=question.device_class, options=tuple(question.options or ()))
+    return EntitySpec(
+        question_id=question.id,
+        name=question.question,
+        type=question.type,
+        device_class=question.device_class,
+        options=tuple(question.options or ()),
+    )
 
 
 def ad_hoc_question(request: AskRequest) -> Question:
@@ -426,6 +479,7 @@ def handle_signals(agent: Agent) -> None:
     The unit defines no `ExecReload=`, so systemd never sends SIGHUP; one sent by hand (or by a closed
     terminal) must not take the camera's answers down. Changes to the config need a restart.
     """
+
     def request_stop(signum, _frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
         agent.stop()

@@ -75,6 +75,7 @@ def held_out(count: int) -> list[tuple[np.ndarray, list[scenes.Asked]]]:
 def measure(engine, cases) -> Tally:
     """Ask `engine` every question of `cases` (one encode per frame, its questions as one batch)."""
     from edge_agent.engine import Prompt
+
     tally = Tally()
     for frame, asked in cases:
         context = engine.encode(frame)
@@ -96,8 +97,9 @@ def is_right(asked: scenes.Asked, text: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=300, help="held-out scenes to ask about")
-    parser.add_argument("--model", type=pathlib.Path, default=MODEL,
-                        help="directory holding checkpoint/ and openvino-int8/")
+    parser.add_argument(
+        "--model", type=pathlib.Path, default=MODEL, help="directory holding checkpoint/ and openvino-int8/"
+    )
     args = parser.parse_args(argv)
     from edge_agent.engine import Engine
     from edge_agent.export import export_model

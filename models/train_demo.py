@@ -45,8 +45,8 @@ from torch import nn
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.devtools import scenes, testmodels  # noqa: E402
 from edge_agent.config import Question  # noqa: E402
+from edge_agent.devtools import scenes, testmodels  # noqa: E402
 from edge_agent.engine.preprocess import ClipPreprocessor, ProcessorSettings  # noqa: E402
 from edge_agent.export import export_model, staged_output_dir  # noqa: E402
 from edge_agent.questions import build_prompt  # noqa: E402
@@ -57,9 +57,22 @@ STAGES_FILE = "training_stages.json"
 STAGE_NAMES = ("vision", "language", "all", "door-open", "door")
 
 SHAPES = testmodels.Shapes(
-    image_size=64, patch_size=8, vision_hidden=128, vision_intermediate=512, vision_layers=4, vision_heads=4,
-    text_hidden=256, text_intermediate=512, text_layers=4, text_heads=8, text_kv_heads=2, vocab_size=1000,
-    max_positions=512, corpus_lines=3000, init_std=0.02, grid_pinpoints=(),
+    image_size=64,
+    patch_size=8,
+    vision_hidden=128,
+    vision_intermediate=512,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=256,
+    text_intermediate=512,
+    text_layers=4,
+    text_heads=8,
+    text_kv_heads=2,
+    vocab_size=1000,
+    max_positions=512,
+    corpus_lines=3000,
+    init_std=0.02,
+    grid_pinpoints=(),
 )
 """64 px frames in 8 px patches (64 image tokens), a 4-layer CLIP tower and a 4-layer Llama LM: ~3.5 M weights."""
 
@@ -114,9 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     drills = {"door-open": (args.door_open_steps, (True,), 9), "door": (args.door_steps, (True, False), 4)}
     for name, (steps, polarities, batch_seed) in drills.items():
         if name not in done:
-            train_llava(model, data, Stage(name, steps, args.door_lr, args.door_lr / 5), args.batch,
-                        np.random.default_rng([args.seed, batch_seed]), started,
-                        batch_of=functools.partial(door_drill_batch, polarities=polarities))
+            train_llava(
+                model,
+                data,
+                Stage(name, steps, args.door_lr, args.door_lr / 5),
+                args.batch,
+                np.random.default_rng([args.seed, batch_seed]),
+                started,
+                batch_of=functools.partial(door_drill_batch, polarities=polarities),
+            )
     with staged_output_dir(checkpoint, overwrite=True) as staging:
         processor.save_pretrained(staging)
         model.save_pretrained(staging)
@@ -136,23 +155,37 @@ def load_checkpoint(checkpoint: pathlib.Path):
 def _arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, tokenizer and batches")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (1 is ~3x faster when other work oversubscribes the cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (1 is ~3x faster when other work oversubscribes the cores)",
+    )
     parser.add_argument("--scenes", type=int, default=10000, help="training scenes (seeds 0..N-1)")
-    parser.add_argument("--batch", type=int, default=16,
-                        help="images per LLaVA step (the vision stage uses twice as many)")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="images per LLaVA step (the vision stage uses twice as many)"
+    )
     parser.add_argument("--vision-steps", type=int, default=1200, help="steps of stage 1 (vision tower)")
     parser.add_argument("--language-steps", type=int, default=500, help="steps of stage 2 (projector + LM)")
     parser.add_argument("--all-steps", type=int, default=900, help="steps of stage 3 (everything)")
-    parser.add_argument("--door-open-steps", type=int, default=150,
-                        help='steps of stage 4a (door yes/no asked as "is it open?" only)')
-    parser.add_argument("--door-steps", type=int, default=400,
-                        help='steps of stage 4b (door yes/no asked as "is it open?" and "is it closed?")')
-    parser.add_argument("--door-lr", type=float, default=1e-3,
-                        help="peak LR of stage 4 (the tower gets 1/5; 5e-4 stayed at the saddle)")
+    parser.add_argument(
+        "--door-open-steps", type=int, default=150, help='steps of stage 4a (door yes/no asked as "is it open?" only)'
+    )
+    parser.add_argument(
+        "--door-steps",
+        type=int,
+        default=400,
+        help='steps of stage 4b (door yes/no asked as "is it open?" and "is it closed?")',
+    )
+    parser.add_argument(
+        "--door-lr", type=float, default=1e-3, help="peak LR of stage 4 (the tower gets 1/5; 5e-4 stayed at the saddle)"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help="where checkpoint/ and openvino-int8/ go")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from --out/checkpoint, running only the stages its training_stages.json lacks")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --out/checkpoint, running only the stages its training_stages.json lacks",
+    )
     return parser.parse_args(argv)
 
 
@@ -169,13 +202,20 @@ def demo_processor(tokenizer):
 
     side = SHAPES.image_size
     image_processor = CLIPImageProcessor(
-        size={"height": side, "width": side}, do_center_crop=False, crop_size={"height": side, "width": side},
-        image_mean=testmodels.CLIP_MEAN, image_std=testmodels.CLIP_STD,
+        size={"height": side, "width": side},
+        do_center_crop=False,
+        crop_size={"height": side, "width": side},
+        image_mean=testmodels.CLIP_MEAN,
+        image_std=testmodels.CLIP_STD,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=SHAPES.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=testmodels.CHAT_TEMPLATE, image_token=testmodels.IMAGE_TOKEN,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=SHAPES.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=testmodels.CHAT_TEMPLATE,
+        image_token=testmodels.IMAGE_TOKEN,
     )
 
 
@@ -183,23 +223,34 @@ def demo_model(tokenizer):
     """A freshly initialised LlavaForConditionalGeneration whose projector reads the tower's last layer."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    special_ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     vision = CLIPVisionConfig(
-        hidden_size=SHAPES.vision_hidden, intermediate_size=SHAPES.vision_intermediate,
-        num_hidden_layers=SHAPES.vision_layers, num_attention_heads=SHAPES.vision_heads,
-        image_size=SHAPES.image_size, patch_size=SHAPES.patch_size, projection_dim=SHAPES.vision_hidden,
+        hidden_size=SHAPES.vision_hidden,
+        intermediate_size=SHAPES.vision_intermediate,
+        num_hidden_layers=SHAPES.vision_layers,
+        num_attention_heads=SHAPES.vision_heads,
+        image_size=SHAPES.image_size,
+        patch_size=SHAPES.patch_size,
+        projection_dim=SHAPES.vision_hidden,
     )
     text = LlamaConfig(
-        hidden_size=SHAPES.text_hidden, intermediate_size=SHAPES.text_intermediate,
-        num_hidden_layers=SHAPES.text_layers, num_attention_heads=SHAPES.text_heads,
-        num_key_value_heads=SHAPES.text_kv_heads, vocab_size=SHAPES.vocab_size,
-        max_position_embeddings=SHAPES.max_positions, **special_ids,
+        hidden_size=SHAPES.text_hidden,
+        intermediate_size=SHAPES.text_intermediate,
+        num_hidden_layers=SHAPES.text_layers,
+        num_attention_heads=SHAPES.text_heads,
+        num_key_value_heads=SHAPES.text_kv_heads,
+        vocab_size=SHAPES.vocab_size,
+        max_position_embeddings=SHAPES.max_positions,
+        **special_ids,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text,
+        vision_config=vision,
+        text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(testmodels.IMAGE_TOKEN),
-        image_seq_length=testmodels.image_tokens_per_tile(SHAPES), vision_feature_select_strategy="default",
+        image_seq_length=testmodels.image_tokens_per_tile(SHAPES),
+        vision_feature_select_strategy="default",
         vision_feature_layer=-1,  # a 4-layer tower: the default -2 would leave its last layer unused
         **special_ids,
     )
@@ -255,7 +306,7 @@ def chat_pieces(tokenizer, turns: list[scenes.Asked]) -> list[tuple[str, bool]]:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": asked.answer_text}]})
         full = tokenizer.apply_chat_template(messages, tokenize=False)
-        pieces += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
+        pieces += [(prompt[len(rendered) :], False), (full[len(prompt) :], True)]
         rendered = full
     return pieces
 
@@ -313,16 +364,20 @@ def door_yes_no(scene: scenes.SyntheticScene, polarity_open: bool, rng: np.rando
     return scenes.Asked(Question(id="door", question=text, type="yes_no"), scene.door_open == polarity_open, "door")
 
 
-def door_drill_batch(data: SceneData, indices: np.ndarray, rng: np.random.Generator,
-                     polarities: tuple[bool, ...]) -> dict[str, torch.Tensor]:
+def door_drill_batch(
+    data: SceneData, indices: np.ndarray, rng: np.random.Generator, polarities: tuple[bool, ...]
+) -> dict[str, torch.Tensor]:
     """Stage 4's chats: each image's usual questions plus a door yes/no question, once per polarity (True:
     "is it open?", False: "is it closed?"); usual door yes/no questions of other polarities are left out."""
     chats, images = [], []
     for index in indices[: len(indices) // len(polarities)]:
         scene = data.scenes[index]
         for polarity in polarities:
-            usual = [asked for asked in scenes.questions_for(scene, rng)
-                     if _door_polarity(scene, asked) in (None, *polarities)]
+            usual = [
+                asked
+                for asked in scenes.questions_for(scene, rng)
+                if _door_polarity(scene, asked) in (None, *polarities)
+            ]
             turns = usual + [door_yes_no(scene, polarity, rng)]
             rng.shuffle(turns)
             chats.append(turns)
@@ -385,12 +440,16 @@ def train_vision(model, data: SceneData, stage: Stage, batch: int, rng: np.rando
         _step(optimizer, loss, stage, step)
         if step % 100 == 0 or step == stage.steps - 1:
             accuracy = {name: (logits[name].argmax(-1) == targets[name]).float().mean().item() for name in ATTRIBUTES}
-            _log(started, f"{stage.name} {step}/{stage.steps} loss {loss.item():.3f} "
-                          + " ".join(f"{name} {value:.2f}" for name, value in accuracy.items()))
+            _log(
+                started,
+                f"{stage.name} {step}/{stage.steps} loss {loss.item():.3f} "
+                + " ".join(f"{name} {value:.2f}" for name, value in accuracy.items()),
+            )
 
 
-def train_llava(model, data: SceneData, stage: Stage, batch: int, rng: np.random.Generator, started: float,
-                batch_of=llava_batch) -> None:
+def train_llava(
+    model, data: SceneData, stage: Stage, batch: int, rng: np.random.Generator, started: float, batch_of=llava_batch
+) -> None:
     """Stages 2 to 4: next-token loss on the answers of multi-turn chats about each image, drawn by
     `batch_of(data, indices, rng)`."""
     tower = model.model.vision_tower

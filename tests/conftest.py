@@ -8,6 +8,5 @@ import pytest
 pytest.register_assert_rewrite("tests.support")
 
 pytest_plugins = sorted(
-    f"tests.support.{path.stem}"
-    for path in (pathlib.Path(__file__).parent / "support").glob("[!_]*.py")
+    f"tests.support.{path.stem}" for path in (pathlib.Path(__file__).parent / "support").glob("[!_]*.py")
 )

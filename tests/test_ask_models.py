@@ -13,10 +13,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import parse_config
+from edge_agent.devtools.loopback import free_port
 from edge_agent.metrics import Metrics
 from edge_agent.mqtt.ask import ANSWERED, ASK_RESULTS, AskRefusal, AskReply, Refusal, ReplyAddress, reply_message
-from edge_agent.devtools.loopback import free_port
-from edge_agent.service import ASK_QUEUE_LIMIT, ASK_QUESTION_TOKEN_LIMIT, Agent
+from edge_agent.service import ASK_QUESTION_TOKEN_LIMIT, ASK_QUEUE_LIMIT, Agent
 from tests.support.agent import AGENT, RunningAgent, agent_config
 from tests.support.broker import wait_until
 from tests.test_fuzz import EngineFailingOn
@@ -26,11 +26,22 @@ AVAILABILITY = f"edge-agent/{AGENT}/availability"
 
 # -- the wire format --------------------------------------------------------------------------------
 
-REPLY = AskReply(question="Is the door open?", answer="Yes", type="yes_no", value=True, confidence=0.875,
-                 frame_ts=1700000000.25, answered_ts=1700000000.5, latency_ms=250.0, model="tiny-llava")
-REPLY_JSON = (b'{"question": "Is the door open?", "answer": "Yes", "type": "yes_no", "value": true, '
-              b'"confidence": 0.875, "frame_ts": 1700000000.25, "answered_ts": 1700000000.5, "latency_ms": 250.0, '
-              b'"model": "tiny-llava"')
+REPLY = AskReply(
+    question="Is the door open?",
+    answer="Yes",
+    type="yes_no",
+    value=True,
+    confidence=0.875,
+    frame_ts=1700000000.25,
+    answered_ts=1700000000.5,
+    latency_ms=250.0,
+    model="tiny-llava",
+)
+REPLY_JSON = (
+    b'{"question": "Is the door open?", "answer": "Yes", "type": "yes_no", "value": true, '
+    b'"confidence": 0.875, "frame_ts": 1700000000.25, "answered_ts": 1700000000.5, "latency_ms": 250.0, '
+    b'"model": "tiny-llava"'
+)
 NAN_REPLY = AskReply(**{**REPLY.fields(), "value": None, "confidence": math.nan})
 NAN_REPLY_JSON = REPLY_JSON.replace(b'"value": true, "confidence": 0.875', b'"value": null, "confidence": null')
 REFUSAL = AskRefusal(Refusal.BUSY, "busy: too many questions waiting, try again later")
@@ -39,16 +50,21 @@ REFUSAL_JSON = b'{"error": "busy: too many questions waiting, try again later"'
 ADDRESSES = {
     "mqtt5-utf8": (ReplyAddress("me/reply/1", correlation=b"c-1"), b', "correlation_id": "c-1"}'),
     "mqtt5-binary": (ReplyAddress("me/reply/1", correlation=b"\xff\x00"), b"}"),
-    "mqtt311-json-id": (ReplyAddress("me/reply/1", correlation_id={"k": [1, 2.5]}),
-                        b', "correlation_id": {"k": [1, 2.5]}}'),
+    "mqtt311-json-id": (
+        ReplyAddress("me/reply/1", correlation_id={"k": [1, 2.5]}),
+        b', "correlation_id": {"k": [1, 2.5]}}',
+    ),
     "mqtt311-no-id": (ReplyAddress("me/reply/1"), b"}"),
 }
 """Each reply address and how the id it carries ends the reply JSON (the bytes the agent sent before the
 models existed, recorded from `reply_message` called with the service's dicts)."""
 
 
-@pytest.mark.parametrize("message, start", [(REPLY, REPLY_JSON), (NAN_REPLY, NAN_REPLY_JSON), (REFUSAL, REFUSAL_JSON)],
-                         ids=["answer", "answer-with-nan", "refusal"])
+@pytest.mark.parametrize(
+    "message, start",
+    [(REPLY, REPLY_JSON), (NAN_REPLY, NAN_REPLY_JSON), (REFUSAL, REFUSAL_JSON)],
+    ids=["answer", "answer-with-nan", "refusal"],
+)
 @pytest.mark.parametrize("address", ADDRESSES)
 def test_an_answer_and_a_refusal_are_the_same_bytes_on_the_wire_as_before(message, start, address):
     reply, end = ADDRESSES[address]
@@ -70,6 +86,7 @@ def test_a_refusal_is_built_only_from_a_refusal_reason_and_its_detail_is_one_lin
 
 # -- the metric --------------------------------------------------------------------------------------
 
+
 def test_every_ask_result_is_a_metrics_label_showing_zero_before_any_request():
     metrics = Metrics()
     try:
@@ -85,6 +102,7 @@ def test_every_ask_result_is_a_metrics_label_showing_zero_before_any_request():
 
 
 # -- every refusal the agent makes, counted by its reason --------------------------------------------
+
 
 def request(question: str, requester: str, **fields) -> bytes:
     return json.dumps({"question": question, "reply_to": f"asker/{requester}/reply", **fields}).encode()
@@ -134,15 +152,18 @@ def refuse_on_a_scene(config: dict, engine, asker) -> dict[str, float]:
     with RunningAgent(config, engine=EngineFailingOn(engine, "Explode?")) as agent:
         wait_until(lambda: agent.metrics.inferences._value.get() >= 1, timeout=30, what="a first answer")
         asker.publish(ASK_TOPIC, request("Door?", "typed", type="multi"))
-        asker.publish(ASK_TOPIC, request("\U0001F642" * 125, "long-question"))
-        asker.publish(ASK_TOPIC, request("Which?", "long-option", type="choice", options=["a", "\U0001F642" * 40]))
+        asker.publish(ASK_TOPIC, request("\U0001f642" * 125, "long-question"))
+        asker.publish(ASK_TOPIC, request("Which?", "long-option", type="choice", options=["a", "\U0001f642" * 40]))
         asker.publish(ASK_TOPIC, request("Explode?", "failing"))
         asker.publish(ASK_TOPIC, request("Is the door open?", "fine", type="yes_no"))
         assert json.loads(asker.next("asker/typed/reply").payload)["error"].startswith("type: must be one of")
-        assert f"more than {ASK_QUESTION_TOKEN_LIMIT}" in json.loads(asker.next("asker/long-question/reply").payload)[
-            "error"]
-        assert re.match(r"options\[1\]: is \d+ tokens long",
-                        json.loads(asker.next("asker/long-option/reply").payload)["error"])
+        assert (
+            f"more than {ASK_QUESTION_TOKEN_LIMIT}"
+            in json.loads(asker.next("asker/long-question/reply").payload)["error"]
+        )
+        assert re.match(
+            r"options\[1\]: is \d+ tokens long", json.loads(asker.next("asker/long-option/reply").payload)["error"]
+        )
         assert json.loads(asker.next("asker/failing/reply").payload)["error"].startswith("internal error:")
         answered = json.loads(asker.next("asker/fine/reply").payload)
         assert list(answered) == list(REPLY.fields())
@@ -150,16 +171,22 @@ def refuse_on_a_scene(config: dict, engine, asker) -> dict[str, float]:
 
 
 def test_every_refused_ask_is_counted_under_its_reason_and_every_reason_is_reachable(
-        tiny_llava_int8, tiny_engine, broker, subscriber, static_video):
+    tiny_llava_int8, tiny_engine, broker, subscriber, static_video
+):
     asker = subscriber(broker, "asker/#", AVAILABILITY)
     no_camera = f"http://127.0.0.1:{free_port()}/video.mjpg"
     without_frame = refuse_without_a_frame(
-        agent_config(tiny_llava_int8, broker, no_camera, mqtt={"ask_burst": 1, "ask_per_minute": 1}), tiny_engine,
-        asker)
+        agent_config(tiny_llava_int8, broker, no_camera, mqtt={"ask_burst": 1, "ask_per_minute": 1}), tiny_engine, asker
+    )
     on_a_scene = refuse_on_a_scene(agent_config(tiny_llava_int8, broker, static_video), tiny_engine, asker)
 
-    assert without_frame == {**dict.fromkeys(ASK_RESULTS, 0), "busy": 1, "no_frame": ASK_QUEUE_LIMIT,
-                             "rate_limited": 1, "invalid": 2}
+    assert without_frame == {
+        **dict.fromkeys(ASK_RESULTS, 0),
+        "busy": 1,
+        "no_frame": ASK_QUEUE_LIMIT,
+        "rate_limited": 1,
+        "invalid": 2,
+    }
     assert on_a_scene == {**dict.fromkeys(ASK_RESULTS, 0), "invalid": 1, "too_long": 2, "failed": 1, "answered": 1}
     reached = {result for counts in (without_frame, on_a_scene) for result, count in counts.items() if count}
     assert reached == set(ASK_RESULTS)

@@ -8,8 +8,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.errors import UserError
 from edge_agent.config import MqttSettings
+from edge_agent.errors import UserError
 from edge_agent.mqtt import AskRequest, BadRequest, ask_remote, parse_ask
 from edge_agent.mqtt.ask import ReplyAddress
 from tests.support.broker import ask_reply, free_port
@@ -31,14 +31,17 @@ def request(**fields) -> bytes:
 def test_an_mqtt5_request_replies_to_its_response_topic_with_its_correlation_data():
     parsed = parse_ask(request(question=" Is the door open? ", max_new_tokens=8), v5_reply_properties())
 
-    assert parsed == AskRequest(
-        question="Is the door open?", reply=ReplyAddress("me/reply", b"c-1"), max_new_tokens=8
-    )
+    assert parsed == AskRequest(question="Is the door open?", reply=ReplyAddress("me/reply", b"c-1"), max_new_tokens=8)
 
 
 def test_an_mqtt311_request_carries_its_reply_address_in_the_json():
-    payload = request(question="What colour is the cup?", reply_to="me/reply", correlation_id="c-2",
-                      type="options", options=["red", "blue"])
+    payload = request(
+        question="What colour is the cup?",
+        reply_to="me/reply",
+        correlation_id="c-2",
+        type="options",
+        options=["red", "blue"],
+    )
 
     parsed = parse_ask(payload, None)
 
@@ -130,9 +133,7 @@ def test_a_remote_question_gets_the_agents_answer(broker, answering_agent, agent
     assert reply["correlation_id"]
 
 
-def test_an_invalid_request_gets_an_error_reply_and_the_agent_keeps_answering(
-    broker, answering_agent, subscriber
-):
+def test_an_invalid_request_gets_an_error_reply_and_the_agent_keeps_answering(broker, answering_agent, subscriber):
     answering_agent()
     requester = subscriber(broker, "me/reply")
 

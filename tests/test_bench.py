@@ -21,8 +21,7 @@ FRAMES = 2
 
 
 def edge_agent(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +31,20 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(tiny_llava_fp32, cache_dir) -> dict:
-    done = edge_agent("bench", "--model", str(tiny_llava_fp32), "--questions", str(QUESTIONS),
-                      "--new-tokens", str(NEW_TOKENS), "--frames", str(FRAMES), "--cache-dir", str(cache_dir),
-                      "--json")
+    done = edge_agent(
+        "bench",
+        "--model",
+        str(tiny_llava_fp32),
+        "--questions",
+        str(QUESTIONS),
+        "--new-tokens",
+        str(NEW_TOKENS),
+        "--frames",
+        str(FRAMES),
+        "--cache-dir",
+        str(cache_dir),
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -61,7 +71,8 @@ def test_every_stage_of_a_new_frame_takes_time(report):
 
 def test_a_new_frame_is_compared_with_its_vision_and_prefix_alone(report):
     assert report["frame_over_vision_and_prefix"] == pytest.approx(
-        report["frame_ms"]["median"] / report["vision_and_prefix_ms"])
+        report["frame_ms"]["median"] / report["vision_and_prefix_ms"]
+    )
     assert report["frame_over_vision_and_prefix"] > 1
 
 
@@ -79,8 +90,9 @@ def test_decode_speed_counts_every_question_of_each_decode_step(report):
 
 def test_unchanged_scene_cost_is_reported_against_a_new_frame(report):
     assert report["unchanged_frame_ms"] > 0
-    assert report["new_vs_unchanged_frame"] == pytest.approx(report["frame_ms"]["median"]
-                                                             / report["unchanged_frame_ms"])
+    assert report["new_vs_unchanged_frame"] == pytest.approx(
+        report["frame_ms"]["median"] / report["unchanged_frame_ms"]
+    )
 
 
 def test_memory_and_model_size_are_reported(report):
@@ -93,8 +105,12 @@ def test_peak_memory_is_the_process_own_not_its_parents():
     """Linux hands a spawned process its parent's `ru_maxrss`: a bench run started by a large process (a
     benchmark that has just exported its model) must still report its own peak."""
     parents_memory = b"\x01" * (600 * 2**20)  # written, so resident
-    child = subprocess.run([sys.executable, "-c", "from edge_agent.devtools.bench import peak_rss_mib; print(peak_rss_mib())"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "from edge_agent.devtools.bench import peak_rss_mib; print(peak_rss_mib())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert len(parents_memory) and float(child.stdout) < 300
 
 
@@ -117,8 +133,9 @@ def test_text_report_has_a_line_per_stage_and_the_headline_figures(report):
 
 
 def test_yes_no_questions_are_decided_without_free_decoding(tiny_llava_fp32):
-    done = edge_agent("bench", "--model", str(tiny_llava_fp32), "--questions", "2", "--yes-no", "--frames", "1",
-                      "--json")
+    done = edge_agent(
+        "bench", "--model", str(tiny_llava_fp32), "--questions", "2", "--yes-no", "--frames", "1", "--json"
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["answers"] == "yes_no"

@@ -250,4 +250,3 @@ def test_validate_source_rejects_a_folder_without_images(tmp_path):
 def test_validate_source_accepts_files_folders_and_stream_urls(one_second_video, image_folder):
     for source in (one_second_video, image_folder, "rtsp://user:pw@10.0.0.5:554/stream1", "http://cam/video.mjpg"):
         validate_source(settings(source))
-

@@ -16,8 +16,7 @@ from edge_agent.engine import Engine, Prompt
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +29,23 @@ def image_file(tmp_path_factory):
 
 def test_ask_prints_one_json_object_per_question_with_the_engines_answers(tiny_llava_fp32, image_file):
     questions = ["Is the door open?", "How many people are there?", "What is on the counter?"]
-    result = run_cli("ask", questions[0], "-q", questions[1], "--question", questions[2], "--image", str(image_file),
-                     "--model", str(tiny_llava_fp32), "--precision", "f32", "--max-new-tokens", "6", "--json")
+    result = run_cli(
+        "ask",
+        questions[0],
+        "-q",
+        questions[1],
+        "--question",
+        questions[2],
+        "--image",
+        str(image_file),
+        "--model",
+        str(tiny_llava_fp32),
+        "--precision",
+        "f32",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["question"] for line in lines] == questions
@@ -44,8 +58,9 @@ def test_ask_prints_one_json_object_per_question_with_the_engines_answers(tiny_l
 
 
 def test_ask_plain_output_shows_question_and_answer(tiny_llava_fp32, image_file):
-    result = run_cli("ask", "Is the door open?", "--image", str(image_file), "--model", str(tiny_llava_fp32),
-                     "--max-new-tokens", "3")
+    result = run_cli(
+        "ask", "Is the door open?", "--image", str(image_file), "--model", str(tiny_llava_fp32), "--max-new-tokens", "3"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "Is the door open?"
 
@@ -73,15 +88,18 @@ def incomplete_copy(model_dir, tmp_path):
     return copy
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing model", "does not exist"),
-    ("incomplete model", "incomplete: missing openvino_language_model.xml"),
-    ("missing image", "does not exist"),
-    ("unreadable image", "cannot read image"),
-    ("empty question", "a question is empty"),
-    ("unknown device", "device 'XPU' for the vision encoder is not available"),
-    ("npu language model", "not available"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing model", "does not exist"),
+        ("incomplete model", "incomplete: missing openvino_language_model.xml"),
+        ("missing image", "does not exist"),
+        ("unreadable image", "cannot read image"),
+        ("empty question", "a question is empty"),
+        ("unknown device", "device 'XPU' for the vision encoder is not available"),
+        ("npu language model", "not available"),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_a_non_zero_exit(case, expected, tiny_llava_fp32, image_file, tmp_path):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a picture")
@@ -100,8 +118,18 @@ def test_bad_input_is_one_clear_line_and_a_non_zero_exit(case, expected, tiny_ll
         device = "XPU"
     elif case == "npu language model":
         device = "NPU"
-    result = run_cli("ask", question, "--image", image, "--model", model, "--device", device,
-                     "--config", str(tmp_path / "absent.yaml"))
+    result = run_cli(
+        "ask",
+        question,
+        "--image",
+        image,
+        "--model",
+        model,
+        "--device",
+        device,
+        "--config",
+        str(tmp_path / "absent.yaml"),
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -347,7 +347,11 @@ def test_questions_built_in_code_follow_the_same_rules():
 
 SETTING_NAMES = sorted({name.rsplit(".", 1)[-1] for name, _ in schema_fields()})
 yaml_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
     st.sampled_from(["CPU", "5", "3.1.1", "choice", "yes_no", "change", "127.0.0.1:1", "a", ""]),
 )
 yaml_keys = st.one_of(st.sampled_from(SETTING_NAMES), st.text(max_size=8), st.integers())

@@ -14,7 +14,7 @@ import yaml
 
 from edge_agent.capture import SceneGate
 from edge_agent.cli import main
-from edge_agent.config import Config, config_schema, load_config, parse_config
+from edge_agent.config import config_schema, load_config, parse_config
 from tests.test_config import EXAMPLE, MINIMAL, error_of, schema_fields, with_changes
 
 README = pathlib.Path(__file__).parents[1] / "README.md"
@@ -37,8 +37,9 @@ def test_a_stale_after_s_not_longer_than_one_frame_interval_is_refused_at_load()
     """The rule lived in the capture layer, so `config check` passed a config that `run` then refused."""
     message = error_of(with_changes(camera={"fps": 1, "stale_after_s": 0.5}))
 
-    assert message == ("config.yaml: camera.stale_after_s: must be longer than one frame interval at camera.fps "
-                       "(1 s), got 0.5")
+    assert message == (
+        "config.yaml: camera.stale_after_s: must be longer than one frame interval at camera.fps (1 s), got 0.5"
+    )
 
 
 def test_the_layers_take_the_config_sections_as_they_are():
@@ -61,21 +62,24 @@ def test_the_json_schema_accepts_the_shipped_config_and_the_readme_examples(vali
     assert len(examples) > 2
 
 
-@pytest.mark.parametrize("mistake", [
-    {"mqtt": {"prot": 5}},
-    {"camera": {"fps": 0}},
-    {"mqtt": {"port": 65536}},
-    {"mqtt": {"qos": 3}},
-    {"scene_gate": {"threshold": 1.5}},
-    {"scene_gate": {"size": 257}},
-    {"mqtt": {"keepalive_s": 0}},
-    {"camera": {"read_timeout_s": 1e10}},
-    {"agent_id": "kitchen/1"},
-    {"model": {"path": "models/llava", "device": "cpu"}},
-    {"questions": [{"id": "q", "question": "What is in <image>?", "type": "text"}]},
-    {"questions": [{"id": "q", "question": "  ", "type": "text"}]},
-    {"questions": [{"id": "q", "question": "Which?", "type": "multi"}]},
-])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        {"mqtt": {"prot": 5}},
+        {"camera": {"fps": 0}},
+        {"mqtt": {"port": 65536}},
+        {"mqtt": {"qos": 3}},
+        {"scene_gate": {"threshold": 1.5}},
+        {"scene_gate": {"size": 257}},
+        {"mqtt": {"keepalive_s": 0}},
+        {"camera": {"read_timeout_s": 1e10}},
+        {"agent_id": "kitchen/1"},
+        {"model": {"path": "models/llava", "device": "cpu"}},
+        {"questions": [{"id": "q", "question": "What is in <image>?", "type": "text"}]},
+        {"questions": [{"id": "q", "question": "  ", "type": "text"}]},
+        {"questions": [{"id": "q", "question": "Which?", "type": "multi"}]},
+    ],
+)
 def test_the_json_schema_rejects_what_the_loader_rejects(validator, mistake):
     mapping = with_changes(**mistake)
 
@@ -94,8 +98,9 @@ def test_every_setting_appears_in_the_json_schema_with_its_description_and_defau
             node = properties[part]
         assert node["description"] == field.metadata["doc"], name
         if field.default is not dataclasses.MISSING:  # a plain default, not a computed or required one
-            assert node.get("default") == (list(field.default) if isinstance(field.default, tuple)
-                                           else field.default), name
+            assert node.get("default") == (
+                list(field.default) if isinstance(field.default, tuple) else field.default
+            ), name
 
 
 def test_config_schema_prints_a_draft_2020_12_json_schema(capsys):
@@ -123,10 +128,15 @@ def test_config_check_prints_one_line_for_a_valid_config_and_the_problem_for_an_
 def test_the_config_module_loads_only_leaf_modules_and_no_heavy_library():
     """The layers import their sections from it: anything that imports a layer back would make an import
     cycle, and `config check` must not load OpenVINO, OpenCV, numpy or paho."""
-    script = ("import sys, edge_agent.config; "
-              "print(' '.join(sorted(name for name in sys.modules if name.split('.')[0] in "
-              "('edge_agent', 'openvino', 'cv2', 'numpy', 'paho'))))")
-    loaded = set(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                                timeout=60).stdout.split())
+    script = (
+        "import sys, edge_agent.config; "
+        "print(' '.join(sorted(name for name in sys.modules if name.split('.')[0] in "
+        "('edge_agent', 'openvino', 'cv2', 'numpy', 'paho'))))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    )
 
     assert loaded == {"edge_agent", "edge_agent.config", "edge_agent.errors", "edge_agent.questions"}

@@ -21,29 +21,34 @@ def llava(tiny_llava_fp32) -> Engine:
 def reference_option_probabilities(reference, frame, prompt: Prompt) -> np.ndarray:
     """transformers, teacher-forced: log P(spelling | prompt) for every spelling, summed per option."""
     import torch
+
     inputs = reference.inputs(frame, prompt.text)
     prompt_ids = inputs["input_ids"][0].tolist()
     tokenizer = reference.processor.tokenizer
     rendered = reference.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     plain_prompt = tokenizer(rendered)["input_ids"]
     per_option = []
     for option in prompt.options:
         scores, seen = [], set()
         for spelling in spellings(option):
             extended = tokenizer(rendered + spelling)["input_ids"]
-            if extended[:len(plain_prompt)] != plain_prompt:
+            if extended[: len(plain_prompt)] != plain_prompt:
                 continue
-            tail = tuple(extended[len(plain_prompt):])
+            tail = tuple(extended[len(plain_prompt) :])
             if tail in seen:
                 continue
             seen.add(tail)
             ids = torch.tensor([prompt_ids + list(tail)])
             with torch.no_grad():
-                logits = reference.model(input_ids=ids, pixel_values=inputs["pixel_values"],
-                                         attention_mask=torch.ones_like(ids), **({"image_sizes": inputs["image_sizes"]}
-                                                                                 if "image_sizes" in inputs else {})).logits
+                logits = reference.model(
+                    input_ids=ids,
+                    pixel_values=inputs["pixel_values"],
+                    attention_mask=torch.ones_like(ids),
+                    **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}),
+                ).logits
             logp = torch.log_softmax(logits[0].double(), dim=-1)
             start = len(prompt_ids)
             scores.append(float(sum(logp[start - 1 + j, token] for j, token in enumerate(tail))))

@@ -27,8 +27,9 @@ FOLLOWED = ("door_open", "people", "bag")
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
     timeline = scene_timeline(seconds=STORY_SECONDS)
-    video = write_video(tmp_path_factory.mktemp("demo") / "story.mp4", timeline, fps=10, size=(640, 480),
-                        seconds=STORY_SECONDS)
+    video = write_video(
+        tmp_path_factory.mktemp("demo") / "story.mp4", timeline, fps=10, size=(640, 480), seconds=STORY_SECONDS
+    )
     return timeline, video
 
 
@@ -50,8 +51,14 @@ def test_published_answers_follow_the_truth_within_a_few_frames_of_each_change(s
     config["camera"].update(fps=CAMERA_FPS, loop=False)
     config["questions"] = [dict(q, every=0.25) for q in config["questions"]]
     with RunningAgent(config) as agent:
-        wait_until(lambda: _last_frame_ts(listener) is not None and agent.metrics.frames._value.get()
-                   >= STORY_SECONDS * CAMERA_FPS - 4, timeout=STORY_SECONDS + 30, what="the whole story")
+        wait_until(
+            lambda: (
+                _last_frame_ts(listener) is not None
+                and agent.metrics.frames._value.get() >= STORY_SECONDS * CAMERA_FPS - 4
+            ),
+            timeout=STORY_SECONDS + 30,
+            what="the whole story",
+        )
     answers = [json.loads(m.payload) for m in listener.messages]
     start = min(a["frame_ts"] for a in answers)  # the first frame is the video's time zero
     for question_id in FOLLOWED:
@@ -60,7 +67,8 @@ def test_published_answers_follow_the_truth_within_a_few_frames_of_each_change(s
             settled = [value for t, value in published if t <= change_time + SETTLE_S]
             assert settled and settled[-1] == truth, (
                 f"{question_id}: at {change_time:.1f} s the truth became {truth!r}; published by "
-                f"{change_time + SETTLE_S:.1f} s: {published}")
+                f"{change_time + SETTLE_S:.1f} s: {published}"
+            )
 
 
 def _last_frame_ts(listener):
@@ -69,8 +77,13 @@ def _last_frame_ts(listener):
 
 
 def test_edge_agent_demo_prints_answers_beside_the_truth_and_stops_after_its_duration():
-    result = subprocess.run([sys.executable, "-m", "edge_agent", "demo", "--duration", "12", "--video-seconds", "8"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "demo", "--duration", "12", "--video-seconds", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("[video")]
     assert any("Is the door open?" in line for line in lines)
@@ -81,6 +94,7 @@ def test_edge_agent_demo_prints_answers_beside_the_truth_and_stops_after_its_dur
 def test_without_mosquitto_the_demo_runs_on_an_embedded_amqtt_broker(monkeypatch, capsys):
     import edge_agent.devtools.demo as demo
     import edge_agent.devtools.loopback as loopback
+
     monkeypatch.setattr(loopback.shutil, "which", lambda name: None)
     monkeypatch.setattr(loopback, "MOSQUITTO_PATHS", ())
     assert demo.run_demo(duration_s=10, model=None, video_seconds=8) == 0

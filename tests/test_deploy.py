@@ -45,7 +45,10 @@ def setting(key: str) -> list[str]:
 def exposure_score(unit: pathlib.Path) -> float:
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout).group(1))
 
@@ -90,9 +93,7 @@ def test_systemd_finds_nothing_to_complain_about_in_the_unit(tmp_path):
 
 
 def run_installer(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(DEPLOY / "install.sh"), *arguments], capture_output=True, text=True, timeout=30
-    )
+    return subprocess.run(["bash", str(DEPLOY / "install.sh"), *arguments], capture_output=True, text=True, timeout=30)
 
 
 def test_the_installer_dry_run_lists_every_step_and_changes_nothing():
@@ -125,7 +126,8 @@ def example_broker(tmp_path_factory):
     shutil.copy(DEPLOY / "acl.example", directory / "acl")
     port = free_port()
     config = (
-        (DEPLOY / "mosquitto.conf").read_text()
+        (DEPLOY / "mosquitto.conf")
+        .read_text()
         .replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1")
         .replace("/etc/mosquitto/passwd", str(passwords))
         .replace("/etc/mosquitto/acl", str(directory / "acl"))

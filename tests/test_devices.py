@@ -8,10 +8,16 @@ from edge_agent.errors import UserError
 INTEL_BOX = ["CPU", "GPU.0", "GPU.1", "NPU"]
 
 
-@pytest.mark.parametrize("device, expected", [
-    ("CPU", ["CPU"]), ("GPU.1", ["GPU.1"]), ("AUTO", []), ("AUTO:GPU,CPU", ["GPU", "CPU"]),
-    ("HETERO:GPU.0,CPU", ["GPU.0", "CPU"]),
-])
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("CPU", ["CPU"]),
+        ("GPU.1", ["GPU.1"]),
+        ("AUTO", []),
+        ("AUTO:GPU,CPU", ["GPU", "CPU"]),
+        ("HETERO:GPU.0,CPU", ["GPU.0", "CPU"]),
+    ],
+)
 def test_virtual_devices_name_their_targets(device, expected):
     assert physical_devices(device) == expected
 
@@ -21,12 +27,15 @@ def test_devices_present_on_an_intel_box_are_accepted_for_the_vision_encoder(dev
     assert check_device(device, "vision encoder", INTEL_BOX) == device.upper()
 
 
-@pytest.mark.parametrize("device, message", [
-    ("GPU.2", "device 'GPU.2' for the vision encoder is not available on this machine (available: CPU, GPU.0"),
-    ("XPU", "device 'XPU'"),
-    ("AUTO:NPU,CPU", "device 'NPU'"),
-    ("", "empty device name"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("GPU.2", "device 'GPU.2' for the vision encoder is not available on this machine (available: CPU, GPU.0"),
+        ("XPU", "device 'XPU'"),
+        ("AUTO:NPU,CPU", "device 'NPU'"),
+        ("", "empty device name"),
+    ],
+)
 def test_unknown_devices_are_refused_naming_what_exists(device, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         check_device(device, "vision encoder", ["CPU", "GPU.0"])

@@ -92,9 +92,7 @@ def test_a_removed_question_gets_an_empty_retained_config(broker, make_link, sub
     assert (removal.payload, removal.retain) == (b"", True)
 
 
-def test_a_question_removed_while_the_agent_was_stopped_is_removed_at_the_next_start(
-    broker, make_link, subscriber
-):
+def test_a_question_removed_while_the_agent_was_stopped_is_removed_at_the_next_start(broker, make_link, subscriber):
     first_run = make_link(broker)
     first_run.set_entities([DOOR, PEOPLE])
     first_run.stop()

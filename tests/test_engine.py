@@ -182,8 +182,9 @@ def test_on_the_npu_the_vision_encoder_runs_one_static_tile_at_a_time(request, a
     assert on_npu._vision.input(0).get_partial_shape() == ov.PartialShape([1, 3, *on_cpu.preprocess.tile_shape])
     for size in ((48, 64), (100, 37)):
         frame = random_frame(*size)
-        np.testing.assert_allclose(on_npu.encode(frame).prefix_embeds, on_cpu.encode(frame).prefix_embeds,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            on_npu.encode(frame).prefix_embeds, on_cpu.encode(frame).prefix_embeds, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_the_npu_refuses_a_preprocessor_whose_tiles_follow_the_frame(llava, monkeypatch):
@@ -210,7 +211,7 @@ def test_an_answer_stops_at_the_end_of_sequence_token(llava):
         for question, answer in zip(QUESTIONS, long):
             if eos in answer.token_ids:
                 stopped = llava.answer(context, free([question], 24))[0]
-                assert stopped.token_ids == answer.token_ids[:answer.token_ids.index(eos)]
+                assert stopped.token_ids == answer.token_ids[: answer.token_ids.index(eos)]
                 return
     pytest.skip("no sampled frame made the random model emit its end-of-sequence token")
 

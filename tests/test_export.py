@@ -11,21 +11,37 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from edge_agent.devtools import scenes
 from edge_agent.cli import main
+from edge_agent.devtools import scenes
 from edge_agent.engine import Engine, Prompt
 from edge_agent.errors import UserError
-from edge_agent.export import (MAX_CALIBRATION_FRAMES, calibration_samples, export_model, find_calibration_frames,
-                               staged_output_dir, weight_compression)
+from edge_agent.export import (
+    MAX_CALIBRATION_FRAMES,
+    calibration_samples,
+    export_model,
+    find_calibration_frames,
+    staged_output_dir,
+    weight_compression,
+)
 from tests.support.videos import write_video
 
 EXPORTED_FILES = {
-    "openvino_language_model.xml", "openvino_language_model.bin",
-    "openvino_vision_embeddings_model.xml", "openvino_vision_embeddings_model.bin",
-    "openvino_text_embeddings_model.xml", "openvino_text_embeddings_model.bin",
-    "openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin",
-    "config.json", "generation_config.json", "chat_template.jinja", "processor_config.json",
-    "preprocessor_config.json", "edge_agent_export.json",
+    "openvino_language_model.xml",
+    "openvino_language_model.bin",
+    "openvino_vision_embeddings_model.xml",
+    "openvino_vision_embeddings_model.bin",
+    "openvino_text_embeddings_model.xml",
+    "openvino_text_embeddings_model.bin",
+    "openvino_tokenizer.xml",
+    "openvino_tokenizer.bin",
+    "openvino_detokenizer.xml",
+    "openvino_detokenizer.bin",
+    "config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "edge_agent_export.json",
 }
 LOW_PRECISION = {"u4", "i4", "u8", "i8"}
 
@@ -33,9 +49,13 @@ LOW_PRECISION = {"u4", "i4", "u8", "i8"}
 def weight_types(model_xml):
     """Element types of the model's weight constants (those with more than a handful of values)."""
     model = ov.Core().read_model(model_xml)
-    return {op.get_output_element_type(0).get_type_name() for op in model.get_ops()
-            if op.get_type_name() == "Constant" and op.get_output_partial_shape(0).is_static
-            and np.prod(op.get_output_shape(0)) >= 64}
+    return {
+        op.get_output_element_type(0).get_type_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant"
+        and op.get_output_partial_shape(0).is_static
+        and np.prod(op.get_output_shape(0)) >= 64
+    }
 
 
 def generate_with_genai(model_dir, question="Is the door open?"):
@@ -143,13 +163,16 @@ def test_non_empty_output_needs_overwrite(tiny_llava_checkpoint, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (dict(weight_format="int3"), "weight_format: unsupported 'int3'"),
-    (dict(weight_format="fp16", group_size=64), "only apply to weight_format int4"),
-    (dict(weight_format="fp32", sym=True), "sym: only applies"),
-    (dict(weight_format="int4", group_size=0), "group_size: must be"),
-    (dict(weight_format="int4", ratio=1.5), r"ratio: must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(weight_format="int3"), "weight_format: unsupported 'int3'"),
+        (dict(weight_format="fp16", group_size=64), "only apply to weight_format int4"),
+        (dict(weight_format="fp32", sym=True), "sym: only applies"),
+        (dict(weight_format="int4", group_size=0), "group_size: must be"),
+        (dict(weight_format="int4", ratio=1.5), r"ratio: must be in \(0, 1\]"),
+    ],
+)
 def test_invalid_compression_options(options, message):
     options = dict(dict(group_size=None, ratio=None, sym=False), **options)
     with pytest.raises(UserError, match=message):
@@ -157,8 +180,7 @@ def test_invalid_compression_options(options, message):
 
 
 def test_int4_defaults_match_optimum_cli():
-    assert weight_compression("int4", None, None, False) == {"bits": 4, "sym": False, "group_size": 128,
-                                                             "ratio": 1.0}
+    assert weight_compression("int4", None, None, False) == {"bits": 4, "sym": False, "group_size": 128, "ratio": 1.0}
 
 
 def test_output_replaces_the_old_directory_only_after_success(tmp_path):
@@ -177,13 +199,16 @@ def test_output_replaces_the_old_directory_only_after_success(tmp_path):
 
 
 def test_importing_the_export_module_loads_no_heavy_library():
-    code = ("import sys, edge_agent.export; "
-            "print(sorted(m for m in ('torch', 'optimum', 'nncf', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, edge_agent.export; "
+        "print(sorted(m for m in ('torch', 'optimum', 'nncf', 'transformers') if m in sys.modules))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert loaded.stdout.strip() == "[]"
 
 
 # -- calibrated INT8 vision encoder ------------------------------------------------------------------------
+
 
 def write_scene_images(directory, count, seed=0, suffix=".png"):
     """`count` camera-like frames of the synthetic kiosk room, as the user's own images would be."""
@@ -198,28 +223,41 @@ def write_scene_images(directory, count, seed=0, suffix=".png"):
 def calibrated_int4(tiny_llava_checkpoint, tmp_path_factory):
     """tiny llava: int4 language model, vision encoder fully INT8 calibrated on 12 scene images."""
     images = write_scene_images(tmp_path_factory.mktemp("calibration"), 12)
-    return export_model(str(tiny_llava_checkpoint), tmp_path_factory.mktemp("export") / "calibrated",
-                        weight_format="int4", group_size=32, calibration_images=images, progress=False)
+    return export_model(
+        str(tiny_llava_checkpoint),
+        tmp_path_factory.mktemp("export") / "calibrated",
+        weight_format="int4",
+        group_size=32,
+        calibration_images=images,
+        progress=False,
+    )
 
 
 def activation_fake_quantizes(model_xml):
     """FakeQuantize nodes on activations (their data input is computed, not a weight constant)."""
     model = ov.Core().read_model(model_xml)
-    return [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
-            and op.input_value(0).get_node().get_type_name() != "Constant"]
+    return [
+        op
+        for op in model.get_ops()
+        if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant"
+    ]
 
 
 def int8_matmul_layers(model_xml):
     """Layers the CPU plugin runs in 8-bit integer precision once the model is compiled."""
     runtime = ov.Core().compile_model(str(model_xml), "CPU").get_runtime_model()
-    return [op for op in runtime.get_ops()
-            if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "Convolution")
-            and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")]
+    return [
+        op
+        for op in runtime.get_ops()
+        if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "Convolution")
+        and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")
+    ]
 
 
 def vision_outputs(model_dir, samples):
-    compiled = ov.Core().compile_model(str(model_dir / "openvino_vision_embeddings_model.xml"), "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(
+        str(model_dir / "openvino_vision_embeddings_model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     return np.concatenate([compiled(sample)[0] for sample in samples])
 
 
@@ -248,8 +286,9 @@ def test_calibrated_export_loads_in_the_engine_and_answers(calibrated_int4):
     engine = Engine.load(calibrated_int4)
     frame = scenes.render(scenes.SyntheticScene(True, 1, "red", None), 64, 48, np.random.default_rng(3))
     context = engine.encode(frame)
-    free, constrained = engine.answer(context, [Prompt("Is the door open?", 3, ignore_eos=True),
-                                                Prompt("Is it?", options=("Yes", "No"))])
+    free, constrained = engine.answer(
+        context, [Prompt("Is the door open?", 3, ignore_eos=True), Prompt("Is it?", options=("Yes", "No"))]
+    )
     assert len(free.token_ids) == 3
     assert constrained.text in ("Yes", "No") and 0 < constrained.confidence <= 1
 
@@ -276,8 +315,10 @@ def test_videos_give_evenly_spaced_calibration_frames(tmp_path):
     write_video(tmp_path / "short.mp4", seconds=1.5, fps=10)
     write_video(tmp_path / "long.avi", seconds=30, fps=10)
     calibration = find_calibration_frames(tmp_path)
-    by_video = {path.name: [frame.index for frame in calibration.frames if frame.path == path]
-                for path in (tmp_path / "short.mp4", tmp_path / "long.avi")}
+    by_video = {
+        path.name: [frame.index for frame in calibration.frames if frame.path == path]
+        for path in (tmp_path / "short.mp4", tmp_path / "long.avi")
+    }
     assert len(calibration.frames) == MAX_CALIBRATION_FRAMES
     assert by_video["long.avi"][0] == 0 and by_video["short.mp4"][-1] == 14  # files in name order
     assert set(np.diff(by_video["long.avi"])) <= {2, 3}  # 315 frames in all, about every 2.5th kept
@@ -301,12 +342,15 @@ def test_calibration_directory_errors_come_before_the_export(tiny_llava_checkpoi
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda d: (d / "a.txt").write_text("x"), "is not a directory"),
-    (lambda d: None, "holds no readable images"),
-    (lambda d: (d / "corrupt.jpg").write_bytes(b"\xff\xd8 not really"), "holds no readable images"),
-    (lambda d: write_scene_images(d, 4), "holds 4 readable frames; calibration needs at least 10"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: (d / "a.txt").write_text("x"), "is not a directory"),
+        (lambda d: None, "holds no readable images"),
+        (lambda d: (d / "corrupt.jpg").write_bytes(b"\xff\xd8 not really"), "holds no readable images"),
+        (lambda d: write_scene_images(d, 4), "holds 4 readable frames; calibration needs at least 10"),
+    ],
+)
 def test_unusable_calibration_directories(tmp_path, make, message):
     directory = tmp_path / "images"
     directory.mkdir()
@@ -316,9 +360,11 @@ def test_unusable_calibration_directories(tmp_path, make, message):
 
 
 def test_cli_reports_a_bad_calibration_directory_in_one_line(tiny_llava_checkpoint, tmp_path, capsys):
-    code = main(["model", "export", str(tiny_llava_checkpoint), str(tmp_path / "out"),
-                 "--calibration-images", str(tmp_path)])
+    code = main(
+        ["model", "export", str(tiny_llava_checkpoint), str(tmp_path / "out"), "--calibration-images", str(tmp_path)]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"edge-agent: error: calibration_images: {tmp_path} holds no readable images "
-        "(.jpg .jpeg .png .bmp .webp .tif .tiff) or videos (.mp4 .avi .mkv .mov .webm .m4v)"]
+        "(.jpg .jpeg .png .bmp .webp .tif .tiff) or videos (.mp4 .avi .mkv .mov .webm .m4v)"
+    ]

@@ -83,8 +83,7 @@ def test_slow_drift_adds_up_against_the_last_accepted_frame():
     steps = [room(person_x=x) for x in range(100, 400, 10)]
 
     assert all(
-        gate_with_reference(before).difference(after) < SETTINGS.threshold
-        for before, after in zip(steps, steps[1:])
+        gate_with_reference(before).difference(after) < SETTINGS.threshold for before, after in zip(steps, steps[1:])
     )
     assert gate.changed(steps[-1])
 
@@ -98,7 +97,9 @@ def test_accepting_a_frame_makes_it_the_new_reference():
     assert not gate.changed(moved)
 
 
-@pytest.mark.parametrize(("max_unchanged_s", "seconds_later", "forced"), [(60, 59, False), (60, 60, True), (0, 1e6, False)])
+@pytest.mark.parametrize(
+    ("max_unchanged_s", "seconds_later", "forced"), [(60, 59, False), (60, 60, True), (0, 1e6, False)]
+)
 def test_max_unchanged_s_forces_a_fresh_encode_of_an_unchanged_scene(max_unchanged_s, seconds_later, forced):
     settings = SceneGateSettings(threshold=0.02, size=64, max_unchanged_s=max_unchanged_s)
     gate = gate_with_reference(room(), settings, ts=1000.0)

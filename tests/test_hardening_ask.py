@@ -76,25 +76,56 @@ REFUSED_BY_MOSQUITTO = ["\x00", "\x01", "\x1f", "\x7f", "\x85", "\ufdd0", "\ufff
 """Characters that make mosquitto (2.0) drop the publishing client for a protocol error (tried one by one)."""
 
 
-@pytest.mark.parametrize("bad_topic", [
-    "", "a/+/b", "a/#", "bad/reply/\ud800", "x" * (MAX_TOPIC_BYTES + 1), "\u00e9" * (MAX_TOPIC_BYTES // 2 + 1),
-    *(f"bad/{character}/reply" for character in REFUSED_BY_MOSQUITTO),
-], ids=lambda text: ascii(text)[:30])
+@pytest.mark.parametrize(
+    "bad_topic",
+    [
+        "",
+        "a/+/b",
+        "a/#",
+        "bad/reply/\ud800",
+        "x" * (MAX_TOPIC_BYTES + 1),
+        "\u00e9" * (MAX_TOPIC_BYTES // 2 + 1),
+        *(f"bad/{character}/reply" for character in REFUSED_BY_MOSQUITTO),
+    ],
+    ids=lambda text: ascii(text)[:30],
+)
 def test_the_topic_check_names_the_problem_of_a_topic_that_cannot_be_published_to(bad_topic):
     problem = topic_problem(bad_topic)
 
     assert problem and "\n" not in problem and len(problem) < 100
 
 
-@pytest.mark.parametrize("good_topic", ["a", "me/reply/1", "/", "a//b", "$app/reply", "caf\u00e9/\u2603/\U0001F642",
-                                        "x" * MAX_TOPIC_BYTES], ids=lambda text: ascii(text)[:30])
+@pytest.mark.parametrize(
+    "good_topic",
+    ["a", "me/reply/1", "/", "a//b", "$app/reply", "caf\u00e9/\u2603/\U0001f642", "x" * MAX_TOPIC_BYTES],
+    ids=lambda text: ascii(text)[:30],
+)
 def test_the_topic_check_accepts_topics_the_broker_takes(good_topic):
     assert topic_problem(good_topic) is None
 
 
 topic_texts = st.text(st.characters(codec=None), max_size=40) | st.text(
-    st.sampled_from(["a", "/", "+", "#", "\x00", "\x1f", "\x7f", "\x9f", "\ud800", "\udfff", "\ufdd0", "\uffff",
-                     "\U0010fffe", "\u00e9", "$"]), max_size=12)
+    st.sampled_from(
+        [
+            "a",
+            "/",
+            "+",
+            "#",
+            "\x00",
+            "\x1f",
+            "\x7f",
+            "\x9f",
+            "\ud800",
+            "\udfff",
+            "\ufdd0",
+            "\uffff",
+            "\U0010fffe",
+            "\u00e9",
+            "$",
+        ]
+    ),
+    max_size=12,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -106,13 +137,14 @@ def test_any_topic_the_check_accepts_is_encodable_bounded_and_has_no_wildcard_or
     assert 0 < len(encoded) <= MAX_TOPIC_BYTES
     assert not any(character in candidate for character in "+#")
     assert not any(character in candidate for character in REFUSED_BY_MOSQUITTO)
-    assert all(not (ord(c) <= 0x1f or 0x7f <= ord(c) <= 0x9f or (ord(c) & 0xfffe) == 0xfffe) for c in candidate)
+    assert all(not (ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F or (ord(c) & 0xFFFE) == 0xFFFE) for c in candidate)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(candidate=topic_texts.filter(lambda text: topic_problem(text) is None))
 def test_mosquitto_delivers_every_topic_the_check_accepts_and_keeps_the_publisher_connected(
-        broker, subscriber, candidate):
+    broker, subscriber, candidate
+):
     probe_topic = f"probe/{candidate}"  # under a first level of its own: '#' does not match a '$...' topic
     received = subscriber(broker, "probe/#")
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -129,20 +161,35 @@ def test_mosquitto_delivers_every_topic_the_check_accepts_and_keeps_the_publishe
 
 # -- reply addresses and correlation data in the parser ------------------------------------------------
 
-@pytest.mark.parametrize("bad_reply_to", ["bad/reply/\ud800", "bad/\x00/reply", "bad/\x01/reply", "x" * 5000],
-                         ids=["lone-surrogate", "nul", "control", "too-long"])
+
+@pytest.mark.parametrize(
+    "bad_reply_to",
+    ["bad/reply/\ud800", "bad/\x00/reply", "bad/\x01/reply", "x" * 5000],
+    ids=["lone-surrogate", "nul", "control", "too-long"],
+)
 def test_a_request_whose_reply_topic_cannot_be_published_to_is_refused_without_a_reply_address(bad_reply_to):
-    for payload, properties in [(ask_json(bad_reply_to), None),
-                                (ask_json("ignored"), v5_properties(bad_reply_to, b"c-1"))]:
+    for payload, properties in [
+        (ask_json(bad_reply_to), None),
+        (ask_json("ignored"), v5_properties(bad_reply_to, b"c-1")),
+    ]:
         with pytest.raises(BadRequest, match="reply") as refused:
             parse_ask(payload, properties)
 
         assert refused.value.reply is None
 
 
-@pytest.mark.parametrize("correlation_json", [
-    '{"k": [1, 2]}', "[1, 2.5, null, true]", "42", "-0.5", '"plain"', '"\\ud800 lone surrogate"', '"\\u0000"',
-])
+@pytest.mark.parametrize(
+    "correlation_json",
+    [
+        '{"k": [1, 2]}',
+        "[1, 2.5, null, true]",
+        "42",
+        "-0.5",
+        '"plain"',
+        '"\\ud800 lone surrogate"',
+        '"\\u0000"',
+    ],
+)
 def test_a_json_correlation_id_is_echoed_as_the_same_json_value(correlation_json):
     request = parse_ask(ask_json("me/reply/1", correlation_json), None)
 
@@ -162,11 +209,15 @@ def test_mqtt5_correlation_data_is_echoed_as_bytes_and_as_json_text_only_when_it
         assert strict_json(body).get("correlation_id") == as_text
 
 
-@pytest.mark.parametrize("payload, properties", [
-    (ask_json("me/reply"), v5_properties("me/reply", b"x" * 60 * 1024)),
-    (ask_json("me/reply", json.dumps("x" * 10 * 1024)), None),
-    (ask_json("me/reply", json.dumps([["x" * 100] * 10] * 10)), None),
-], ids=["mqtt5", "json-string", "json-list"])
+@pytest.mark.parametrize(
+    "payload, properties",
+    [
+        (ask_json("me/reply"), v5_properties("me/reply", b"x" * 60 * 1024)),
+        (ask_json("me/reply", json.dumps("x" * 10 * 1024)), None),
+        (ask_json("me/reply", json.dumps([["x" * 100] * 10] * 10)), None),
+    ],
+    ids=["mqtt5", "json-string", "json-list"],
+)
 def test_correlation_data_over_the_bound_is_refused_with_a_reply_that_does_not_echo_it(payload, properties):
     with pytest.raises(BadRequest, match=f"correlation data longer than {MAX_CORRELATION_BYTES} bytes") as refused:
         parse_ask(payload, properties)
@@ -185,9 +236,15 @@ def test_a_correlation_id_that_is_not_strict_json_is_refused_with_a_reply_that_d
     assert "correlation_id" not in strict_json(body)
 
 
-@pytest.mark.parametrize("fields", [
-    {"question": "Door \ud800?"}, {"question": "Door?", "type": "\udfff"}, {"question": "Door?", "options": ["a\ud800"]},
-], ids=["question", "type", "options"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"question": "Door \ud800?"},
+        {"question": "Door?", "type": "\udfff"},
+        {"question": "Door?", "options": ["a\ud800"]},
+    ],
+    ids=["question", "type", "options"],
+)
 def test_text_with_a_lone_surrogate_is_refused_before_it_reaches_the_engine(fields):
     with pytest.raises(BadRequest, match="not valid UTF-8") as refused:
         parse_ask(json.dumps({**fields, "reply_to": "me/reply"}).encode(), None)
@@ -195,9 +252,15 @@ def test_text_with_a_lone_surrogate_is_refused_before_it_reaches_the_engine(fiel
     assert refused.value.reply == ReplyAddress("me/reply")
 
 
-@pytest.mark.parametrize("payload", [
-    ask_json("me/reply", "[" * 5000 + "]" * 5000), ask_json("me/reply", "1" * 5000), b"[" * 10000,
-], ids=["deep-nesting", "huge-integer", "deep-request"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        ask_json("me/reply", "[" * 5000 + "]" * 5000),
+        ask_json("me/reply", "1" * 5000),
+        b"[" * 10000,
+    ],
+    ids=["deep-nesting", "huge-integer", "deep-request"],
+)
 def test_json_the_parser_cannot_hold_is_refused_as_invalid(payload):
     with pytest.raises(BadRequest, match="not valid JSON"):
         parse_ask(payload, None)
@@ -211,10 +274,15 @@ correlation_values = st.recursive(
 
 
 @settings(max_examples=400, deadline=None)
-@given(reply_to=topic_texts | st.just("me/reply/1"), correlation=correlation_values,
-       v5_correlation=st.none() | st.binary(max_size=600), use_properties=st.booleans())
+@given(
+    reply_to=topic_texts | st.just("me/reply/1"),
+    correlation=correlation_values,
+    v5_correlation=st.none() | st.binary(max_size=600),
+    use_properties=st.booleans(),
+)
 def test_a_request_is_answered_only_at_a_publishable_topic_with_bounded_strict_json_correlation(
-        reply_to, correlation, v5_correlation, use_properties):
+    reply_to, correlation, v5_correlation, use_properties
+):
     payload = json.dumps({"question": "Door?", "reply_to": reply_to, "correlation_id": correlation}).encode()
     properties = v5_properties(reply_to, v5_correlation) if use_properties else None
     try:
@@ -236,9 +304,11 @@ def test_a_request_is_answered_only_at_a_publishable_topic_with_bounded_strict_j
 
 # -- hostile requests at a link and at the running agent ---------------------------------------------
 
+
 @pytest.mark.parametrize("bad_reply_to", ["bad/\x00/reply", "bad/\x85/reply"], ids=["nul", "c1-control"])
 def test_a_reply_topic_the_broker_refuses_is_never_published_and_the_agent_stays_connected(
-        broker, make_link, subscriber, bad_reply_to):
+    broker, make_link, subscriber, bad_reply_to
+):
     echo = EchoLink(make_link, broker)
     watcher = subscriber(broker, "edge-agent/kitchen/availability", "asker/#")
     assert watcher.next("edge-agent/kitchen/availability").payload == b"online"
@@ -251,10 +321,14 @@ def test_a_reply_topic_the_broker_refuses_is_never_published_and_the_agent_stays
     assert echo.link.connected and len(watcher.on("edge-agent/kitchen/availability")) == 1
 
 
-@pytest.mark.parametrize("bad_topic", ["bad/reply/\ud800", "bad/\x00/reply", "bad/+/reply", "x" * 70_000],
-                         ids=["lone-surrogate", "nul", "wildcard", "too-long-for-mqtt"])
+@pytest.mark.parametrize(
+    "bad_topic",
+    ["bad/reply/\ud800", "bad/\x00/reply", "bad/+/reply", "x" * 70_000],
+    ids=["lone-surrogate", "nul", "wildcard", "too-long-for-mqtt"],
+)
 def test_a_reply_to_a_topic_that_cannot_be_published_to_is_dropped_with_one_log_line(
-        broker, make_link, subscriber, caplog, bad_topic):
+    broker, make_link, subscriber, caplog, bad_topic
+):
     link = make_link(broker)
     watcher = subscriber(broker, "#")
     request = AskRequest(question="Door?", reply=ReplyAddress(bad_topic, None))
@@ -280,7 +354,8 @@ REQUESTS_PER_REQUESTER = 5
 
 
 def test_hostile_correlation_ids_never_log_a_traceback_and_the_rate_limit_comes_first(
-        broker, make_link, subscriber, caplog):
+    broker, make_link, subscriber, caplog
+):
     caplog.set_level(logging.DEBUG, logger=CLIENT_LOGGER)
     echo = EchoLink(make_link, broker, ask_burst=2, ask_per_minute=1)
     requester = subscriber(broker, "hostile/#", "asker/#", protocol="3.1.1")
@@ -323,7 +398,8 @@ def test_a_retained_ask_is_answered_neither_at_start_nor_after_a_reconnect(make_
 
 
 def test_a_lone_surrogate_in_a_reply_topic_or_question_neither_stops_the_agent_nor_logs_a_traceback(
-        tiny_llava_int8, tiny_engine, broker, subscriber, static_video, caplog):
+    tiny_llava_int8, tiny_engine, broker, subscriber, static_video, caplog
+):
     requester = subscriber(broker, "asker/#")
     with RunningAgent(agent_config(tiny_llava_int8, broker, static_video), engine=tiny_engine) as agent:
         wait_until(lambda: agent.metrics.inferences._value.get() >= 1, timeout=30, what="a first answer")
@@ -340,6 +416,7 @@ def test_a_lone_surrogate_in_a_reply_topic_or_question_neither_stops_the_agent_n
 
 # -- strict JSON everywhere ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
 def test_an_answer_with_a_non_finite_confidence_is_published_as_strict_json_with_null(number):
     published = strict_json(answer_payload(answer(confidence=number, latency_ms=number)))
@@ -352,8 +429,13 @@ def test_an_ask_reply_with_non_finite_numbers_is_strict_json_with_null():
 
     body, _ = reply_message(reply, ask_reply(confidence=math.nan, latency_ms=math.inf, value=[-math.inf]))
 
-    assert strict_json(body) == {**ask_reply().fields(), "confidence": None, "latency_ms": None, "value": [None],
-                                 "correlation_id": {"nested": [1.5]}}
+    assert strict_json(body) == {
+        **ask_reply().fields(),
+        "confidence": None,
+        "latency_ms": None,
+        "value": [None],
+        "correlation_id": {"nested": [1.5]},
+    }
 
 
 def test_nan_logits_give_an_option_answer_without_a_confidence():

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 
 from edge_agent.capture import CameraReader, validate_source
-from edge_agent.config import CameraSettings
 from edge_agent.capture.headers import image_size
-from edge_agent.config import parse_config
+from edge_agent.config import CameraSettings, parse_config
 from edge_agent.errors import UserError
 from tests.test_config import MINIMAL
 
 pytestmark = pytest.mark.timeout(60)
 
 SECRETS = ("hunter2", "T0KEN", "s3cret", "k3y", "0auth")
-RETRYING = CameraSettings(loop=True, fps=5, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
-                          backoff_initial_s=0.05, backoff_max_s=0.1)
+RETRYING = CameraSettings(
+    loop=True, fps=5, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5, backoff_initial_s=0.05, backoff_max_s=0.1
+)
 
 
 def closed_port() -> int:
@@ -41,11 +41,14 @@ def assert_hidden(text: str) -> None:
         assert secret not in text
 
 
-@pytest.mark.parametrize(("url", "path"), [
-    ("rtsp://admin:hunter2@127.0.0.1:{port}/live/main?token=T0KEN", "/live/main"),
-    ("http://T0KEN@127.0.0.1:{port}/video.mjpg?user=admin&pwd=s3cret", "/video.mjpg"),
-    ("https://127.0.0.1:{port}/cam/snapshot?key=k3y&auth=0auth&channel=1", "/cam/snapshot"),
-])
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("rtsp://admin:hunter2@127.0.0.1:{port}/live/main?token=T0KEN", "/live/main"),
+        ("http://T0KEN@127.0.0.1:{port}/video.mjpg?user=admin&pwd=s3cret", "/video.mjpg"),
+        ("https://127.0.0.1:{port}/cam/snapshot?key=k3y&auth=0auth&channel=1", "/cam/snapshot"),
+    ],
+)
 def test_credentials_in_a_failing_stream_url_never_reach_the_log(url, path, caplog, capfd):
     reader = CameraReader(dataclasses.replace(RETRYING, source=url.format(port=closed_port())))
     reader.start()
@@ -61,12 +64,15 @@ def test_credentials_in_a_failing_stream_url_never_reach_the_log(url, path, capl
     assert_hidden(capfd.readouterr().err)  # FFmpeg's and OpenCV's own lines
 
 
-@pytest.mark.parametrize("url", [
-    "ftp://admin:hunter2@cam.example/live/main?token=T0KEN",
-    "rtsp://admin:hunter2@:554/live/main?password=s3cret",
-    "rtsps://T0KEN@/live/main",
-    "http://admin:hunter2@[::1/live/main?token=T0KEN",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://admin:hunter2@cam.example/live/main?token=T0KEN",
+        "rtsp://admin:hunter2@:554/live/main?password=s3cret",
+        "rtsps://T0KEN@/live/main",
+        "http://admin:hunter2@[::1/live/main?token=T0KEN",
+    ],
+)
 def test_an_unusable_camera_url_is_named_without_its_credentials(url):
     with pytest.raises(UserError) as caught:
         validate_source(dataclasses.replace(RETRYING, source=url))
@@ -96,7 +102,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     """A small real JPEG whose frame header claims `width` x `height` (libjpeg would allocate for that)."""
     data = bytearray(cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))[1].tobytes())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -138,8 +144,9 @@ def test_an_image_folder_skips_a_decompression_bomb_and_plays_the_good_images(tm
     bomb_path.write_bytes(bomb_png.read_bytes() if bomb == "png" else jpeg_claiming(20000, 20000))
     cv2.imwrite(str(tmp_path / "c.jpg"), np.full((120, 160, 3), 200, np.uint8))
 
-    result = subprocess.run([sys.executable, "-c", PLAY_FOLDER, str(tmp_path)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", PLAY_FOLDER, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
 
     assert result.returncode == 0, result.stderr
     played = json.loads(result.stdout)
@@ -148,10 +155,14 @@ def test_an_image_folder_skips_a_decompression_bomb_and_plays_the_good_images(tm
     assert f"{bomb_path}: skipped, 20000 x 20000 pixels is more than the 50 MP an image may have" in result.stderr
 
 
-@pytest.mark.parametrize(("suffix", "channels"), [
-    *((suffix, channels) for suffix in (".png", ".jpg", ".bmp", ".webp", ".tiff") for channels in (1, 3)),
-    (".pgm", 1), (".ppm", 3),
-])
+@pytest.mark.parametrize(
+    ("suffix", "channels"),
+    [
+        *((suffix, channels) for suffix in (".png", ".jpg", ".bmp", ".webp", ".tiff") for channels in (1, 3)),
+        (".pgm", 1),
+        (".ppm", 3),
+    ],
+)
 def test_image_sizes_are_read_from_the_header_of_every_accepted_format(suffix, channels):
     image = np.zeros((37, 53, channels), np.uint8)
     data = cv2.imencode(suffix, image)[1].tobytes()

@@ -55,11 +55,14 @@ def test_a_nul_character_in_any_setting_is_refused_at_load(key, value):
     assert message == f"config.yaml: {key}: must not contain U+0000 (NUL)"
 
 
-@pytest.mark.parametrize(("fields", "key"), [
-    ({"question": "What is in <image>?"}, "question"),
-    ({"instruction": "Answer about <image> briefly."}, "instruction"),
-    ({"type": "choice", "options": ["cat", "<image>"]}, "options[1]"),
-])
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"question": "What is in <image>?"}, "question"),
+        ({"instruction": "Answer about <image> briefly."}, "instruction"),
+        ({"type": "choice", "options": ["cat", "<image>"]}, "options[1]"),
+    ],
+)
 def test_the_model_image_placeholder_in_a_question_is_refused_at_load(fields, key):
     """The placeholder would become a second image token and end the agent at its first frame."""
     message = error_of(with_changes(questions=[question(**fields)]))
@@ -77,8 +80,13 @@ def test_an_ad_hoc_question_holding_the_image_placeholder_is_refused_as_invalid(
 
 
 def write_run_config(tmp_path, model, **model_settings) -> str:
-    config = {**MINIMAL, "model": {"path": str(model), **model_settings},
-              "camera": {"source": str(tmp_path)}, "mqtt": {"host": "127.0.0.1", "port": 1}, "log_level": "warning"}
+    config = {
+        **MINIMAL,
+        "model": {"path": str(model), **model_settings},
+        "camera": {"source": str(tmp_path)},
+        "mqtt": {"host": "127.0.0.1", "port": 1},
+        "log_level": "warning",
+    }
     (tmp_path / "frame.png").write_bytes(b"")  # a folder with an image file passes the source check
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -90,8 +98,9 @@ def test_a_cache_dir_that_is_a_file_stops_the_agent_with_one_line(tmp_path, tiny
     cache_file.write_text("not a directory")
     config = write_run_config(tmp_path, tiny_llava_int8, cache_dir=str(cache_file))
 
-    result = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", config],
-                            capture_output=True, text=True, timeout=90)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", config], capture_output=True, text=True, timeout=90
+    )
 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -120,7 +129,8 @@ def fill(directory) -> None:
 
 @pytest.mark.parametrize("state", ["read-only", "full"])
 def test_an_unwritable_cache_dir_is_one_warning_and_the_model_loads_without_it(
-        tmp_path, tiny_llava_int8, caplog, state):
+    tmp_path, tiny_llava_int8, caplog, state
+):
     with mounted_tmpfs(tmp_path / "cache", "ro,size=64k" if state == "read-only" else "size=64k") as cache:
         if state == "full":
             fill(cache)
@@ -143,4 +153,3 @@ def test_a_cache_dir_that_can_be_made_is_made_and_used(tmp_path, tiny_llava_int8
     load_engine(config)
 
     assert cache.is_dir() and any(cache.iterdir())
-

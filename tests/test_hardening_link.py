@@ -122,8 +122,10 @@ def assert_a_bad_list_is_ignored(payload: bytes, protocol, broker, make_announci
     link = make_announcing_link(broker, [DOOR], protocol=protocol)
     link.publish_answer(answer(value=True, state="ON"))
     link.publish_camera(True)
-    wait_until(lambda: [m.payload for m in watcher.on(TOPICS.discovery)].count(own_list) == 2,
-               what="the agent's own list, twice")
+    wait_until(
+        lambda: [m.payload for m in watcher.on(TOPICS.discovery)].count(own_list) == 2,
+        what="the agent's own list, twice",
+    )
 
     assert watcher.on(FOREIGN_CONFIG)[-1].payload == b'{"name": "People"}', "another agent's entity survives"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and TOPICS.discovery in r.getMessage()]

@@ -46,8 +46,9 @@ class AgentProcess:
         for variable in ("WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(variable, None)
         with log_file.open("w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)],
-                                            env=env, stderr=log)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)], env=env, stderr=log
+            )
 
     def log(self) -> str:
         return self.log_file.read_text()

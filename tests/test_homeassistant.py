@@ -41,8 +41,9 @@ def agent_topic(agent_id: str, kind: str, question_id: str) -> str:
 
 def entities_of(home_assistant, agent_id: str, question_ids: list[str]) -> dict[str, str]:
     """question id -> entity id of every question of the agent, once Home Assistant registered them all."""
-    registered = home_assistant.wait_for_entities([unique_id(agent_id, q) for q in question_ids],
-                                                  timeout=ANSWER_TIMEOUT_S)
+    registered = home_assistant.wait_for_entities(
+        [unique_id(agent_id, q) for q in question_ids], timeout=ANSWER_TIMEOUT_S
+    )
     return {question_id: registered[unique_id(agent_id, question_id)] for question_id in question_ids}
 
 
@@ -51,13 +52,18 @@ def test_every_question_is_an_entity_with_the_state_and_answer_the_agent_publish
 ):
     agent_id = "ha-states"
     question_ids = [question["id"] for question in ASKED]
-    published = subscriber(home_assistant_broker, *(agent_topic(agent_id, kind, question_id)
-                                                    for kind in ("state", "answers") for question_id in question_ids))
+    published = subscriber(
+        home_assistant_broker,
+        *(agent_topic(agent_id, kind, question_id) for kind in ("state", "answers") for question_id in question_ids),
+    )
     log_start = len(home_assistant.log())
 
     with RunningAgent(config_for(agent_id, tiny_llava_int8, home_assistant_broker, static_video), engine=tiny_engine):
-        wait_until(lambda: all(published.on(agent_topic(agent_id, "answers", q)) for q in question_ids),
-                   timeout=ANSWER_TIMEOUT_S, what="an answer to every question")
+        wait_until(
+            lambda: all(published.on(agent_topic(agent_id, "answers", q)) for q in question_ids),
+            timeout=ANSWER_TIMEOUT_S,
+            what="an answer to every question",
+        )
         entities = entities_of(home_assistant, agent_id, question_ids)
 
         for question in ASKED:
@@ -67,8 +73,10 @@ def test_every_question_is_an_entity_with_the_state_and_answer_the_agent_publish
             def shows_the_latest_answer(state: dict, question_id=question["id"]) -> bool:
                 latest_state = published.on(agent_topic(agent_id, "state", question_id))[-1].payload.decode()
                 latest_answer = json.loads(published.on(agent_topic(agent_id, "answers", question_id))[-1].payload)
-                return (state["state"] == HOME_ASSISTANT_STATES.get(latest_state, latest_state)
-                        and latest_answer.items() <= state["attributes"].items())
+                return (
+                    state["state"] == HOME_ASSISTANT_STATES.get(latest_state, latest_state)
+                    and latest_answer.items() <= state["attributes"].items()
+                )
 
             home_assistant.wait_for_state(entity_id, shows_the_latest_answer)
 
@@ -78,10 +86,8 @@ def test_every_question_is_an_entity_with_the_state_and_answer_the_agent_publish
 KNOWN_THEN_UNKNOWN = [
     pytest.param(EntitySpec("door_open", "Door open", "yes_no", "door"), True, "ON", "on", id="yes_no"),
     pytest.param(EntitySpec("people", "People", "number", None), 2, "2", "2", id="number"),
-    pytest.param(EntitySpec("cup", "Cup", "choice", None, options=("red", "blue")), "red", "red", "red",
-                 id="choice"),
-    pytest.param(EntitySpec("scene", "Scene", "text", None), "a kitchen", "a kitchen", "a kitchen",
-                 id="text"),
+    pytest.param(EntitySpec("cup", "Cup", "choice", None, options=("red", "blue")), "red", "red", "red", id="choice"),
+    pytest.param(EntitySpec("scene", "Scene", "text", None), "a kitchen", "a kitchen", "a kitchen", id="text"),
 ]
 
 
@@ -113,8 +119,9 @@ def test_the_last_will_of_a_killed_agent_makes_every_entity_unavailable(
     try:
         entities = entities_of(home_assistant, agent_id, [question["id"] for question in ASKED])
         for entity_id in entities.values():
-            home_assistant.wait_for_state(entity_id, lambda state: state["state"] != "unavailable",
-                                          timeout=ANSWER_TIMEOUT_S)
+            home_assistant.wait_for_state(
+                entity_id, lambda state: state["state"] != "unavailable", timeout=ANSWER_TIMEOUT_S
+            )
 
         agent.send_signal(signal.SIGKILL)
         agent.wait()

@@ -58,8 +58,12 @@ def test_the_engine_compiles_each_submodel_with_its_group(tiny_llava_int8):
     for submodel, compiled in compiled_submodels.items():
         expected = activation_group(graph(tiny_llava_int8, submodel)) or plugin_default
         assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == expected
-    assert Engine.load(tiny_llava_int8, inference_precision="f32")._language.compiled.get_property(
-        "DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
+    assert (
+        Engine.load(tiny_llava_int8, inference_precision="f32")._language.compiled.get_property(
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE"
+        )
+        == 0
+    )
 
 
 def test_int8_activations_stay_close_to_float_ones(tiny_llava_int8):

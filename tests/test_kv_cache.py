@@ -87,5 +87,6 @@ def test_the_paged_bf16_cache_stays_as_close_to_f32_inference_as_the_stateful_on
 def typical_cosine(truth: np.ndarray, logits: np.ndarray) -> float:
     """The median over every step and answer row of the cosine between their logits and the truth's."""
     vocabulary = truth.shape[-1]
-    return float(np.median([cosine(*answer) for answer in zip(truth.reshape(-1, vocabulary),
-                                                              logits.reshape(-1, vocabulary))]))
+    return float(
+        np.median([cosine(*answer) for answer in zip(truth.reshape(-1, vocabulary), logits.reshape(-1, vocabulary))])
+    )

@@ -8,10 +8,22 @@ import openvino as ov
 import pytest
 
 from edge_agent.engine.devices import compile_properties
-from edge_agent.engine.language import (ATTENTION_ALLOWED, LOGITS_POSITIONS, StatefulLanguageModel, StatefulSession,
-                                        add_attention_allowed, add_logits_positions)
-from tests.support.language import (QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs,
-                                    gathers_of_logits_positions, rounds)
+from edge_agent.engine.language import (
+    ATTENTION_ALLOWED,
+    LOGITS_POSITIONS,
+    StatefulLanguageModel,
+    StatefulSession,
+    add_attention_allowed,
+    add_logits_positions,
+)
+from tests.support.language import (
+    QUESTION_LENGTHS,
+    CountingRequest,
+    embeddings,
+    frame_inputs,
+    gathers_of_logits_positions,
+    rounds,
+)
 
 
 def compiled_language_model(model_dir, shared_sequence: bool) -> ov.CompiledModel:
@@ -51,8 +63,12 @@ def test_logits_at_the_positions_equal_the_unedited_graphs(model_dir):
     unedited = core.compile_model(model_dir / "openvino_language_model.xml", "CPU", compile_properties("CPU", "f32"))
     edited = compiled_language_model(model_dir, shared_sequence=False)
     _, prefix, _ = frame_inputs(edited, seed=3, prefix_tokens=21)
-    inputs = {"inputs_embeds": prefix, "attention_mask": np.ones((1, 21), dtype=np.int64),
-              "position_ids": np.arange(21)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
+    inputs = {
+        "inputs_embeds": prefix,
+        "attention_mask": np.ones((1, 21), dtype=np.int64),
+        "position_ids": np.arange(21)[None],
+        "beam_idx": np.zeros(1, dtype=np.int32),
+    }
     positions = np.array([20, 3, 11])
     everywhere = unedited.create_infer_request().infer(inputs)["logits"]
     gathered = edited.create_infer_request().infer({**inputs, LOGITS_POSITIONS: positions})["logits"]
@@ -66,8 +82,9 @@ def test_one_shared_sequence_equals_a_batch_of_forked_rows(compiled):
         other = StatefulSession(StatefulLanguageModel(compiled[False]), prefix)
         if cached_prefix:
             one.prefill_prefix()
-        for first, second in zip(rounds(one, questions, 3, np.random.default_rng(1)),
-                                 rounds(other, questions, 3, np.random.default_rng(1))):
+        for first, second in zip(
+            rounds(one, questions, 3, np.random.default_rng(1)), rounds(other, questions, 3, np.random.default_rng(1))
+        ):
             np.testing.assert_allclose(first, second, atol=1e-4)
 
 
@@ -78,12 +95,15 @@ def test_decode_steps_keep_one_cache_row_while_rows_leave(compiled):
     model = StatefulLanguageModel(compiled[True])
     model.request = CountingRequest(model.request)
     logits = {}
-    for shared, session in ((True, StatefulSession(model, prefix)),
-                            (False, StatefulSession(StatefulLanguageModel(compiled[False]), prefix))):
+    for shared, session in (
+        (True, StatefulSession(model, prefix)),
+        (False, StatefulSession(StatefulLanguageModel(compiled[False]), prefix)),
+    ):
         rng = np.random.default_rng(9)
         session.prefill_questions(questions)
-        logits[shared] = [session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows))
-                          for rows in schedule]
+        logits[shared] = [
+            session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows)) for rows in schedule
+        ]
     for first, second in zip(logits[True], logits[False]):
         np.testing.assert_allclose(first, second, atol=1e-4)
     steps = model.request.calls[1:]

@@ -51,7 +51,8 @@ DECISIONS = [
 
 @pytest.mark.parametrize(("changed", "have_context", "due", "pending_asks", "turn"), DECISIONS)
 def test_the_loop_encodes_only_a_changed_frame_something_waits_for_and_else_reuses_or_skips(
-        changed, have_context, due, pending_asks, turn):
+    changed, have_context, due, pending_asks, turn
+):
     assert decide(changed=changed, have_context=have_context, due=due, pending_asks=pending_asks) is turn
 
 
@@ -105,7 +106,8 @@ def assert_times_are_consistent(answer: dict) -> None:
 
 
 def test_an_ask_after_the_scene_changed_is_answered_on_the_new_scene_and_carries_its_capture_time(
-        tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path):
+    tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path
+):
     camera = tmp_path / "camera.png"
     show(camera, DARK)
     engine = RecordingEngine(tiny_engine)
@@ -123,10 +125,12 @@ def test_an_ask_after_the_scene_changed_is_answered_on_the_new_scene_and_carries
 
 
 def test_a_republished_answer_never_carries_a_frame_later_than_its_answer(
-        tiny_llava_int8, tiny_engine, broker, subscriber, static_video):
+    tiny_llava_int8, tiny_engine, broker, subscriber, static_video
+):
     listener = subscriber(broker, topic("answers", DOOR["id"]))
-    config = agent_config(tiny_llava_int8, broker, static_video, questions=[dict(DOOR, every=0.3)],
-                          mqtt={"heartbeat_s": 0.3})
+    config = agent_config(
+        tiny_llava_int8, broker, static_video, questions=[dict(DOOR, every=0.3)], mqtt={"heartbeat_s": 0.3}
+    )
     with RunningAgent(config, engine=tiny_engine):
         wait_until(lambda: len(listener.on(topic("answers", DOOR["id"]))) >= 4, timeout=30, what="four answers")
 
@@ -137,7 +141,8 @@ def test_a_republished_answer_never_carries_a_frame_later_than_its_answer(
 
 
 def test_a_change_question_answered_on_a_scene_an_ask_encoded_says_the_scene_changed(
-        tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path):
+    tiny_llava_int8, tiny_engine, broker, subscriber, tmp_path
+):
     camera = tmp_path / "camera.png"
     show(camera, DARK)
     engine = RecordingEngine(tiny_engine)
@@ -154,7 +159,8 @@ def test_a_change_question_answered_on_a_scene_an_ask_encoded_says_the_scene_cha
 
 
 def test_after_a_video_file_played_to_its_end_the_loop_waits_instead_of_spinning(
-        tiny_llava_int8, tiny_engine, broker, static_video):
+    tiny_llava_int8, tiny_engine, broker, static_video
+):
     config = agent_config(tiny_llava_int8, broker, static_video, camera={"loop": False, "fps": 10})
     running = RunningAgent(config, engine=tiny_engine)
     with running as agent:

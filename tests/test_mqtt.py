@@ -164,9 +164,7 @@ def test_the_offline_queue_drops_and_counts_the_oldest_answers(make_broker, make
     assert len(watcher.on(DOOR_STATE)) == 2, "the latest answer was the last queued one: not sent twice"
 
 
-def test_after_the_broker_lost_its_retained_messages_the_link_publishes_them_again(
-    broker, make_link, subscriber
-):
+def test_after_the_broker_lost_its_retained_messages_the_link_publishes_them_again(broker, make_link, subscriber):
     link = make_link(broker)
     link.set_entities([EntitySpec("door_open", "Door open", "yes_no", "door")])
     link.publish_answer(answer(value=True, state="ON"))

@@ -12,8 +12,14 @@ from edge_agent.engine.kv_cache import BF16_FLAGS
 from edge_agent.engine.language import StatefulLanguageModel
 from edge_agent.engine.paged import PagedLanguageModel, load_language_model, to_paged_attention
 from tests.support.cpu import submodel_graph
-from tests.support.language import (QUESTION_LENGTHS, CountingRequest, embeddings, frame_inputs,
-                                    gathers_of_logits_positions, rounds)
+from tests.support.language import (
+    QUESTION_LENGTHS,
+    CountingRequest,
+    embeddings,
+    frame_inputs,
+    gathers_of_logits_positions,
+    rounds,
+)
 
 LONG_QUESTIONS = QUESTION_LENGTHS + [40]  # one question that spans blocks of its own
 ATOL = 5e-4
@@ -53,16 +59,18 @@ def test_the_pool_reads_the_plugins_block_size_whatever_the_cache_layout(model_d
     """The CPU plugin's blocks hold 32 tokens; a u8 cache appends its scales to the key and value blocks."""
     if cache == "bf16" and not BF16_FLAGS & host_cpu_flags():
         pytest.skip("this CPU has no bf16 arithmetic")
-    paged = load_language_model(ov.Core(), model_dir / "openvino_language_model.xml", "CPU", precision,
-                                KV_CACHE_PRECISION=cache)
+    paged = load_language_model(
+        ov.Core(), model_dir / "openvino_language_model.xml", "CPU", precision, KV_CACHE_PRECISION=cache
+    )
     assert paged.compiled.input("key_cache.0").get_element_type().get_type_name() == cache
     assert paged.pool.block_size == 32
 
 
 def test_a_paged_graph_the_plugin_refuses_falls_back_to_the_stateful_one(model_dir):
     """The plugin's paged attention takes no f32 cache under bf16 inference; its stateful attention does."""
-    model = load_language_model(ov.Core(), model_dir / "openvino_language_model.xml", "CPU", "bf16",
-                                KV_CACHE_PRECISION="f32")
+    model = load_language_model(
+        ov.Core(), model_dir / "openvino_language_model.xml", "CPU", "bf16", KV_CACHE_PRECISION="f32"
+    )
     assert isinstance(model, StatefulLanguageModel)
 
 
@@ -73,14 +81,16 @@ def test_paged_rounds_equal_the_stateful_session(models, prefix_tokens):
     The long question and 40 decode steps cross block boundaries of their own.
     """
     paged, stateful = models
-    _, prefix, questions = frame_inputs(models[1].compiled, seed=prefix_tokens, prefix_tokens=prefix_tokens,
-                                        lengths=LONG_QUESTIONS)
+    _, prefix, questions = frame_inputs(
+        models[1].compiled, seed=prefix_tokens, prefix_tokens=prefix_tokens, lengths=LONG_QUESTIONS
+    )
     for cached_prefix in (False, True):
         one, other = paged.session(prefix), stateful.session(prefix)
         if cached_prefix:
             one.prefill_prefix()
-        for first, second in zip(rounds(one, questions, 40, np.random.default_rng(1)),
-                                 rounds(other, questions, 40, np.random.default_rng(1))):
+        for first, second in zip(
+            rounds(one, questions, 40, np.random.default_rng(1)), rounds(other, questions, 40, np.random.default_rng(1))
+        ):
             np.testing.assert_allclose(first, second, atol=ATOL)
 
 
@@ -93,8 +103,9 @@ def test_rows_leave_step_by_step_with_the_stateful_sessions_logits(models):
         rng = np.random.default_rng(9)
         session = model.session(prefix)
         session.prefill_questions(questions)
-        logits.append([session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows))
-                       for rows in schedule])
+        logits.append(
+            [session.step(embeddings(rng, len(rows), 1, prefix.shape[2]), np.array(rows)) for rows in schedule]
+        )
     for first, second in zip(*logits):
         np.testing.assert_allclose(first, second, atol=ATOL)
 

@@ -36,6 +36,7 @@ def test_resize_is_bit_exact_with_pillow(resample):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_llava_preprocessing_matches_clip_image_processor(size):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     reference = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     ours = ClipPreprocessor(ProcessorSettings.from_dict(reference.to_dict()))
     image = frame(*size)
@@ -49,8 +50,10 @@ def test_llava_preprocessing_matches_clip_image_processor(size):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_llava_next_anyres_tiles_match_llava_next_image_processor(size):
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-    reference = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                           image_grid_pinpoints=GRID)
+
+    reference = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=GRID
+    )
     ours = AnyresPreprocessor(ProcessorSettings.from_dict(reference.to_dict()))
     image = frame(*size)
     expected = reference(pil_rgb(image), return_tensors="np")["pixel_values"][0]
@@ -63,6 +66,7 @@ def test_llava_next_anyres_tiles_match_llava_next_image_processor(size):
 def test_exported_model_preprocessing_matches_its_checkpoint_processor(request, arch):
     """The settings the engine reads from an export reproduce the checkpoint's own processor."""
     from edge_agent.engine import Engine
+
     engine = Engine.load(request.getfixturevalue(f"tiny_{arch}_fp32"))
     reference = request.getfixturevalue(f"hf_{arch}")
     for size in [(48, 64), (64, 48), (100, 37)]:
@@ -71,19 +75,27 @@ def test_exported_model_preprocessing_matches_its_checkpoint_processor(request, 
 
 
 def test_grayscale_frames_are_expanded_to_three_channels():
-    settings = ProcessorSettings.from_dict({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
-                                            "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    settings = ProcessorSettings.from_dict(
+        {
+            "size": {"shortest_edge": 32},
+            "crop_size": {"height": 32, "width": 32},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+        }
+    )
     gray = frame(40, 50)[:, :, 0]
     color = np.repeat(gray[:, :, None], 3, axis=2)
-    assert np.array_equal(ClipPreprocessor(settings)(gray).pixel_values,
-                          ClipPreprocessor(settings)(color).pixel_values)
+    assert np.array_equal(ClipPreprocessor(settings)(gray).pixel_values, ClipPreprocessor(settings)(color).pixel_values)
 
 
-@pytest.mark.parametrize("raw, shape", [
-    ({"size": {"shortest_edge": 32}, "crop_size": {"height": 30, "width": 28}}, (30, 28)),
-    ({"size": {"height": 24, "width": 40}, "do_center_crop": False}, (24, 40)),
-    ({"size": {"shortest_edge": 32}, "do_center_crop": False}, None),
-])
+@pytest.mark.parametrize(
+    "raw, shape",
+    [
+        ({"size": {"shortest_edge": 32}, "crop_size": {"height": 30, "width": 28}}, (30, 28)),
+        ({"size": {"height": 24, "width": 40}, "do_center_crop": False}, (24, 40)),
+        ({"size": {"shortest_edge": 32}, "do_center_crop": False}, None),
+    ],
+)
 def test_the_tile_shape_is_fixed_only_where_every_frame_gives_it(raw, shape):
     """The engine compiles the vision encoder for this shape; None keeps it dynamic."""
     preprocess = ClipPreprocessor(ProcessorSettings.from_dict({**raw, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
@@ -93,9 +105,15 @@ def test_the_tile_shape_is_fixed_only_where_every_frame_gives_it(raw, shape):
 
 
 def test_anyres_tiles_are_square_whatever_the_processor_crops():
-    settings = ProcessorSettings.from_dict({"size": {"shortest_edge": 32}, "do_center_crop": False,
-                                            "image_grid_pinpoints": [[32, 64], [64, 32]],
-                                            "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    settings = ProcessorSettings.from_dict(
+        {
+            "size": {"shortest_edge": 32},
+            "do_center_crop": False,
+            "image_grid_pinpoints": [[32, 64], [64, 32]],
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+        }
+    )
     preprocess = AnyresPreprocessor(settings)
     assert preprocess.tile_shape == (32, 32)
     for size in SIZES[:4]:

@@ -58,7 +58,9 @@ def test_a_new_question_kind_is_one_row_of_the_table(percent_kind):
 def test_an_unknown_type_names_every_kind_of_the_table(percent_kind):
     message = error_of(with_changes(questions=[question(type="multi")]))
 
-    assert message == "config.yaml: questions[0].type: must be one of yes_no, choice, number, text, percent, got 'multi'"
+    assert (
+        message == "config.yaml: questions[0].type: must be one of yes_no, choice, number, text, percent, got 'multi'"
+    )
 
 
 def test_a_misspelt_type_gets_the_closest_kind_as_a_hint():

@@ -17,9 +17,7 @@ def test_a_yes_no_question_gets_llavas_short_answer_instruction():
 
 
 def test_a_choice_question_lists_its_options_one_per_line():
-    assert build_prompt(LIGHT) == (
-        "What colour is the light?\nred\nGreen\ndark red\nAnswer with one of the options."
-    )
+    assert build_prompt(LIGHT) == ("What colour is the light?\nred\nGreen\ndark red\nAnswer with one of the options.")
 
 
 def test_the_questions_own_instruction_wins_and_an_empty_one_leaves_it_out():

@@ -21,17 +21,24 @@ import pytest
 from edge_agent.capture import CameraReader
 from edge_agent.config import CameraSettings
 from edge_agent.service import Agent
+from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic
 from tests.support.broker import wait_until
 from tests.support.videos import pattern, write_video
-from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = CameraSettings(loop=True, fps=10, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5,
-                      backoff_initial_s=0.2, backoff_max_s=0.8)
+FAST = CameraSettings(
+    loop=True, fps=10, open_timeout_s=1, read_timeout_s=1, stale_after_s=1.5, backoff_initial_s=0.2, backoff_max_s=0.8
+)
 """Short timeouts and backoff, so each fault is noticed and retried within seconds."""
-FAST_CAMERA = {"fps": 5, "open_timeout_s": 1, "read_timeout_s": 1, "stale_after_s": 1.5, "backoff_initial_s": 0.2,
-               "backoff_max_s": 0.8}
+FAST_CAMERA = {
+    "fps": 5,
+    "open_timeout_s": 1,
+    "read_timeout_s": 1,
+    "stale_after_s": 1.5,
+    "backoff_initial_s": 0.2,
+    "backoff_max_s": 0.8,
+}
 """The same, as the agent's `camera:` config section (answers are slower, so fewer frames are sampled)."""
 IN_TRANSIT_S = 0.5
 """Frames already on their way when a camera hangs may still arrive up to this long after it."""
@@ -94,16 +101,23 @@ def test_a_camera_device_that_does_not_exist_stays_offline_and_is_retried_with_b
 
 
 def test_the_agent_starts_with_an_unplugged_camera_device_offline_and_keeps_trying(
-        broker, subscriber, tiny_llava_int8, tiny_engine, caplog):
+    broker, subscriber, tiny_llava_int8, tiny_engine, caplog
+):
     listener = subscriber(broker, topic("camera"), topic("availability"))
     config = agent_config(tiny_llava_int8, broker, "/dev/video99")
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service"), RunningAgent(config, engine=tiny_engine) as agent:
-        wait_until(lambda: [m.payload for m in listener.on(topic("camera"))][-1:] == [b"offline"],
-                   what="camera offline")
+    with (
+        caplog.at_level(logging.WARNING, logger="edge_agent.service"),
+        RunningAgent(config, engine=tiny_engine) as agent,
+    ):
+        wait_until(
+            lambda: [m.payload for m in listener.on(topic("camera"))][-1:] == [b"offline"], what="camera offline"
+        )
         wait_until(lambda: agent._reader.reopen_count >= 1, what="a reopen attempt")
         assert listener.on(topic("availability"))[-1].payload == b"online"
-    assert "camera device /dev/video99 does not exist (is the camera plugged in?); starting with the camera " \
-           "offline" in caplog.text
+    assert (
+        "camera device /dev/video99 does not exist (is the camera plugged in?); starting with the camera "
+        "offline" in caplog.text
+    )
 
 
 def test_frames_larger_than_the_model_can_use_are_downscaled_as_they_are_kept(run_reader, tmp_path):
@@ -247,8 +261,12 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(png)
 
 
-BROKEN_FILES = {"f_empty.png": b"", "g_truncated.jpg": cv2.imencode(".jpg", pattern(1))[1].tobytes()[:-100],
-                "h_not_an_image.jpg": b"meeting notes, not a picture\n", "i_absurd_size.png": png_claiming(60000, 60000)}
+BROKEN_FILES = {
+    "f_empty.png": b"",
+    "g_truncated.jpg": cv2.imencode(".jpg", pattern(1))[1].tobytes()[:-100],
+    "h_not_an_image.jpg": b"meeting notes, not a picture\n",
+    "i_absurd_size.png": png_claiming(60000, 60000),
+}
 
 
 def test_odd_frames_are_converted_or_skipped_with_a_log_line_and_the_agent_answers_on_every_usable_one(
@@ -264,8 +282,13 @@ def test_odd_frames_are_converted_or_skipped_with_a_log_line_and_the_agent_answe
     engine = RecordingEngine(tiny_engine)
     log = AnswerLog(subscriber, broker)
     # Questions due on every frame, so whether a frame is encoded depends only on the frame itself.
-    config = agent_config(tiny_llava_int8, broker, folder, camera={"fps": 2, "loop": True},
-                          questions=[dict(question, every=0.05) for question in QUESTIONS])
+    config = agent_config(
+        tiny_llava_int8,
+        broker,
+        folder,
+        camera={"fps": 2, "loop": True},
+        questions=[dict(question, every=0.05) for question in QUESTIONS],
+    )
 
     with RunningAgent(config, engine=engine):
         expected = {(120, 160, 3), (8, 8, 3), (1080, 1920, 3)}
@@ -274,5 +297,6 @@ def test_odd_frames_are_converted_or_skipped_with_a_log_line_and_the_agent_answe
         # The broken files come after the usable ones, so the answers can be in before they are read.
         skipped = [f"{name}: skipped, it is not a complete image" for name in BROKEN_FILES if "absurd" not in name]
         skipped.append("i_absurd_size.png: skipped, 60000 x 60000 pixels is more than the 50 MP an image may have")
-        wait_until(lambda: all(line in caplog.text for line in skipped), timeout=30,
-                   what="a log line for each broken file")
+        wait_until(
+            lambda: all(line in caplog.text for line in skipped), timeout=30, what="a log line for each broken file"
+        )

@@ -15,8 +15,8 @@ import threading
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.broker import WAIT_TIMEOUT_S, wait_until
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
+from tests.support.broker import WAIT_TIMEOUT_S, wait_until
 
 ROOT = f"edge-agent/{AGENT}"
 EVERY_ANSWER = {"heartbeat_s": 0.001}
@@ -35,8 +35,9 @@ class DurableSubscriber:
         self.answers: set[tuple[str, float]] = set()
         self._lock = threading.Lock()
         subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="durable-subscriber", clean_session=False,
-                                   protocol=mqtt.MQTTv311)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="durable-subscriber", clean_session=False, protocol=mqtt.MQTTv311
+        )
         self._client.reconnect_delay_set(0.1, 0.5)
         self._client.on_message = self._record
         self._client.on_subscribe = lambda *args: subscribed.set()
@@ -63,19 +64,22 @@ class DurableSubscriber:
 def run_through_an_outage(agent, broker, answers_while_down: int) -> None:
     """Stop the broker once answers flow, wait for `answers_while_down` new answers, then start it again."""
     wait_until(lambda: gauge(agent.metrics.mqtt_connected) == 1, timeout=30, what="connected")
-    wait_until(lambda: agent.metrics.answers_published._value.get() >= len(QUESTIONS), timeout=30,
-               what="first answers")
+    wait_until(lambda: agent.metrics.answers_published._value.get() >= len(QUESTIONS), timeout=30, what="first answers")
     broker.stop()
     wait_until(lambda: gauge(agent.metrics.mqtt_connected) == 0, what="the agent noticed")
     published = agent.metrics.answers_published._value.get()
-    wait_until(lambda: agent.metrics.answers_published._value.get() >= published + answers_while_down,
-               timeout=30, what="answers made while the broker is down")
+    wait_until(
+        lambda: agent.metrics.answers_published._value.get() >= published + answers_while_down,
+        timeout=30,
+        what="answers made while the broker is down",
+    )
     broker.start()
     wait_until(lambda: gauge(agent.metrics.mqtt_connected) == 1, timeout=30, what="reconnected")
 
 
 def test_answers_made_while_the_broker_is_down_are_all_delivered_when_it_is_back(
-        tiny_llava_int8, tiny_engine, make_broker, moving_video):
+    tiny_llava_int8, tiny_engine, make_broker, moving_video
+):
     broker = make_broker(persistence=True)
     subscriber = DurableSubscriber(broker, f"{ROOT}/answers/#")
     config = agent_config(tiny_llava_int8, broker, moving_video, mqtt=EVERY_ANSWER)
@@ -89,7 +93,8 @@ def test_answers_made_while_the_broker_is_down_are_all_delivered_when_it_is_back
 
 
 def test_beyond_the_queue_limit_the_oldest_answers_are_dropped_counted_and_logged(
-        tiny_llava_int8, tiny_engine, make_broker, moving_video, caplog):
+    tiny_llava_int8, tiny_engine, make_broker, moving_video, caplog
+):
     broker = make_broker(persistence=True)
     subscriber = DurableSubscriber(broker, f"{ROOT}/answers/#")
     config = agent_config(tiny_llava_int8, broker, moving_video, mqtt={**EVERY_ANSWER, "queue_limit": 3})
@@ -99,8 +104,10 @@ def test_beyond_the_queue_limit_the_oldest_answers_are_dropped_counted_and_logge
             run_through_an_outage(agent, broker, answers_while_down=8)
             dropped = agent._link.dropped
         handed_to_mqtt = agent.metrics.answers_published._value.get()
-        wait_until(lambda: subscriber.received() >= handed_to_mqtt - dropped,
-                   what=f"{handed_to_mqtt} answers less the {dropped} dropped")
+        wait_until(
+            lambda: subscriber.received() >= handed_to_mqtt - dropped,
+            what=f"{handed_to_mqtt} answers less the {dropped} dropped",
+        )
     finally:
         subscriber.close()
 
@@ -114,8 +121,12 @@ def test_beyond_the_queue_limit_the_oldest_answers_are_dropped_counted_and_logge
 def retained_topics(broker, subscriber) -> dict[str, bytes]:
     """What a client connecting now is told: every retained message of the agent and Home Assistant."""
     watcher = subscriber(broker, f"{ROOT}/#", "homeassistant/#")
-    expected = [f"{ROOT}/availability", f"{ROOT}/camera", f"{ROOT}/discovery",
-                *(f"{ROOT}/{kind}/{q['id']}" for q in QUESTIONS for kind in ("answers", "state"))]
+    expected = [
+        f"{ROOT}/availability",
+        f"{ROOT}/camera",
+        f"{ROOT}/discovery",
+        *(f"{ROOT}/{kind}/{q['id']}" for q in QUESTIONS for kind in ("answers", "state")),
+    ]
     wait_until(lambda: all(watcher.on(topic) for topic in expected), timeout=20, what=f"retained {expected}")
     return {message.topic: message.payload for message in watcher.messages if message.retain}
 
@@ -127,7 +138,8 @@ def assert_everything_announced(retained: dict[str, bytes]) -> None:
 
 
 def test_with_the_broker_absent_at_start_the_agent_answers_and_publishes_everything_once_it_comes(
-        tiny_llava_int8, tiny_engine, make_broker, subscriber, moving_video):
+    tiny_llava_int8, tiny_engine, make_broker, subscriber, moving_video
+):
     broker = make_broker(start=False)
     with RunningAgent(agent_config(tiny_llava_int8, broker, moving_video), engine=tiny_engine) as agent:
         wait_until(lambda: agent.metrics.inferences._value.get() >= 2, timeout=30, what="answers without a broker")
@@ -141,7 +153,8 @@ def test_with_the_broker_absent_at_start_the_agent_answers_and_publishes_everyth
 
 
 def test_after_a_restart_without_persistence_the_agent_publishes_its_retained_state_again(
-        tiny_llava_int8, tiny_engine, make_broker, subscriber, moving_video):
+    tiny_llava_int8, tiny_engine, make_broker, subscriber, moving_video
+):
     broker = make_broker(persistence=False)
     with RunningAgent(agent_config(tiny_llava_int8, broker, moving_video), engine=tiny_engine) as agent:
         retained_topics(broker, subscriber)

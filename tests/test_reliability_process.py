@@ -19,9 +19,9 @@ import time
 
 import pytest
 
+from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic, write_config
 from tests.support.broker import wait_until
 from tests.support.videos import write_video
-from tests.support.agent import QUESTIONS, RunningAgent, agent_config, topic, write_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,8 +95,12 @@ class AgentProcess:
     def __init__(self, config_file: pathlib.Path, notify_path: pathlib.Path):
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="30000000")
         env.pop("WATCHDOG_PID", None)
-        self.process = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)],
-                                        env=env, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(config_file)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -166,8 +170,10 @@ def test_after_a_crash_and_a_restart_availability_camera_and_every_answer_are_re
 
     wait_until(lambda: all(map(republished, answer_topics)), timeout=60, what="every answer after the restart")
     late = subscriber(broker, topic("availability"), topic("camera"), *answer_topics)
-    wait_until(lambda: all(late.on(t) for t in [topic("availability"), topic("camera"), *answer_topics]),
-               what="retained state for a new subscriber")
+    wait_until(
+        lambda: all(late.on(t) for t in [topic("availability"), topic("camera"), *answer_topics]),
+        what="retained state for a new subscriber",
+    )
     assert all(late.on(t)[-1].retain for t in [topic("availability"), topic("camera"), *answer_topics])
     assert last_payload(late, "availability") == b"online" and last_payload(late, "camera") == b"online"
     assert all(json.loads(late.on(t)[-1].payload)["frame_ts"] >= restarted for t in answer_topics)

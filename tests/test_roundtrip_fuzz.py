@@ -77,8 +77,13 @@ def deliverable_char(char: str) -> bool:
     """What mosquitto accepts in a topic: it disconnects a client publishing U+0000, another C0 or C1 control
     character, DEL or a non-character (checked with 2.0.11); a lone surrogate cannot be encoded at all."""
     code = ord(char)
-    return not (code <= 0x1F or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF
-                or code & 0xFFFE == 0xFFFE)
+    return not (
+        code <= 0x1F
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or 0xFDD0 <= code <= 0xFDEF
+        or code & 0xFFFE == 0xFFFE
+    )
 
 
 def deliverable(topic: str) -> bool:
@@ -215,7 +220,9 @@ class AgentUnderTest:
         self._running.__enter__()
         self.watcher.wait_for(
             lambda: self.watcher.live(AVAILABILITY_TOPIC) and all(self.watcher.live(t) for t in STATE_TOPICS),
-            "`online` and a first answer to every question", unless=self._loop_problem)
+            "`online` and a first answer to every question",
+            unless=self._loop_problem,
+        )
         self.watcher.reset()
 
     def stop(self) -> None:
@@ -264,8 +271,9 @@ class AgentUnderTest:
         properties.ResponseTopic = reply_topic
         properties.CorrelationData = b"probe"
         self.watcher.publish(ASK_TOPIC, b'{"question": "Is the door open?", "type": "yes_no"}', properties=properties)
-        self.watcher.wait_for(lambda: self.watcher.on(reply_topic), "reply to the next valid question",
-                              unless=self.problem)
+        self.watcher.wait_for(
+            lambda: self.watcher.on(reply_topic), "reply to the next valid question", unless=self.problem
+        )
         return json.loads(self.watcher.on(reply_topic)[0].payload)
 
     def check_healthy(self) -> None:
@@ -288,13 +296,16 @@ class AgentUnderTest:
         self.reconnects_allowed = 1
         self._take_over_session()
         availability = lambda: [m.payload for m in self.watcher.live(AVAILABILITY_TOPIC, after=before)]
-        self.watcher.wait_for(lambda: availability()[-1:] == [b"online"], "`online` after the reconnect",
-                              unless=self.problem)
+        self.watcher.wait_for(
+            lambda: availability()[-1:] == [b"online"], "`online` after the reconnect", unless=self.problem
+        )
         online = self.watcher.live(AVAILABILITY_TOPIC)[-1].seq
         republished = [CAMERA_TOPIC, DISCOVERY_TOPIC, *STATE_TOPICS]
-        self.watcher.wait_for(lambda: all(self.watcher.live(topic, after=online) for topic in republished),
-                              "the camera status, the discovery list and every state republished after it",
-                              unless=self.problem)
+        self.watcher.wait_for(
+            lambda: all(self.watcher.live(topic, after=online) for topic in republished),
+            "the camera status, the discovery list and every state republished after it",
+            unless=self.problem,
+        )
         self.check_healthy()
         return before
 
@@ -327,11 +338,15 @@ def agent_under_test(model, engine, broker, video, caplog):
 
 hostile_texts = st.text(st.characters(exclude_categories=()), max_size=40)
 """Any code points, lone surrogates and U+0000 included (json.dumps escapes them, so the JSON stays valid)."""
-huge_texts = st.integers(1, 6_000).map(lambda n: "\U0001F642" * n)
+huge_texts = st.integers(1, 6_000).map(lambda n: "\U0001f642" * n)
 """Up to 6,000 emoji: 72 KB once JSON-escaped, so below and beyond the 16 KiB cap."""
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | hostile_texts | huge_texts,
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | hostile_texts
+    | huge_texts,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(hostile_texts, inner, max_size=4),
     max_leaves=8,
 )
@@ -342,29 +357,70 @@ def levels(count: int) -> str:
 
 
 ODD_TOPICS = [
-    "reply/\ud800", "\udfff", "reply/a\x00b", "\x00", "reply/\x01", "reply/\x7f", "reply/\x85", "reply/\uffff",
-    "reply/+", "reply/#", "+", "#", "$SYS/reply", "$share/group/reply", "/", "reply/", " ", "reply//x",
-    ASK_TOPIC, AVAILABILITY_TOPIC, HA_STATUS_TOPIC, levels(201), levels(300), "reply/" + "x" * 20_000,
+    "reply/\ud800",
+    "\udfff",
+    "reply/a\x00b",
+    "\x00",
+    "reply/\x01",
+    "reply/\x7f",
+    "reply/\x85",
+    "reply/\uffff",
+    "reply/+",
+    "reply/#",
+    "+",
+    "#",
+    "$SYS/reply",
+    "$share/group/reply",
+    "/",
+    "reply/",
+    " ",
+    "reply//x",
+    ASK_TOPIC,
+    AVAILABILITY_TOPIC,
+    HA_STATUS_TOPIC,
+    levels(201),
+    levels(300),
+    "reply/" + "x" * 20_000,
 ]
-reply_topics = (st.sampled_from(ODD_TOPICS) | hostile_texts | st.integers(1, 400).map(levels)
-                | st.integers(1, 20_000).map(lambda n: "reply/" + "x" * n))
-options = st.lists(hostile_texts | st.sampled_from(["red", "\U0001F642", "\U0001F642" * 60, "long " * 100]),
-                   max_size=40) | json_values
-long_options = st.lists(st.integers(0, 500).map(lambda length: "word " * (length // 5)) | hostile_texts,
-                        min_size=1, max_size=32).map(lambda words: [f"option {i} {w}" for i, w in enumerate(words)])
+reply_topics = (
+    st.sampled_from(ODD_TOPICS)
+    | hostile_texts
+    | st.integers(1, 400).map(levels)
+    | st.integers(1, 20_000).map(lambda n: "reply/" + "x" * n)
+)
+options = (
+    st.lists(hostile_texts | st.sampled_from(["red", "\U0001f642", "\U0001f642" * 60, "long " * 100]), max_size=40)
+    | json_values
+)
+long_options = st.lists(
+    st.integers(0, 500).map(lambda length: "word " * (length // 5)) | hostile_texts, min_size=1, max_size=32
+).map(lambda words: [f"option {i} {w}" for i, w in enumerate(words)])
 """Up to 32 distinct options of up to 500 characters: as many as a request may carry, within its 16 KiB."""
-questions = st.sampled_from(["Is the door open?", "What colour is the cup?", "How many people are there?"]) \
-    | hostile_texts | st.text(max_size=600) | json_values
-request_fields = st.fixed_dictionaries({"question": questions}, optional={
-    "type": st.sampled_from([*KINDS, "", "multi"]) | json_values,
-    "options": options,
-    "max_new_tokens": st.integers(-5, 300) | json_values,
-    "reply_to": reply_topics | json_values,
-    "correlation_id": json_values,
-    "padding": st.integers(0, MAX_REQUEST_BYTES).map(lambda n: "x" * n),
-})
-choice_fields = st.fixed_dictionaries({"question": st.just("What colour is the cup?"), "type": st.just("choice"),
-                                       "options": long_options, "reply_to": st.just("reply/choice")})
+questions = (
+    st.sampled_from(["Is the door open?", "What colour is the cup?", "How many people are there?"])
+    | hostile_texts
+    | st.text(max_size=600)
+    | json_values
+)
+request_fields = st.fixed_dictionaries(
+    {"question": questions},
+    optional={
+        "type": st.sampled_from([*KINDS, "", "multi"]) | json_values,
+        "options": options,
+        "max_new_tokens": st.integers(-5, 300) | json_values,
+        "reply_to": reply_topics | json_values,
+        "correlation_id": json_values,
+        "padding": st.integers(0, MAX_REQUEST_BYTES).map(lambda n: "x" * n),
+    },
+)
+choice_fields = st.fixed_dictionaries(
+    {
+        "question": st.just("What colour is the cup?"),
+        "type": st.just("choice"),
+        "options": long_options,
+        "reply_to": st.just("reply/choice"),
+    }
+)
 PATHOLOGICAL_JSON = [
     b'{"question": "Is the door open?", "max_new_tokens": ' + b"9" * 5_000 + b"}",  # int beyond 4,300 digits
     b"[" * 10_000,  # nesting beyond the recursion limit
@@ -392,8 +448,9 @@ class AskCase:
 
     def send(self, broker) -> None:
         """From a fresh client of its protocol, as a client that comes, asks and goes."""
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if self.protocol == "5" else
-                             mqtt.MQTTv311)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311
+        )
         client.connect(broker.host, broker.port)
         client.loop_start()
         try:
@@ -446,8 +503,9 @@ class ExpectedReply:
     """The `correlation_id` the reply's JSON must carry (as sent, any JSON value), or None."""
 
 
-def expected_reply(payload: bytes, response_topic: str | None = None,
-                   correlation: bytes | None = None) -> ExpectedReply | None:
+def expected_reply(
+    payload: bytes, response_topic: str | None = None, correlation: bytes | None = None
+) -> ExpectedReply | None:
     """Where the agent must reply: the MQTT 5 properties if set, else `reply_to` in a request it can read
     (a JSON object within the size cap); None when the request names no reply topic the broker delivers."""
     if response_topic is not None:
@@ -488,7 +546,8 @@ def check_reply(replies: list[Seen], expected: ExpectedReply) -> None:
 
 
 def test_any_ask_request_is_answered_or_refused_and_the_agent_stays_connected_and_answers_the_next(
-        tiny_llava_int8, tiny_engine, broker, static_video, caplog):
+    tiny_llava_int8, tiny_engine, broker, static_video, caplog
+):
     with agent_under_test(tiny_llava_int8, tiny_engine, broker, static_video, caplog) as under_test:
         under_test.check_healthy()
         warmed_up_mib = rss_mib()
@@ -511,17 +570,36 @@ def test_any_ask_request_is_answered_or_refused_and_the_agent_stays_connected_an
         grown = rss_mib() - warmed_up_mib
     most, culprit = max(growth_by_example, key=lambda growth: growth[0])
     assert grown < RUN_GROWTH_LIMIT_MIB, (
-        f"the process grew by {grown:.0f} MiB over all examples; by {most:.0f} MiB at most in one, on {culprit!r:.300}")
+        f"the process grew by {grown:.0f} MiB over all examples; by {most:.0f} MiB at most in one, on {culprit!r:.300}"
+    )
 
 
 # -- hostile retained messages on the topics the agent reads back ----------------------------------------
 
 OWN_GONE_CONFIG = f"homeassistant/sensor/{AGENT}_gone/config"
-config_topics = st.sampled_from([
-    OWN_GONE_CONFIG, f"homeassistant/binary_sensor/{AGENT}_door_open/config", *FOREIGN_CONFIGS,
-    "homeassistant/#", "#", "+/+/+/config", "homeassistant/sensor/+/config", "$SYS/broker/uptime", "a", "",
-    "x\x00y", "\ud800", "a\x01", levels(300), HA_STATUS_TOPIC, AVAILABILITY_TOPIC,
-]) | hostile_texts
+config_topics = (
+    st.sampled_from(
+        [
+            OWN_GONE_CONFIG,
+            f"homeassistant/binary_sensor/{AGENT}_door_open/config",
+            *FOREIGN_CONFIGS,
+            "homeassistant/#",
+            "#",
+            "+/+/+/config",
+            "homeassistant/sensor/+/config",
+            "$SYS/broker/uptime",
+            "a",
+            "",
+            "x\x00y",
+            "\ud800",
+            "a\x01",
+            levels(300),
+            HA_STATUS_TOPIC,
+            AVAILABILITY_TOPIC,
+        ]
+    )
+    | hostile_texts
+)
 discovery_lists = st.one_of(
     st.lists(config_topics | json_values, max_size=8).map(lambda topics: json.dumps(topics).encode()),
     (config_topics | json_values).map(lambda value: json.dumps(value).encode()),
@@ -530,9 +608,12 @@ discovery_lists = st.one_of(
 ha_statuses = st.sampled_from([b"online", b"offline", b""]) | st.binary(max_size=32)
 retained_asks = st.one_of(
     st.fixed_dictionaries(
-        {"question": st.sampled_from(["Is the door open?", "What colour is the cup?"]),
-         "reply_to": st.sampled_from(["reply", "reply/\ud800", "reply/\x00", "reply/+", "reply/\x01"]).map(
-             lambda topic: RETAINED_REPLY_PREFIX + topic)},
+        {
+            "question": st.sampled_from(["Is the door open?", "What colour is the cup?"]),
+            "reply_to": st.sampled_from(["reply", "reply/\ud800", "reply/\x00", "reply/+", "reply/\x01"]).map(
+                lambda topic: RETAINED_REPLY_PREFIX + topic
+            ),
+        },
         optional={"correlation_id": json_values, "type": st.sampled_from(list(KINDS))},
     ).map(lambda fields: json.dumps(fields).encode()),
     st.binary(max_size=300),
@@ -542,12 +623,14 @@ retained_asks = st.one_of(
 
 def agent_may_publish_on(topic: str) -> bool:
     """The agent's own topics, the configs it announces or removes, and the probes' reply topics."""
-    return topic.startswith((f"{ROOT}/", "probe/")) or bool(OWN_CONFIG_TOPIC.fullmatch(topic)) \
-        or topic == HA_STATUS_TOPIC  # published by the test
+    return (
+        topic.startswith((f"{ROOT}/", "probe/")) or bool(OWN_CONFIG_TOPIC.fullmatch(topic)) or topic == HA_STATUS_TOPIC
+    )  # published by the test
 
 
 def test_any_retained_discovery_list_or_ha_status_leaves_foreign_configs_alone_and_the_agent_republishing(
-        tiny_llava_int8, tiny_engine, broker, static_video, caplog):
+    tiny_llava_int8, tiny_engine, broker, static_video, caplog
+):
     with agent_under_test(tiny_llava_int8, tiny_engine, broker, static_video, caplog) as under_test:
         watcher = under_test.watcher
 
@@ -568,7 +651,8 @@ def test_any_retained_discovery_list_or_ha_status_leaves_foreign_configs_alone_a
 
 
 def test_a_retained_ask_is_answered_when_sent_and_never_again_after_a_reconnect(
-        tiny_llava_int8, tiny_engine, broker, static_video, caplog):
+    tiny_llava_int8, tiny_engine, broker, static_video, caplog
+):
     with agent_under_test(tiny_llava_int8, tiny_engine, broker, static_video, caplog) as under_test:
 
         @settings(max_examples=25, deadline=None)
@@ -580,8 +664,11 @@ def test_a_retained_ask_is_answered_when_sent_and_never_again_after_a_reconnect(
             if expected is not None:
                 replies = under_test.watcher.on(expected.topic)
                 check_reply([reply for reply in replies if reply.seq <= before_reconnect], expected)
-            answered_again = {topic for topic in under_test.watcher.topics(after=before_reconnect)
-                              if topic.startswith(RETAINED_REPLY_PREFIX)}
+            answered_again = {
+                topic
+                for topic in under_test.watcher.topics(after=before_reconnect)
+                if topic.startswith(RETAINED_REPLY_PREFIX)
+            }
             assert not answered_again, f"the retained ask was answered again after the reconnect: {answered_again}"
             under_test.passed()
 

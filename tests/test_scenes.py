@@ -28,6 +28,7 @@ def changed_pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def nearest_colour(bgr: np.ndarray) -> str:
     """The named colour whose direction in BGR space is closest (the lighting scales, it does not tint)."""
+
     def cosine(name):
         reference = np.array(scenes.COLOURS[name], float)
         return bgr @ reference / (np.linalg.norm(bgr) * np.linalg.norm(reference))
@@ -38,7 +39,7 @@ def nearest_colour(bgr: np.ndarray) -> str:
 def door_darkness(frame: np.ndarray) -> float:
     """Mean grey level inside the door's area (a closed door is wood brown, an open one a dark corridor)."""
     height, width = frame.shape[:2]
-    return float(frame[int(0.3 * height):int(0.6 * height), int(0.10 * width):int(0.18 * width)].mean())
+    return float(frame[int(0.3 * height) : int(0.6 * height), int(0.10 * width) : int(0.18 * width)].mean())
 
 
 def test_the_same_seed_gives_the_same_scene_pixels_and_questions():

@@ -12,13 +12,20 @@ from edge_agent.engine.language import StatefulLanguageModel, StatefulSession
 from edge_agent.engine.paged import PagedLanguageModel, PagedSession, load_language_model
 from tests.support.language import frame_inputs
 
-BACKENDS = [(protocols.LanguageSession, StatefulSession), (protocols.LanguageSession, PagedSession),
-            (protocols.LanguageModel, StatefulLanguageModel), (protocols.LanguageModel, PagedLanguageModel)]
+BACKENDS = [
+    (protocols.LanguageSession, StatefulSession),
+    (protocols.LanguageSession, PagedSession),
+    (protocols.LanguageModel, StatefulLanguageModel),
+    (protocols.LanguageModel, PagedLanguageModel),
+]
 
 
 def protocol_methods(protocol: type) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(member) for name, member in vars(protocol).items()
-            if inspect.isfunction(member) and not name.startswith("_")}
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(protocol).items()
+        if inspect.isfunction(member) and not name.startswith("_")
+    }
 
 
 def parameters(signature: inspect.Signature) -> list[tuple[str, inspect._ParameterKind, object]]:

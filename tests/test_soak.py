@@ -23,9 +23,23 @@ MAX_GROWTH = {"rss_mib": 16, "threads": 2, "open_fds": 2}
 def test_after_warm_up_the_agent_does_not_grow_in_memory_threads_or_open_files(tiny_llava_int8, tmp_path):
     samples = tmp_path / "soak.csv"
     result = subprocess.run(
-        [sys.executable, str(SOAK_SCRIPT), "--minutes", str(MINUTES), "--model", str(tiny_llava_int8),
-         "--interval", "2", "--warmup", str(WARMUP_S), "--csv", str(samples)],
-        capture_output=True, text=True, timeout=MINUTES * 60 + 120,
+        [
+            sys.executable,
+            str(SOAK_SCRIPT),
+            "--minutes",
+            str(MINUTES),
+            "--model",
+            str(tiny_llava_int8),
+            "--interval",
+            "2",
+            "--warmup",
+            str(WARMUP_S),
+            "--csv",
+            str(samples),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=MINUTES * 60 + 120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "growth" in result.stdout

@@ -112,9 +112,7 @@ def test_watchdog_keeps_pinging_while_a_loop_is_idle(watchdog, notify_socket):
         assert pings_after_settling(notify_socket) >= 2
 
 
-def test_an_inference_call_that_never_returns_stops_the_pings_but_waiting_for_a_scene_does_not(
-    watchdog, notify_socket
-):
+def test_an_inference_call_that_never_returns_stops_the_pings_but_waiting_for_a_scene_does_not(watchdog, notify_socket):
     scene_changed, never = threading.Event(), threading.Event()
 
     def inference_loop():

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge_agent.devtools.testmodels import (
+    PRESETS,
+    SPECIAL_TOKENS,
+    build_test_model,
+    image_tokens_per_tile,
+    train_tokenizer,
+)
 from edge_agent.errors import UserError
-from edge_agent.devtools.testmodels import (PRESETS, SPECIAL_TOKENS, build_test_model, image_tokens_per_tile,
-                                   train_tokenizer)
 
 QUESTIONS = ("How many people are there?", "Is the door open?", "What colour is the cup?")
 
@@ -32,7 +37,7 @@ def greedy_answer(processor, model, image, question, new_tokens=6):
     prompt = processor.apply_chat_template(user_turn(question), add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-    return tuple(output[0, inputs["input_ids"].shape[1]:].tolist())
+    return tuple(output[0, inputs["input_ids"].shape[1] :].tolist())
 
 
 def test_the_same_seed_writes_identical_files_and_another_seed_other_weights(tmp_path):
@@ -49,8 +54,7 @@ def test_the_same_seed_writes_identical_files_and_another_seed_other_weights(tmp
 
 def test_greedy_answers_differ_across_images_and_questions(tiny_llava_checkpoint):
     processor, model = load(tiny_llava_checkpoint)
-    answers = {greedy_answer(processor, model, image, question)
-               for image in random_images(3) for question in QUESTIONS}
+    answers = {greedy_answer(processor, model, image, question) for image in random_images(3) for question in QUESTIONS}
     assert len(answers) >= 7, answers
 
 
@@ -86,8 +90,9 @@ def test_chat_template_follows_llava_1_5(tiny_llava_checkpoint):
         {"role": "user", "content": "And the window?"},
     ]
     rendered = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    assert rendered == ("Answer briefly. USER: <image>\nIs the door open? ASSISTANT: yes </s>"
-                        "USER: And the window? ASSISTANT:")
+    assert rendered == (
+        "Answer briefly. USER: <image>\nIs the door open? ASSISTANT: yes </s>USER: And the window? ASSISTANT:"
+    )
     assert (tiny_llava_checkpoint / "chat_template.jinja").is_file()
 
 

@@ -64,7 +64,7 @@ class SceneGate:
         cell = self._settings.size // GRID_CELLS
         if cell == 0:
             return float(diff.mean()), float(diff.mean())
-        grid = diff[:cell * GRID_CELLS, :cell * GRID_CELLS].reshape(GRID_CELLS, cell, GRID_CELLS, cell)
+        grid = diff[: cell * GRID_CELLS, : cell * GRID_CELLS].reshape(GRID_CELLS, cell, GRID_CELLS, cell)
         return float(diff.mean()), float(grid.mean(axis=(1, 3)).max())
 
     def accept(self, image: np.ndarray, ts: float) -> None:
@@ -77,4 +77,3 @@ class SceneGate:
         small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
         gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
         return cv2.GaussianBlur(gray, BLUR_KERNEL, 0)
-

@@ -191,8 +191,12 @@ class CaptureSource:
         grabbed = self._capture.grab()
         took = time.monotonic() - started
         if grabbed and took >= self._read_timeout_s * STALLED_READ_SHARE:
-            log.warning("%s: a read took %.1f s (read timeout %.1f s); treating the stream as stalled",
-                        self._name, took, self._read_timeout_s)
+            log.warning(
+                "%s: a read took %.1f s (read timeout %.1f s); treating the stream as stalled",
+                self._name,
+                took,
+                self._read_timeout_s,
+            )
             return False
         return grabbed
 
@@ -211,8 +215,10 @@ class StreamSource(CaptureSource):
         if url.lower().startswith("rtsp"):
             use_rtsp_over_tcp()
         timeouts = [
-            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(settings.open_timeout_s * 1000),
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(settings.read_timeout_s * 1000),
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            round(settings.open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            round(settings.read_timeout_s * 1000),
         ]
         super().__init__(cv2.VideoCapture(url, cv2.CAP_FFMPEG, timeouts), redact_url(url), settings.read_timeout_s)
 

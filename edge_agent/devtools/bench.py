@@ -94,10 +94,11 @@ def run_bench(settings: BenchSettings) -> dict:
     """Measure everything described in the module docstring; the report is a JSON-ready dict."""
     engine = Engine.load(settings.model, device=settings.device, cache_dir=settings.cache_dir)
     options = YES_NO if settings.yes_no else ()
-    prompts = [Prompt(question, settings.new_tokens, options=options, ignore_eos=True)
-               for question in standing_questions(settings.questions)]
-    frames = [time_new_frame(engine, synthetic_frame(seed), prompts)
-              for seed in range(settings.frames + 1)][1:]
+    prompts = [
+        Prompt(question, settings.new_tokens, options=options, ignore_eos=True)
+        for question in standing_questions(settings.questions)
+    ]
+    frames = [time_new_frame(engine, synthetic_frame(seed), prompts) for seed in range(settings.frames + 1)][1:]
     frame_ms = [frame["total_ms"] for frame in frames]
     vision_and_prefix_ms = statistics.median(f["stages_ms"]["vision"] + f["stages_ms"]["prefix"] for f in frames)
     unchanged_ms = time_unchanged_frame(synthetic_frame(0))
@@ -149,10 +150,19 @@ def time_new_frame(engine: Engine, frame: np.ndarray, prompts: list[Prompt]) -> 
     total_ms = (time.perf_counter() - started) * 1000.0
     timings = answers[0].timings
     prefix_ms = engine.encode(frame, prefill=True).timings.prefix_ms
-    stages = {"preprocess": timings.preprocess_ms, "vision": timings.vision_ms, "prefix": prefix_ms,
-              "question_prefill": timings.question_prefill_ms - prefix_ms, "decode": timings.decode_ms}
-    return {"stages_ms": stages, "prefill_ms": timings.question_prefill_ms, "total_ms": total_ms,
-            "prefix_tokens": context.prefix_embeds.shape[1]}
+    stages = {
+        "preprocess": timings.preprocess_ms,
+        "vision": timings.vision_ms,
+        "prefix": prefix_ms,
+        "question_prefill": timings.question_prefill_ms - prefix_ms,
+        "decode": timings.decode_ms,
+    }
+    return {
+        "stages_ms": stages,
+        "prefill_ms": timings.question_prefill_ms,
+        "total_ms": total_ms,
+        "prefix_tokens": context.prefix_embeds.shape[1],
+    }
 
 
 def time_unchanged_frame(frame: np.ndarray) -> float:
@@ -220,6 +230,7 @@ def files_mib(directory: Path) -> float:
 
 # -- start-up -----------------------------------------------------------------------------------------------
 
+
 def first_answer_times(settings: BenchSettings) -> dict:
     """Seconds from `edge-agent run`'s process start to its first answer on MQTT: cold, then warm cache.
 
@@ -230,8 +241,13 @@ def first_answer_times(settings: BenchSettings) -> dict:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-startup-", dir=settings.cache_dir) as workdir:
         workdir = Path(workdir)
-        video = write_video(workdir / "camera.mp4", scene_timeline(seconds=STARTUP_VIDEO_S), fps=STARTUP_VIDEO_FPS,
-                            size=(FRAME_SHAPE[1], FRAME_SHAPE[0]), seconds=STARTUP_VIDEO_S)
+        video = write_video(
+            workdir / "camera.mp4",
+            scene_timeline(seconds=STARTUP_VIDEO_S),
+            fps=STARTUP_VIDEO_FPS,
+            size=(FRAME_SHAPE[1], FRAME_SHAPE[0]),
+            seconds=STARTUP_VIDEO_S,
+        )
         with local_broker(workdir) as broker:
             config = workdir / "config.yaml"
             config.write_text(yaml.safe_dump(startup_config(settings, video, broker, workdir / "compiled")))
@@ -245,8 +261,12 @@ def startup_config(settings: BenchSettings, video: Path, broker: BrokerAddress, 
     return {
         "agent_id": STARTUP_AGENT_ID,
         "camera": {"source": str(video), "loop": True},
-        "model": {"path": str(Path(settings.model).resolve()), "device": settings.device,
-                  "cache_dir": str(cache_dir), "max_new_tokens": settings.new_tokens},
+        "model": {
+            "path": str(Path(settings.model).resolve()),
+            "device": settings.device,
+            "cache_dir": str(cache_dir),
+            "max_new_tokens": settings.new_tokens,
+        },
         "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol, "discovery": False},
         "questions": [{"id": "first", "question": standing_questions(1)[0], "type": "text"}],
         "metrics": {"listen": None},
@@ -271,8 +291,12 @@ def first_published_answer_seconds(config: Path, broker: BrokerAddress) -> float
         if not subscribed.wait(timeout=10):
             raise RuntimeError(f"the broker on {broker.host}:{broker.port} did not confirm the subscription")
         started = time.monotonic()
-        agent = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             while not received.wait(timeout=0.05):
                 if agent.poll() is not None:
@@ -291,11 +315,15 @@ def first_published_answer_seconds(config: Path, broker: BrokerAddress) -> float
 
 # -- report ---------------------------------------------------------------------------------------------------
 
+
 def format_report(report: dict) -> str:
     """The report as aligned lines for a terminal."""
     frame, decode, startup = report["frame_ms"], report["decode"], report["first_answer_s"]
-    asked = (f"{report['questions']} yes/no questions" if report["answers"] == "yes_no"
-             else f"{report['questions']} questions x {report['new_tokens']} tokens")
+    asked = (
+        f"{report['questions']} yes/no questions"
+        if report["answers"] == "yes_no"
+        else f"{report['questions']} questions x {report['new_tokens']} tokens"
+    )
     lines = [
         f"model          {report['model']} on {report['device']} ({report['model_files_mib']:.0f} MiB of files)",
         f"new frame      {asked} after a "
@@ -308,8 +336,10 @@ def format_report(report: dict) -> str:
         f"({report['vision_and_prefix_ms']:.1f} ms)",
     ]
     if decode["tokens_per_s"] is not None:
-        lines.append(f"decode         {decode['tokens_per_s']:.1f} tokens/s "
-                     f"({decode['step_ms']:.1f} ms per step of {report['questions']} answers)")
+        lines.append(
+            f"decode         {decode['tokens_per_s']:.1f} tokens/s "
+            f"({decode['step_ms']:.1f} ms per step of {report['questions']} answers)"
+        )
     lines += [
         f"unchanged      {report['unchanged_frame_ms']:.3f} ms per frame (scene gate only): "
         f"{report['new_vs_unchanged_frame']:.0f}x cheaper than a new frame",
@@ -320,4 +350,3 @@ def format_report(report: dict) -> str:
         f"{startup['warm_cache']:.2f} s warm",
     ]
     return "\n".join(lines)
-

@@ -16,12 +16,11 @@ import tempfile
 import threading
 import time
 
-
 from ..config import parse_config
 from ..errors import UserError
+from ..service import Agent
 from .loopback import BrokerAddress, local_broker
 from .scenes import Moment, SyntheticScene, scene_at, scene_timeline, write_video
-from ..service import Agent
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +33,40 @@ DEMO_QUESTIONS = (
     {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "device_class": "door"},
     {"id": "people", "question": "How many people are in the room?", "type": "number"},
     {"id": "bag", "question": "Is there a bag on the floor?", "type": "yes_no"},
-    {"id": "cup_colour", "question": "What colour is the cup?", "type": "choice",
-     "options": ["red", "green", "blue", "yellow", "white"]},
+    {
+        "id": "cup_colour",
+        "question": "What colour is the cup?",
+        "type": "choice",
+        "options": ["red", "green", "blue", "yellow", "white"],
+    },
 )
 
 
 def truth_of(question_id: str, scene: SyntheticScene):
     """The right answer to a demo question in `scene`."""
-    return {"door_open": scene.door_open, "people": scene.people, "bag": scene.bag_present,
-            "cup_colour": scene.cup_colour}[question_id]
+    return {
+        "door_open": scene.door_open,
+        "people": scene.people,
+        "bag": scene.bag_present,
+        "cup_colour": scene.cup_colour,
+    }[question_id]
 
 
 def find_demo_model(explicit: str | None) -> pathlib.Path:
     """The model to run: `--model`, else the shipped demo model beside the working directory or the package."""
-    candidates = [pathlib.Path(explicit)] if explicit else [DEMO_MODEL,
-                                                            pathlib.Path(__file__).resolve().parents[1] / DEMO_MODEL]
+    candidates = (
+        [pathlib.Path(explicit)] if explicit else [DEMO_MODEL, pathlib.Path(__file__).resolve().parents[1] / DEMO_MODEL]
+    )
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
-    raise UserError(f"demo model not found at {candidates[0]}: run the demo from the repository root, "
-                    "or pass --model DIR")
+    raise UserError(
+        f"demo model not found at {candidates[0]}: run the demo from the repository root, or pass --model DIR"
+    )
 
 
 # -- the demo -------------------------------------------------------------------------------------------
+
 
 def demo_config(model: pathlib.Path, video: pathlib.Path, broker: BrokerAddress) -> dict:
     return {
@@ -102,8 +112,12 @@ class AnswerPrinter:
         value, truth = answer["value"], answer["truth"]
         mark = "ok" if value == truth else "  "
         confidence = f" ({answer['confidence']:.2f})" if answer.get("confidence") is not None else ""
-        print(f"[video {answer['video_t']:5.1f} s] {answer['question']:<34} {str(value):>6}{confidence:<7}"
-              f" truth {str(truth):>6} {mark}", file=self._out or sys.stdout, flush=True)
+        print(
+            f"[video {answer['video_t']:5.1f} s] {answer['question']:<34} {str(value):>6}{confidence:<7}"
+            f" truth {str(truth):>6} {mark}",
+            file=self._out or sys.stdout,
+            flush=True,
+        )
 
     def close(self) -> None:
         self._client.loop_stop()

@@ -75,9 +75,13 @@ def amqtt_broker() -> Iterator[BrokerAddress]:
 
     port = free_port()
     loop = asyncio.new_event_loop()
-    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}},
-                    loop=loop)
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        },
+        loop=loop,
+    )
     thread = threading.Thread(target=loop.run_forever, name="amqtt", daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(broker.start(), loop).result(timeout=10)

@@ -34,8 +34,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 MAX_PEOPLE = 3
 """The most person-like figures a scene holds."""
 
-RESOLUTIONS = ((160, 120), (320, 240), (320, 180), (400, 400), (480, 270), (640, 480), (640, 360),
-               (240, 320), (800, 600))
+RESOLUTIONS = (
+    (160, 120),
+    (320, 240),
+    (320, 180),
+    (400, 400),
+    (480, 270),
+    (640, 480),
+    (640, 360),
+    (240, 320),
+    (800, 600),
+)
 """(width, height) sizes `random_size` picks from: 4:3, 16:9, square and portrait."""
 
 _PERSON_SLOTS = (0.29, 0.43, 0.57)
@@ -147,8 +156,9 @@ def _draw_door(canvas: _Canvas, door_open: bool, layout: np.random.Generator) ->
     canvas.rect(left - 0.015, top - 0.02, right + 0.015, _FLOOR_Y, (230, 230, 225))  # frame
     if door_open:
         canvas.rect(left, top, right, _FLOOR_Y, (25, 22, 20))  # the dark corridor behind
-        canvas.polygon([(right, top), (right + 0.06, top - 0.05), (right + 0.06, _FLOOR_Y + 0.08),
-                        (right, _FLOOR_Y)], wood)  # the leaf swung into the room
+        canvas.polygon(
+            [(right, top), (right + 0.06, top - 0.05), (right + 0.06, _FLOOR_Y + 0.08), (right, _FLOOR_Y)], wood
+        )  # the leaf swung into the room
     else:
         canvas.rect(left, top, right, _FLOOR_Y, wood)
         canvas.ellipse(right - 0.025, 0.46, 0.008, 0.012, (60, 200, 220))  # the handle
@@ -178,8 +188,15 @@ def _draw_people(canvas: _Canvas, count: int, layout: np.random.Generator) -> No
         shoulders = feet - tall + 2 * head_r
         canvas.rect(cx - 0.035, shoulders + 0.42 * tall, cx - 0.004, feet, trousers)  # legs
         canvas.rect(cx + 0.004, shoulders + 0.42 * tall, cx + 0.035, feet, trousers)
-        canvas.polygon([(cx - 0.045, shoulders), (cx + 0.045, shoulders), (cx + 0.04, shoulders + 0.44 * tall),
-                        (cx - 0.04, shoulders + 0.44 * tall)], shirt)  # torso
+        canvas.polygon(
+            [
+                (cx - 0.045, shoulders),
+                (cx + 0.045, shoulders),
+                (cx + 0.04, shoulders + 0.44 * tall),
+                (cx - 0.04, shoulders + 0.44 * tall),
+            ],
+            shirt,
+        )  # torso
         canvas.ellipse(cx, feet - tall + head_r, head_r * 0.75, head_r, skin)
 
 
@@ -222,27 +239,46 @@ class Asked:
         return str(self.truth)
 
 
-DOOR_OPEN_QUESTIONS = ("Is the door open?", "Is the door opened?", "Is the door standing open?",
-                       "Is the door ajar?")
+DOOR_OPEN_QUESTIONS = ("Is the door open?", "Is the door opened?", "Is the door standing open?", "Is the door ajar?")
 DOOR_CLOSED_QUESTIONS = ("Is the door closed?", "Is the door shut?")
 _DOOR_STATE = ("Is the door open or closed?", "What is the state of the door?", "The door is:")
-_PEOPLE_COUNT = ("How many people are in the room?", "How many people are there?",
-                 "How many persons can you see?", "How many people are visible?", "Count the people.")
-_PEOPLE_ANY = ("Is there anyone in the room?", "Is anybody there?", "Are there people in the room?",
-               "Is someone in the room?")
+_PEOPLE_COUNT = (
+    "How many people are in the room?",
+    "How many people are there?",
+    "How many persons can you see?",
+    "How many people are visible?",
+    "Count the people.",
+)
+_PEOPLE_ANY = (
+    "Is there anyone in the room?",
+    "Is anybody there?",
+    "Are there people in the room?",
+    "Is someone in the room?",
+)
 _ROOM_EMPTY = ("Is the room empty?", "Is the room empty of people?")
-_CUP_COLOUR = ("What colour is the cup?", "What color is the cup?", "What colour is the cup on the counter?",
-               "Which colour does the cup have?")
-_BAG_ANY = ("Is there a bag on the floor?", "Did someone leave a bag?", "Is a bag lying on the floor?",
-            "Is there a bag?")
+_CUP_COLOUR = (
+    "What colour is the cup?",
+    "What color is the cup?",
+    "What colour is the cup on the counter?",
+    "Which colour does the cup have?",
+)
+_BAG_ANY = (
+    "Is there a bag on the floor?",
+    "Did someone leave a bag?",
+    "Is a bag lying on the floor?",
+    "Is there a bag?",
+)
 _BAG_COLOUR = ("What colour is the bag?", "What color is the bag on the floor?")
 
 
 def questions_for(scene: SyntheticScene, rng: np.random.Generator) -> list[Asked]:
     """One question per fact of the scene, each type and phrasing drawn at random."""
-    asked = [_door_question(scene, rng), _people_question(scene, rng), _colour_question("cup", scene.cup_colour,
-                                                                                          _CUP_COLOUR, rng),
-             _bag_question(scene, rng)]
+    asked = [
+        _door_question(scene, rng),
+        _people_question(scene, rng),
+        _colour_question("cup", scene.cup_colour, _CUP_COLOUR, rng),
+        _bag_question(scene, rng),
+    ]
     if scene.bag_colour is not None:
         asked.append(_colour_question("bag", scene.bag_colour, _BAG_COLOUR, rng))
     return asked
@@ -273,8 +309,7 @@ def _door_question(scene: SyntheticScene, rng: np.random.Generator) -> Asked:
 def _people_question(scene: SyntheticScene, rng: np.random.Generator) -> Asked:
     kind = rng.integers(4)
     if kind <= 1:
-        return Asked(Question(id="people", question=_pick(rng, _PEOPLE_COUNT), type="number"), scene.people,
-                     "people")
+        return Asked(Question(id="people", question=_pick(rng, _PEOPLE_COUNT), type="number"), scene.people, "people")
     if kind == 2:
         return _yes_no("people", _pick(rng, _PEOPLE_ANY), scene.people > 0)
     return _yes_no("people", _pick(rng, _ROOM_EMPTY), scene.people == 0)
@@ -310,12 +345,24 @@ def scene_timeline(seconds: float = 30.0, seed: int = 0) -> list[Moment]:
     is left behind, people leave, the door closes. Changes happen at fixed fractions of `seconds`, so the
     ground truth at any time is known exactly; lighting and arrangement stay fixed through the story."""
     rng = np.random.default_rng(seed)
-    base = SyntheticScene(door_open=False, people=0, cup_colour=list(COLOURS)[rng.integers(len(COLOURS))],
-                          bag_colour=None, brightness=float(rng.uniform(0.85, 1.1)), noise=3.0,
-                          layout_seed=int(rng.integers(2**31)))
+    base = SyntheticScene(
+        door_open=False,
+        people=0,
+        cup_colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        bag_colour=None,
+        brightness=float(rng.uniform(0.85, 1.1)),
+        noise=3.0,
+        layout_seed=int(rng.integers(2**31)),
+    )
     story = [
-        {}, {"door_open": True}, {"people": 1}, {"people": 2}, {"people": 3, "bag_colour": "red"},
-        {"people": 2}, {"people": 1, "door_open": False}, {"people": 0},
+        {},
+        {"door_open": True},
+        {"people": 1},
+        {"people": 2},
+        {"people": 3, "bag_colour": "red"},
+        {"people": 2},
+        {"people": 1, "door_open": False},
+        {"people": 0},
     ]
     moments, scene = [], base
     for index, change in enumerate(story):
@@ -333,8 +380,9 @@ def scene_at(timeline: list[Moment], t: float) -> SyntheticScene:
     return current
 
 
-def write_video(path, timeline: list[Moment], fps: float, size: tuple[int, int], seconds: float | None = None,
-                seed: int = 0) -> pathlib.Path:
+def write_video(
+    path, timeline: list[Moment], fps: float, size: tuple[int, int], seconds: float | None = None, seed: int = 0
+) -> pathlib.Path:
     """Write the timeline as an MPEG-4 (mp4v) file of `size` (width, height) at `fps`; returns the path.
 
     The video lasts `seconds`, by default until one interval after the last change. Each frame gets fresh

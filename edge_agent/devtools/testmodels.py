@@ -93,23 +93,48 @@ class Shapes:
 
 PRESETS = {
     "tiny": Shapes(
-        image_size=32, patch_size=8, vision_hidden=32, vision_intermediate=64, vision_layers=2,
-        vision_heads=4, text_hidden=64, text_intermediate=128, text_layers=2, text_heads=4,
-        text_kv_heads=2, vocab_size=1000, max_positions=2048, corpus_lines=3000, init_std=0.5,
+        image_size=32,
+        patch_size=8,
+        vision_hidden=32,
+        vision_intermediate=64,
+        vision_layers=2,
+        vision_heads=4,
+        text_hidden=64,
+        text_intermediate=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        vocab_size=1000,
+        max_positions=2048,
+        corpus_lines=3000,
+        init_std=0.5,
         grid_pinpoints=((32, 64), (64, 32), (64, 64), (32, 96), (96, 32)),
     ),
     # CLIP ViT-L/14-336 as in LLaVA-1.5, with a ~0.35B Llama-style LM: realistic compute per frame.
     "bench": Shapes(
-        image_size=336, patch_size=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
-        vision_heads=16, text_hidden=1024, text_intermediate=2816, text_layers=24, text_heads=16,
-        text_kv_heads=8, vocab_size=32000, max_positions=4096, corpus_lines=200_000, init_std=0.02,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_intermediate=4096,
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=1024,
+        text_intermediate=2816,
+        text_layers=24,
+        text_heads=16,
+        text_kv_heads=8,
+        vocab_size=32000,
+        max_positions=4096,
+        corpus_lines=200_000,
+        init_std=0.02,
         grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
     ),
 }
 
 
-def build_test_model(out_dir, arch: str = "llava", preset: str = "tiny", seed: int = 0,
-                     overwrite: bool = False) -> pathlib.Path:
+def build_test_model(
+    out_dir, arch: str = "llava", preset: str = "tiny", seed: int = 0, overwrite: bool = False
+) -> pathlib.Path:
     """Write a random-weight `arch` checkpoint with `preset` shapes into `out_dir` and return its path."""
     if arch not in ARCHS:
         raise UserError(f"arch: unsupported {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -145,8 +170,13 @@ def train_tokenizer(shapes: Shapes, seed: int):
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -186,8 +216,9 @@ class _ArchClasses:
 
 _ARCH_CLASSES = {
     "llava": _ArchClasses("CLIPImageProcessor", "LlavaProcessor", "LlavaConfig", "LlavaForConditionalGeneration"),
-    "llava_next": _ArchClasses("LlavaNextImageProcessor", "LlavaNextProcessor", "LlavaNextConfig",
-                               "LlavaNextForConditionalGeneration"),
+    "llava_next": _ArchClasses(
+        "LlavaNextImageProcessor", "LlavaNextProcessor", "LlavaNextConfig", "LlavaNextForConditionalGeneration"
+    ),
 }
 ARCHS = tuple(_ARCH_CLASSES)
 
@@ -226,26 +257,41 @@ def _random_model(arch: str, shapes: Shapes, tokenizer, seed: int):
     import transformers
 
     special_ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = transformers.CLIPVisionConfig(
-        hidden_size=shapes.vision_hidden, intermediate_size=shapes.vision_intermediate,
-        num_hidden_layers=shapes.vision_layers, num_attention_heads=shapes.vision_heads,
-        image_size=shapes.image_size, patch_size=shapes.patch_size, projection_dim=shapes.vision_hidden,
+        hidden_size=shapes.vision_hidden,
+        intermediate_size=shapes.vision_intermediate,
+        num_hidden_layers=shapes.vision_layers,
+        num_attention_heads=shapes.vision_heads,
+        image_size=shapes.image_size,
+        patch_size=shapes.patch_size,
+        projection_dim=shapes.vision_hidden,
         initializer_range=shapes.init_std,
     )
     text = transformers.LlamaConfig(
-        hidden_size=shapes.text_hidden, intermediate_size=shapes.text_intermediate,
-        num_hidden_layers=shapes.text_layers, num_attention_heads=shapes.text_heads,
-        num_key_value_heads=shapes.text_kv_heads, vocab_size=shapes.vocab_size,
-        max_position_embeddings=shapes.max_positions, initializer_range=shapes.init_std, **special_ids,
+        hidden_size=shapes.text_hidden,
+        intermediate_size=shapes.text_intermediate,
+        num_hidden_layers=shapes.text_layers,
+        num_attention_heads=shapes.text_heads,
+        num_key_value_heads=shapes.text_kv_heads,
+        vocab_size=shapes.vocab_size,
+        max_position_embeddings=shapes.max_positions,
+        initializer_range=shapes.init_std,
+        **special_ids,
     )
     classes = _ARCH_CLASSES[arch]
     config = getattr(transformers, classes.config)(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=image_tokens_per_tile(shapes), vision_feature_select_strategy="default",
-        vision_feature_layer=-2, **special_ids, **_anyres_options(arch, shapes),
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=image_tokens_per_tile(shapes),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        **special_ids,
+        **_anyres_options(arch, shapes),
     )
     torch.manual_seed(seed)
     return getattr(transformers, classes.model)(config).eval()

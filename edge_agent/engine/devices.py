@@ -46,16 +46,21 @@ def check_device(device: str, role: str, available: list[str]) -> str:
         raise UserError(f"empty device name for the {role}")
     for name in physical_devices(device):
         if not is_available(name, available):
-            raise UserError(f"device {name!r} for the {role} is not available on this machine "
-                            f"(available: {', '.join(available) or 'none'})")
+            raise UserError(
+                f"device {name!r} for the {role} is not available on this machine "
+                f"(available: {', '.join(available) or 'none'})"
+            )
     if role == "language model" and "NPU" in physical_devices(device) + [device]:
-        raise UserError("the language model cannot run on the NPU (batched decoding needs dynamic shapes); "
-                        "use CPU or GPU for the language model and keep the NPU for the vision encoder")
+        raise UserError(
+            "the language model cannot run on the NPU (batched decoding needs dynamic shapes); "
+            "use CPU or GPU for the language model and keep the NPU for the vision encoder"
+        )
     return device
 
 
-def plan_devices(core: ov.Core, device: str = "CPU", vision: str | None = None,
-                 language: str | None = None) -> DevicePlan:
+def plan_devices(
+    core: ov.Core, device: str = "CPU", vision: str | None = None, language: str | None = None
+) -> DevicePlan:
     """Validate the requested devices; per-submodel choices override `device`."""
     available = list(core.available_devices)
     return DevicePlan(

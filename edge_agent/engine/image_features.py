@@ -19,14 +19,20 @@ def unpad(features: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     if width / height > current_w / current_h:
         new_h = int(round(height * (current_w / width), 7))
         pad = (current_h - new_h) // 2
-        return features[:, pad:current_h - pad, :]
+        return features[:, pad : current_h - pad, :]
     new_w = int(round(width * (current_h / height), 7))
     pad = (current_w - new_w) // 2
-    return features[:, :, pad:current_w - pad]
+    return features[:, :, pad : current_w - pad]
 
 
-def pack_anyres(features: np.ndarray, image_size: tuple[int, int], grid_pinpoints, tile_px: int,
-                patches_per_side: int, image_newline: np.ndarray | None) -> np.ndarray:
+def pack_anyres(
+    features: np.ndarray,
+    image_size: tuple[int, int],
+    grid_pinpoints,
+    tile_px: int,
+    patches_per_side: int,
+    image_newline: np.ndarray | None,
+) -> np.ndarray:
     """[tiles, patches, hidden] for one frame -> [image_tokens, hidden] (LLaVA-NeXT packing)."""
     whole, tiles = features[0], features[1:]
     if len(tiles) == 0:

@@ -140,7 +140,7 @@ def left_padded(chunks: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     lengths = [len(chunk) for chunk in chunks]
     padded = np.zeros((len(chunks), max(lengths), chunks[0].shape[1]), dtype=np.float32)
     for row, chunk in enumerate(chunks):
-        padded[row, padded.shape[1] - len(chunk):] = chunk
+        padded[row, padded.shape[1] - len(chunk) :] = chunk
     return padded, lengths
 
 
@@ -165,8 +165,9 @@ class StatefulLanguageModel:
         return StatefulSession(self, prefix)
 
     @classmethod
-    def load(cls, core: ov.Core, graph_path: Path, device: str, inference_precision: str | None = None,
-             **overrides) -> "StatefulLanguageModel":
+    def load(
+        cls, core: ov.Core, graph_path: Path, device: str, inference_precision: str | None = None, **overrides
+    ) -> "StatefulLanguageModel":
         """Read an exported language model, make both edits where they fit and compile it with the engine's
         settings for `device` (`overrides` replace single compile properties, for measurements)."""
         graph = core.read_model(graph_path)
@@ -219,12 +220,21 @@ class StatefulSession:
         """Cache the prefix on its own, now (the questions would otherwise bring it along)."""
         self._empty_cache()
         length = self.prefix_len
-        self._run(self._prefix, np.ones((1, length), dtype=np.int64), np.arange(length)[None],
-                  beam_idx=np.zeros(1, dtype=np.int32), logits_at=[length - 1])
+        self._run(
+            self._prefix,
+            np.ones((1, length), dtype=np.int64),
+            np.arange(length)[None],
+            beam_idx=np.zeros(1, dtype=np.int32),
+            logits_at=[length - 1],
+        )
         self._next_position = np.array([length])
 
-    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
+    def prefill_questions(
+        self,
+        questions: list[np.ndarray],
+        branches: list[tuple[int, np.ndarray]] = (),
+        reduce: BranchReducer | None = None,
+    ) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         A branch (question row, embeds [L, hidden]) is a teacher-forced continuation of that question (the
@@ -249,16 +259,22 @@ class StatefulSession:
         count = len(questions)
         padded, lengths = left_padded(questions)
         prefix_only = np.zeros((count, self.kv_len), dtype=np.int64)
-        prefix_only[:, :self.prefix_len] = 1
-        logits = self._append(prefix_only, padded, lengths, beam_idx=np.zeros(count, dtype=np.int32),
-                              start=np.full(count, self.prefix_len), logits_at=[padded.shape[1] - 1])[:, 0]
+        prefix_only[:, : self.prefix_len] = 1
+        logits = self._append(
+            prefix_only,
+            padded,
+            lengths,
+            beam_idx=np.zeros(count, dtype=np.int32),
+            start=np.full(count, self.prefix_len),
+            logits_at=[padded.shape[1] - 1],
+        )[:, 0]
         if not branches:
             return logits, []
         chunks = [chunk for _, chunk in branches]
         padded, lengths = left_padded([question[:0] for question in questions] + chunks)  # questions: carried along
         branch_logits = self.extend(list(range(count)) + [row for row, _ in branches], padded, lengths)
         width = padded.shape[1]
-        return logits, [branch_logits[count + index, width - len(chunk):] for index, chunk in enumerate(chunks)]
+        return logits, [branch_logits[count + index, width - len(chunk) :] for index, chunk in enumerate(chunks)]
 
     def _prefill_shared_sequence(self, questions, branches) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call, one cache row: [prefix, if not cached yet] + question 1 + ... + question N + branches.
@@ -281,23 +297,30 @@ class StatefulSession:
         for span, parent in zip(spans, parents):
             first_position = prefix
             if parent is not None:
-                allowed[span, cached + spans[parent].start:cached + spans[parent].stop] = True
+                allowed[span, cached + spans[parent].start : cached + spans[parent].stop] = True
                 first_position += len(questions[parent])
             length = span.stop - span.start
-            allowed[span, cached + span.start:cached + span.stop] = np.tril(np.ones((length, length), dtype=bool))
+            allowed[span, cached + span.start : cached + span.stop] = np.tril(np.ones((length, length), dtype=bool))
             positions[span] = first_position + np.arange(length)
-        question_spans, branch_spans = spans[:len(questions)], spans[len(questions):]
-        logits_at = ([span.stop - 1 for span in question_spans]
-                     + [i for span in branch_spans for i in range(span.start, span.stop)])
-        logits = self._run(sequence, np.ones((1, cached + width), dtype=np.int64), positions[None],
-                           beam_idx=np.zeros(1, dtype=np.int32), logits_at=logits_at, allowed=allowed[None, None])[0]
+        question_spans, branch_spans = spans[: len(questions)], spans[len(questions) :]
+        logits_at = [span.stop - 1 for span in question_spans] + [
+            i for span in branch_spans for i in range(span.start, span.stop)
+        ]
+        logits = self._run(
+            sequence,
+            np.ones((1, cached + width), dtype=np.int64),
+            positions[None],
+            beam_idx=np.zeros(1, dtype=np.int32),
+            logits_at=logits_at,
+            allowed=allowed[None, None],
+        )[0]
         self._mask = np.zeros((len(questions), cached + width), dtype=np.int64)
         self._mask[:, :prefix] = 1
         for row, span in enumerate(question_spans):
-            self._mask[row, cached + span.start:cached + span.stop] = 1
+            self._mask[row, cached + span.start : cached + span.stop] = 1
         self._next_position = np.array([prefix + len(question) for question in questions])
-        branch_logits = np.split(logits[len(questions):], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
-        return logits[:len(questions)], branch_logits if branches else []
+        branch_logits = np.split(logits[len(questions) :], np.cumsum([len(chunk) for _, chunk in branches])[:-1])
+        return logits[: len(questions)], branch_logits if branches else []
 
     def extend(self, rows, embeds: np.ndarray, lengths: list[int]) -> np.ndarray:
         """Append left-padded token chunks [B, W, hidden] to `rows` (a row may be repeated).
@@ -306,8 +329,14 @@ class StatefulSession:
         [B, W, vocab] (position j predicts the token after chunk token j).
         """
         rows = np.asarray(rows, dtype=np.int32)
-        return self._append(self._mask[rows], embeds, lengths, beam_idx=rows,
-                            start=self._next_position[rows], logits_at=list(range(embeds.shape[1])))
+        return self._append(
+            self._mask[rows],
+            embeds,
+            lengths,
+            beam_idx=rows,
+            start=self._next_position[rows],
+            logits_at=list(range(embeds.shape[1])),
+        )
 
     def _append(self, base_mask, embeds, lengths, beam_idx, start, logits_at: list[int]) -> np.ndarray:
         width = embeds.shape[1]
@@ -344,9 +373,14 @@ class StatefulSession:
         count = len(rows)
         seen = np.concatenate([self._mask[rows], np.eye(count, dtype=np.int64)], axis=1)
         positions = self._next_position[rows]
-        logits = self._run(embeds.reshape(1, count, -1), np.ones((1, seen.shape[1]), dtype=np.int64), positions[None],
-                           beam_idx=np.zeros(1, dtype=np.int32), logits_at=list(range(count)),
-                           allowed=seen.astype(bool)[None, None])[0]
+        logits = self._run(
+            embeds.reshape(1, count, -1),
+            np.ones((1, seen.shape[1]), dtype=np.int64),
+            positions[None],
+            beam_idx=np.zeros(1, dtype=np.int32),
+            logits_at=list(range(count)),
+            allowed=seen.astype(bool)[None, None],
+        )[0]
         self._mask = seen
         self._next_position = positions + 1
         return logits

@@ -52,12 +52,16 @@ class ModelDir:
             raise UserError(f"model directory {path} does not exist")
         missing = [f for f in list(GRAPHS.values()) + ["config.json"] if not (path / f).is_file()]
         if missing:
-            raise UserError(f"model directory {path} is incomplete: missing {', '.join(missing)} "
-                            "(export it with `edge-agent model export`)")
+            raise UserError(
+                f"model directory {path} is incomplete: missing {', '.join(missing)} "
+                "(export it with `edge-agent model export`)"
+            )
         config = _read_json(path / "config.json")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"model {path} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise UserError(
+                f"model {path} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         vision = config.get("vision_config", {})
         newline = config.get("image_newline")
         return cls(

@@ -105,7 +105,7 @@ class BlockPool:
             shape = [capacity] + [dim.get_length() for dim in list(port.get_partial_shape())[1:]]
             tensor = ov.Tensor(port.get_element_type(), shape)
             if self._tensors:
-                tensor.data[:self.capacity] = self._tensors[index].data
+                tensor.data[: self.capacity] = self._tensors[index].data
             self._request.set_tensor(port, tensor)
             tensors.append(tensor)
         self._tensors = tensors
@@ -149,17 +149,20 @@ class PagedLanguageModel:
         lengths = [len(s.embeds) for s in sequences]
         starts = np.concatenate([[0], np.cumsum(lengths)])
         logits_at = [start + i for s, start in zip(sequences, starts) for i in s.logits_at]
-        self.request.infer({
-            "inputs_embeds": np.ascontiguousarray(np.concatenate([s.embeds for s in sequences]), dtype=np.float32),
-            "position_ids": np.concatenate([s.first_position + np.arange(n) for s, n in zip(sequences, lengths)]),
-            "past_lens": np.array([s.past for s in sequences], dtype=np.int32),
-            "subsequence_begins": starts.astype(np.int32),
-            "block_indices": np.concatenate([s.blocks for s in sequences]).astype(np.int32),
-            "block_indices_begins": np.concatenate([[0], np.cumsum([len(s.blocks) for s in sequences])])
-                                    .astype(np.int32),
-            "max_context_len": np.array(max(s.past + n for s, n in zip(sequences, lengths)), dtype=np.int32),
-            LOGITS_POSITIONS: np.asarray(logits_at, dtype=np.int64),
-        })
+        self.request.infer(
+            {
+                "inputs_embeds": np.ascontiguousarray(np.concatenate([s.embeds for s in sequences]), dtype=np.float32),
+                "position_ids": np.concatenate([s.first_position + np.arange(n) for s, n in zip(sequences, lengths)]),
+                "past_lens": np.array([s.past for s in sequences], dtype=np.int32),
+                "subsequence_begins": starts.astype(np.int32),
+                "block_indices": np.concatenate([s.blocks for s in sequences]).astype(np.int32),
+                "block_indices_begins": np.concatenate([[0], np.cumsum([len(s.blocks) for s in sequences])]).astype(
+                    np.int32
+                ),
+                "max_context_len": np.array(max(s.past + n for s, n in zip(sequences, lengths)), dtype=np.int32),
+                LOGITS_POSITIONS: np.asarray(logits_at, dtype=np.int64),
+            }
+        )
         return self.request.get_tensor("logits").data[:, 0].copy()
 
 
@@ -192,8 +195,12 @@ class PagedSession:
         self._prefix_blocks = self._pool.take(self._pool.blocks_for(self.prefix_len))
         self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
 
-    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
+    def prefill_questions(
+        self,
+        questions: list[np.ndarray],
+        branches: list[tuple[int, np.ndarray]] = (),
+        reduce: BranchReducer | None = None,
+    ) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` after their questions.
 
         Returns the questions' next-token logits [N, vocab] and each branch's logits [L, vocab] (position j
@@ -215,13 +222,14 @@ class PagedSession:
             results += self._run_each([first])
             sequences.append(first)
         # only once the prefix's call has run: `_after_prefix` copies the prefix's last block
-        later = [self._after_prefix(*self._tokens(job, questions, branches)) for job in jobs[len(sequences):]]
+        later = [self._after_prefix(*self._tokens(job, questions, branches)) for job in jobs[len(sequences) :]]
         results += self._run_each(later)
         sequences += later
         for job, sequence in zip(jobs, sequences):
             self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
-        branch_scores = {job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results)
-                         if job.branch is not None}
+        branch_scores = {
+            job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results) if job.branch is not None
+        }
         later_branches = [index for index, (row, _) in enumerate(branches) if first_branch_of_row[row] != index]
         branch_scores.update(self._score_branches(branches, later_branches, reduce))
         return np.stack([result[0] for result in results]), [branch_scores[i] for i in range(len(branches))]
@@ -231,7 +239,7 @@ class PagedSession:
         at most `BRANCHES_PER_CALL` sequences whose own blocks go back to the pool after each call."""
         scored = {}
         for start in range(0, len(indices), BRANCHES_PER_CALL):
-            chunk = indices[start:start + BRANCHES_PER_CALL]
+            chunk = indices[start : start + BRANCHES_PER_CALL]
             placed = [self._after_row(*branches[index]) for index in chunk]
             logits = self._run_each([sequence for sequence, _ in placed])
             for (_, own), index, branch_logits in zip(placed, chunk, logits):
@@ -289,7 +297,7 @@ class PagedSession:
         """The prefix with `tokens` (the first question, and its riding branch) after it, as one sequence: the
         prefix's blocks, the first question's row continuing in the last of them."""
         blocks = self._pool.take(self._pool.blocks_for(self.prefix_len + len(tokens)))
-        self._prefix_blocks = blocks[:self._pool.blocks_for(self.prefix_len)]
+        self._prefix_blocks = blocks[: self._pool.blocks_for(self.prefix_len)]
         return Sequence(np.concatenate([self._prefix, tokens]), 0, blocks, 0, [self.prefix_len + i for i in logits_at])
 
     def _run_each(self, sequences: list[Sequence]) -> list[np.ndarray]:
@@ -318,8 +326,9 @@ class PagedSession:
         self._rows = []
 
 
-def load_language_model(core: ov.Core, graph_path, device: str, inference_precision: str | None = None,
-                        **overrides) -> LanguageModel:
+def load_language_model(
+    core: ov.Core, graph_path, device: str, inference_precision: str | None = None, **overrides
+) -> LanguageModel:
     """The engine's language model: paged on the CPU, the stateful graph elsewhere or where it cannot be paged.
 
     Compiled with the engine's settings for `device` (`overrides` replace single compile properties, for

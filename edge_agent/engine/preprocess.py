@@ -77,13 +77,13 @@ def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Center crop of an HxWxC image, zero-padded where the image is smaller (as transformers does)."""
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
     if top >= 0 and left >= 0:
-        return image[top:top + height, left:left + width]
+        return image[top : top + height, left : left + width]
     padded_h, padded_w = max(height, image.shape[0]), max(width, image.shape[1])
     pad_top, pad_left = math.ceil((padded_h - image.shape[0]) / 2), math.ceil((padded_w - image.shape[1]) / 2)
     padded = np.zeros((padded_h, padded_w, image.shape[2]), dtype=image.dtype)
-    padded[pad_top:pad_top + image.shape[0], pad_left:pad_left + image.shape[1]] = image
+    padded[pad_top : pad_top + image.shape[0], pad_left : pad_left + image.shape[1]] = image
     top, left = top + pad_top, left + pad_left
-    return padded[top:top + height, left:left + width]
+    return padded[top : top + height, left : left + width]
 
 
 class ClipPreprocessor:
@@ -176,7 +176,8 @@ class AnyresPreprocessor(ClipPreprocessor):
         resized = pil_resize(rgb, new_h, new_w, resample=self.settings.resample)
         pad_y, pad_x = (grid_h - new_h) // 2, (grid_w - new_w) // 2
         padded = np.zeros((grid_h, grid_w, 3), dtype=np.uint8)
-        padded[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
+        padded[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
         tile_h, tile_w = self.tile
-        return [padded[y:y + tile_h, x:x + tile_w]
-                for y in range(0, grid_h, tile_h) for x in range(0, grid_w, tile_w)]
+        return [
+            padded[y : y + tile_h, x : x + tile_w] for y in range(0, grid_h, tile_h) for x in range(0, grid_w, tile_w)
+        ]

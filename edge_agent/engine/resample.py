@@ -57,8 +57,9 @@ def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarra
             taps = taps / total
         starts[xx] = xmin
         weights[xx, :xmax] = taps
-    fixed = np.where(weights < 0, np.trunc(-0.5 + weights * (1 << _PRECISION_BITS)),
-                     np.trunc(0.5 + weights * (1 << _PRECISION_BITS)))
+    fixed = np.where(
+        weights < 0, np.trunc(-0.5 + weights * (1 << _PRECISION_BITS)), np.trunc(0.5 + weights * (1 << _PRECISION_BITS))
+    )
     fixed = fixed.astype(np.int32)
     starts.flags.writeable = fixed.flags.writeable = False
     return starts, fixed

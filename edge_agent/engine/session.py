@@ -25,8 +25,12 @@ class LanguageSession(Protocol):
     def prefill_prefix(self) -> None:
         """Cache the prefix on its own, now; otherwise it goes in with the first questions."""
 
-    def prefill_questions(self, questions: list[np.ndarray], branches: list[tuple[int, np.ndarray]] = (),
-                          reduce: BranchReducer | None = None) -> tuple[np.ndarray, list]:
+    def prefill_questions(
+        self,
+        questions: list[np.ndarray],
+        branches: list[tuple[int, np.ndarray]] = (),
+        reduce: BranchReducer | None = None,
+    ) -> tuple[np.ndarray, list]:
         """Prefill question suffixes (each [S_i, hidden]) after the prefix, and `branches` (question row, the
         first tokens of an answer option [L, hidden]) after their questions: the questions' next-token logits
         [N, vocab] and each branch's logits [L, vocab], or `reduce(branch index, its logits)`. Afterwards row i

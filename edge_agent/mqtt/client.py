@@ -86,9 +86,7 @@ def new_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
     """A paho client with the protocol, credentials and TLS of `settings`, not yet connected.
 
     The password is read from `settings.password_file` here, so no settings object ever holds it."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[settings.protocol]
-    )
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[settings.protocol])
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password())
     if settings.tls_ca_file:
@@ -189,7 +187,9 @@ class AgentLink:
     def start(self) -> None:
         """Connect in the background; while the broker is unreachable paho retries with backoff."""
         self._client.connect_async(
-            self._settings.host, self._settings.port, self._settings.keepalive_s,
+            self._settings.host,
+            self._settings.port,
+            self._settings.keepalive_s,
             properties=self._connect_properties(),
         )
         self._client.loop_start()
@@ -336,7 +336,9 @@ class AgentLink:
         if reason_code.is_failure:
             logger.error(
                 "MQTT broker %s:%d refused the connection: %s",
-                self._settings.host, self._settings.port, reason_code,
+                self._settings.host,
+                self._settings.port,
+                reason_code,
             )
             return
         self._subscribe()
@@ -349,7 +351,9 @@ class AgentLink:
                 self._dropped_offline = 0
             logger.info(
                 "MQTT connected to %s:%d, sending %d queued answers",
-                self._settings.host, self._settings.port, len(self._pending),
+                self._settings.host,
+                self._settings.port,
+                len(self._pending),
             )
             self._publish(self._topics.availability, ONLINE)
             self._announce()
@@ -384,7 +388,9 @@ class AgentLink:
         # paho calls this while it handles the connection's exception: name the cause.
         logger.warning(
             "MQTT broker %s:%d: cannot connect (%s), retrying",
-            self._settings.host, self._settings.port, connection_problem(sys.exc_info()[1]),
+            self._settings.host,
+            self._settings.port,
+            connection_problem(sys.exc_info()[1]),
         )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -416,14 +422,21 @@ class AgentLink:
         self._takeovers += 1
         delay = min(TAKEOVER_BACKOFF_MIN_S * 2 ** min(self._takeovers - 1, 10), TAKEOVER_BACKOFF_MAX_S)
         self._client.reconnect_delay_set(delay, delay)
-        how = "" if reason_code == SESSION_TAKEN_OVER else (
-            f"the broker closed the connection {self._quick_disconnects} times in a row within "
-            f"{QUICK_DISCONNECT_S:g} s of connecting: probably "
+        how = (
+            ""
+            if reason_code == SESSION_TAKEN_OVER
+            else (
+                f"the broker closed the connection {self._quick_disconnects} times in a row within "
+                f"{QUICK_DISCONNECT_S:g} s of connecting: probably "
+            )
         )
         logger.warning(
             "MQTT: %sanother client connected with client id %s (two agents with agent_id %s?); "
             "set agent_id or mqtt.client_id uniquely; backing off %d s",
-            how, self._client_id, self._topics.agent_id, delay,
+            how,
+            self._client_id,
+            self._topics.agent_id,
+            delay,
         )
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
@@ -461,8 +474,11 @@ class AgentLink:
         """
         level = logging.DEBUG if self._retained_ask_seen else logging.INFO
         self._retained_ask_seen = True
-        logger.log(level, "MQTT: ignoring the retained ask request on %s; clear it with an empty retained "
-                   "message", self._topics.ask)
+        logger.log(
+            level,
+            "MQTT: ignoring the retained ask request on %s; clear it with an empty retained message",
+            self._topics.ask,
+        )
 
     def _within_rate(self, reply: ReplyAddress | None) -> bool:
         """Take one request from the requester's allowance (requests without a reply address share one)."""
@@ -531,9 +547,7 @@ def connection_problem(error: BaseException | None) -> str:
     return "no details"
 
 
-def ask_remote(
-    settings: MqttSettings, agent_id: str, question: str, timeout_s: float
-) -> dict:
+def ask_remote(settings: MqttSettings, agent_id: str, question: str, timeout_s: float) -> dict:
     """Ask a running agent a question over MQTT and return its JSON reply (`edge-agent ask`)."""
     topics = AgentTopics(settings.base_topic, agent_id)
     reply_topic = f"{topics.ask}/reply/{uuid.uuid4().hex}"

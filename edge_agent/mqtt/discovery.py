@@ -66,7 +66,7 @@ def could_have_announced(prefix: str, agent_id: str, topic: object) -> bool:
         return False
     for name in components():
         head, _, tail = _config_topic(prefix, name, agent_id, "\0").partition("\0")
-        if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head):-len(tail)]):
+        if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head) : -len(tail)]):
             return True
     return False
 

@@ -17,8 +17,13 @@ AGENT = "kiosk-test"
 QUESTIONS = [
     {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "every": 0.5, "device_class": "door"},
     {"id": "people", "question": "How many people are in the room?", "type": "number", "every": 0.5},
-    {"id": "cup", "question": "What colour is the cup?", "type": "choice", "options": ["red", "blue", "green"],
-     "every": 0.5},
+    {
+        "id": "cup",
+        "question": "What colour is the cup?",
+        "type": "choice",
+        "options": ["red", "blue", "green"],
+        "every": 0.5,
+    },
     {"id": "scene", "question": "Describe the room.", "type": "text", "every": 0.5, "trigger": "change"},
 ]
 
@@ -85,6 +90,7 @@ class RunningAgent:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_llava_int8):
     from edge_agent.engine import Engine
+
     return Engine.load(tiny_llava_int8)
 
 

@@ -30,9 +30,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.config import MqttSettings
+from edge_agent.devtools.loopback import free_port
 from edge_agent.mqtt import AgentLink, AnswerMessage
 from edge_agent.mqtt.ask import AskReply
-from edge_agent.devtools.loopback import free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 READY_TIMEOUT_S = 5.0
@@ -47,9 +47,7 @@ def wait_until(condition, timeout: float = WAIT_TIMEOUT_S, what: str = "conditio
         time.sleep(0.02)
 
 
-def answer(
-    question_id: str = "door_open", value: object = True, state: str = "ON", **fields
-) -> AnswerMessage:
+def answer(question_id: str = "door_open", value: object = True, state: str = "ON", **fields) -> AnswerMessage:
     """An answer as the service would publish it; override any field by keyword."""
     defaults = dict(
         question_id=question_id,
@@ -69,8 +67,15 @@ def answer(
 
 def ask_reply(question: str = "Is the door open?", answer: str = "Yes", **fields) -> AskReply:
     """An ask reply as the service would send it (a free-text answer); override any field by keyword."""
-    defaults = dict(type="text", value=answer, confidence=None, frame_ts=1_700_000_000.0,
-                    answered_ts=1_700_000_000.5, latency_ms=500.0, model="tiny-llava")
+    defaults = dict(
+        type="text",
+        value=answer,
+        confidence=None,
+        frame_ts=1_700_000_000.0,
+        answered_ts=1_700_000_000.5,
+        latency_ms=500.0,
+        model="tiny-llava",
+    )
     return AskReply(question=question, answer=answer, **{**defaults, **fields})
 
 
@@ -162,9 +167,7 @@ class Subscriber:
         assert self._subscribed.wait(WAIT_TIMEOUT_S), "subscription not acknowledged"
 
     def _record(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        received = Received(
-            message.topic, message.payload, bool(message.retain), getattr(message, "properties", None)
-        )
+        received = Received(message.topic, message.payload, bool(message.retain), getattr(message, "properties", None))
         with self._changed:
             self.messages.append(received)
             self._changed.notify_all()
@@ -231,9 +234,7 @@ def subscriber():
 def make_link():
     links: list[AgentLink] = []
 
-    def make(
-        broker: Broker, agent_id: str = "kitchen", on_ask=None, connected: bool = True, **settings
-    ) -> AgentLink:
+    def make(broker: Broker, agent_id: str = "kitchen", on_ask=None, connected: bool = True, **settings) -> AgentLink:
         settings = MqttSettings(host=broker.host, port=broker.port, **settings)
         link = AgentLink(settings, agent_id, on_ask, model_name="tiny-llava")
         links.append(link)

@@ -102,16 +102,20 @@ def _lock(path: pathlib.Path) -> Iterator[None]:
 
 
 def _works() -> bool:
-    return BUILT.exists() and subprocess.run([PYTHON, "-c", "import homeassistant, josepy, paho.mqtt"],
-                                             capture_output=True).returncode == 0
+    return (
+        BUILT.exists()
+        and subprocess.run([PYTHON, "-c", "import homeassistant, josepy, paho.mqtt"], capture_output=True).returncode
+        == 0
+    )
 
 
 def _build() -> None:
     shutil.rmtree(VENV, ignore_errors=True)
     _run(sys.executable, "-m", "venv", str(VENV))
     _run(str(PYTHON), "-m", "pip", "install", "-q", *REQUIREMENTS)
-    loaded = json.loads(_run(str(PYTHON), "-c", _LOADED_REQUIREMENTS, *CONFIGURED_INTEGRATIONS,
-                           *UNDECLARED_INTEGRATIONS))
+    loaded = json.loads(
+        _run(str(PYTHON), "-c", _LOADED_REQUIREMENTS, *CONFIGURED_INTEGRATIONS, *UNDECLARED_INTEGRATIONS)
+    )
     _run(str(PYTHON), "-m", "pip", "install", "-q", "-c", loaded["constraints"], *loaded["requirements"])
     BUILT.write_text(json.dumps([*REQUIREMENTS, *loaded["requirements"]]) + "\n")
 
@@ -154,8 +158,10 @@ class HomeAssistant:
         (self.config_dir / "configuration.yaml").write_text(self._configuration())
         with open(self.config_dir / "stdout.log", "w") as output:
             self._process = subprocess.Popen(
-                [str(self.python), "-m", "homeassistant", "-c", str(self.config_dir), "--skip-pip",
-                 "--log-no-color"], stdout=output, stderr=subprocess.STDOUT)
+                [str(self.python), "-m", "homeassistant", "-c", str(self.config_dir), "--skip-pip", "--log-no-color"],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while self._status("GET", "/api/onboarding")[0] != 200:
             if self._process.poll() is not None or time.monotonic() > deadline or self._in_recovery_mode():
@@ -182,22 +188,29 @@ class HomeAssistant:
         """Create the owner and log in as the frontend would, with a long-lived token for the session."""
         client_id = f"{self.url}/"
         created = self._post("/api/onboarding/users", {"client_id": client_id, **USER}, auth=False)
-        tokens = self._post("/auth/token", {"grant_type": "authorization_code", "code": created["auth_code"],
-                                            "client_id": client_id}, auth=False, form=True)
+        tokens = self._post(
+            "/auth/token",
+            {"grant_type": "authorization_code", "code": created["auth_code"], "client_id": client_id},
+            auth=False,
+            form=True,
+        )
         self._token = tokens["access_token"]
         self._post("/api/onboarding/analytics", {})
-        self._post("/api/onboarding/integration",
-                   {"client_id": client_id, "redirect_uri": f"{self.url}/?auth_callback=1"})
-        self._token = self.websocket({"type": "auth/long_lived_access_token", "client_name": "edge-agent tests",
-                                      "lifespan": 1})
+        self._post(
+            "/api/onboarding/integration", {"client_id": client_id, "redirect_uri": f"{self.url}/?auth_callback=1"}
+        )
+        self._token = self.websocket(
+            {"type": "auth/long_lived_access_token", "client_name": "edge-agent tests", "lifespan": 1}
+        )
 
     def add_mqtt(self, broker: Broker) -> None:
         """Add the MQTT integration by its config flow; return once Home Assistant announced itself online."""
         status = Subscriber(broker.host, broker.port, ("homeassistant/status",))
         try:
             flow = self._post("/api/config/config_entries/flow", {"handler": "mqtt"})
-            result = self._post(f"/api/config/config_entries/flow/{flow['flow_id']}",
-                                {"broker": broker.host, "port": broker.port})
+            result = self._post(
+                f"/api/config/config_entries/flow/{flow['flow_id']}", {"broker": broker.host, "port": broker.port}
+            )
             assert result["type"] == "create_entry", f"MQTT config flow ended with {result}"
             assert status.next("homeassistant/status", timeout=START_TIMEOUT_S).payload == b"online"
         finally:
@@ -229,11 +242,13 @@ class HomeAssistant:
         assert status == 200, f"GET state of {entity_id}: HTTP {status} {body[:200]!r}"
         return json.loads(body)
 
-    def wait_for_state(self, entity_id: str, predicate: Callable[[dict], bool],
-                       timeout: float = STATE_TIMEOUT_S) -> dict:
+    def wait_for_state(
+        self, entity_id: str, predicate: Callable[[dict], bool], timeout: float = STATE_TIMEOUT_S
+    ) -> dict:
         """The first state object of `entity_id` that satisfies `predicate`."""
-        return poll(lambda: self.state(entity_id), lambda state: state is not None and predicate(state), timeout,
-                    what=entity_id)
+        return poll(
+            lambda: self.state(entity_id), lambda state: state is not None and predicate(state), timeout, what=entity_id
+        )
 
     def call_service(self, domain: str, service: str, data: dict | None = None) -> list[dict]:
         """Call a service; returns the states it changed."""
@@ -246,8 +261,12 @@ class HomeAssistant:
 
     def wait_for_entities(self, unique_ids: list[str], timeout: float = STATE_TIMEOUT_S) -> dict[str, str]:
         """unique_id -> entity_id of MQTT entities, once every one of `unique_ids` is registered."""
-        return poll(self.entity_ids, lambda registered: set(unique_ids) <= registered.keys(), timeout,
-                    what=f"entities {unique_ids}")
+        return poll(
+            self.entity_ids,
+            lambda registered: set(unique_ids) <= registered.keys(),
+            timeout,
+            what=f"entities {unique_ids}",
+        )
 
     def websocket(self, command: dict) -> object:
         """The result of one websocket API command (sent on its own authenticated connection)."""
@@ -276,14 +295,16 @@ class HomeAssistant:
     def _post(self, path: str, body: dict, auth: bool = True, form: bool = False) -> object:
         return self._checked("POST", path, body, auth, form)
 
-    def _checked(self, method: str, path: str, body: dict | None = None, auth: bool = True,
-                 form: bool = False) -> object:
+    def _checked(
+        self, method: str, path: str, body: dict | None = None, auth: bool = True, form: bool = False
+    ) -> object:
         status, reply = self._status(method, path, body, auth, form)
         assert 200 <= status < 300, f"{method} {path}: HTTP {status} {reply[:300]!r}"
         return json.loads(reply)
 
-    def _status(self, method: str, path: str, body: dict | None = None, auth: bool = True,
-                form: bool = False) -> tuple[int, bytes]:
+    def _status(
+        self, method: str, path: str, body: dict | None = None, auth: bool = True, form: bool = False
+    ) -> tuple[int, bytes]:
         """HTTP status and body of one request; status 0 if nothing listens yet."""
         headers = {"Authorization": f"Bearer {self._token}"} if auth and self._token else {}
         data = None

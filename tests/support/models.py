@@ -21,8 +21,16 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 _KEYED_SOURCES = ("edge_agent/devtools/testmodels.py", "edge_agent/export.py")
-_KEYED_PACKAGES = ("torch", "transformers", "tokenizers", "optimum-intel", "optimum", "nncf", "openvino",
-                   "openvino-tokenizers")
+_KEYED_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "optimum-intel",
+    "optimum",
+    "nncf",
+    "openvino",
+    "openvino-tokenizers",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +103,13 @@ def _ensure_locked(name: str) -> pathlib.Path:
         else:
             from edge_agent.export import export_model
 
-            export_model(str(_ensure_locked(recipe.checkpoint)), path, weight_format=recipe.weight_format,
-                         group_size=recipe.group_size, progress=False)
+            export_model(
+                str(_ensure_locked(recipe.checkpoint)),
+                path,
+                weight_format=recipe.weight_format,
+                group_size=recipe.group_size,
+                progress=False,
+            )
     return path
 
 
@@ -123,20 +136,27 @@ def _session_fixture(fixture_name: str, model_name: str, description: str):
 
 
 tiny_llava_checkpoint = _session_fixture(
-    "tiny_llava_checkpoint", "tiny-llava",
-    "Random-weight llava Hugging Face checkpoint (32 px image, 16 image tokens, vocab 1000).")
+    "tiny_llava_checkpoint",
+    "tiny-llava",
+    "Random-weight llava Hugging Face checkpoint (32 px image, 16 image tokens, vocab 1000).",
+)
 tiny_llava_next_checkpoint = _session_fixture(
-    "tiny_llava_next_checkpoint", "tiny-llava_next",
-    "Random-weight llava_next (anyres) Hugging Face checkpoint.")
+    "tiny_llava_next_checkpoint", "tiny-llava_next", "Random-weight llava_next (anyres) Hugging Face checkpoint."
+)
 tiny_llava_fp32 = _session_fixture(
-    "tiny_llava_fp32", "tiny-llava-fp32", "tiny llava exported to OpenVINO with fp32 weights.")
+    "tiny_llava_fp32", "tiny-llava-fp32", "tiny llava exported to OpenVINO with fp32 weights."
+)
 tiny_llava_next_fp32 = _session_fixture(
-    "tiny_llava_next_fp32", "tiny-llava_next-fp32", "tiny llava_next exported to OpenVINO with fp32 weights.")
+    "tiny_llava_next_fp32", "tiny-llava_next-fp32", "tiny llava_next exported to OpenVINO with fp32 weights."
+)
 tiny_llava_int8 = _session_fixture(
-    "tiny_llava_int8", "tiny-llava-int8", "tiny llava exported with int8 weights everywhere.")
+    "tiny_llava_int8", "tiny-llava-int8", "tiny llava exported with int8 weights everywhere."
+)
 tiny_llava_int4 = _session_fixture(
-    "tiny_llava_int4", "tiny-llava-int4",
-    "tiny llava exported with an int4 language model (group size 32) and int8 embeddings.")
+    "tiny_llava_int4",
+    "tiny-llava-int4",
+    "tiny llava exported with an int4 language model (group size 32) and int8 embeddings.",
+)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def random_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _hf_model(checkpoint: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     return processor, model
@@ -33,6 +34,7 @@ class HfReference:
 
     def inputs(self, frame_bgr: np.ndarray, question: str):
         from PIL import Image
+
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         image = Image.fromarray(np.ascontiguousarray(frame_bgr[:, :, ::-1]))
@@ -41,10 +43,11 @@ class HfReference:
     def answer_ids(self, frame_bgr: np.ndarray, question: str, max_new_tokens: int) -> list[int]:
         """Generated token ids without the end-of-sequence token (the engine reports them that way)."""
         import torch
+
         inputs = self.inputs(frame_bgr, question)
         with torch.no_grad():
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        generated = output[0, inputs["input_ids"].shape[1]:].tolist()
+        generated = output[0, inputs["input_ids"].shape[1] :].tolist()
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos])
         stop_at = next((i for i, token in enumerate(generated) if token in stops), len(generated))

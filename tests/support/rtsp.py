@@ -35,7 +35,8 @@ class RtspCamera:
         """Serve (again) on the same port; returns once the server listens."""
         self._process = subprocess.Popen(
             [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = self._process.stdout.readline()
         if line.strip() != "ready":

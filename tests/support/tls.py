@@ -50,23 +50,49 @@ class TestCA:
         self.name = name
         self.certificate = directory / "ca.crt"
         self._key = directory / "ca.key"
-        _openssl("req", "-x509", *_NEW_EC_KEY, "-keyout", self._key, "-out", self.certificate,
-                 "-days", "2", "-subj", f"/CN={name}",
-                 "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        _openssl(
+            "req",
+            "-x509",
+            *_NEW_EC_KEY,
+            "-keyout",
+            self._key,
+            "-out",
+            self.certificate,
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
 
     def server_certificate(self) -> ServerCertificate:
         """A broker certificate for 127.0.0.1 and localhost, signed by this CA."""
         key, request = self.directory / "server.key", self.directory / "server.csr"
         certificate, extensions = self.directory / "server.crt", self.directory / "server.ext"
         extensions.write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-            "extendedKeyUsage=serverAuth\n"
-            "authorityKeyIdentifier=keyid\n"
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\n"
         )
         _openssl("req", *_NEW_EC_KEY, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1")
-        _openssl("x509", "-req", "-in", request, "-CA", self.certificate, "-CAkey", self._key,
-                 "-CAcreateserial", "-days", "2", "-extfile", extensions, "-out", certificate)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            request,
+            "-CA",
+            self.certificate,
+            "-CAkey",
+            self._key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            extensions,
+            "-out",
+            certificate,
+        )
         return ServerCertificate(certificate, key)
 
 
@@ -74,8 +100,7 @@ _NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-no
 
 
 def _openssl(*arguments: object) -> None:
-    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True,
-                   timeout=OPENSSL_TIMEOUT_S)
+    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True, timeout=OPENSSL_TIMEOUT_S)
 
 
 class SecureBroker(Broker):
@@ -93,14 +118,17 @@ class SecureBroker(Broker):
             "allow_anonymous false",
             f"password_file {self.passwords}",
             f"acl_file {acl_file}",
-            "log_type error", "log_type warning", "log_type notice", "log_type subscribe",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type subscribe",
         ]
         if ca is not None:
             server = ca.server_certificate()
-            settings += [f"cafile {ca.certificate}", f"certfile {server.certificate}",
-                         f"keyfile {server.key}"]
-        self.config.write_text(self.config.read_text().replace("allow_anonymous true\n", "")
-                               + "\n".join(settings) + "\n")
+            settings += [f"cafile {ca.certificate}", f"certfile {server.certificate}", f"keyfile {server.key}"]
+        self.config.write_text(
+            self.config.read_text().replace("allow_anonymous true\n", "") + "\n".join(settings) + "\n"
+        )
 
     def subscriptions(self, client_id: str) -> set[str]:
         """Every topic filter `client_id` subscribed to, from the broker's log."""
@@ -109,8 +137,12 @@ class SecureBroker(Broker):
 
     def set_password(self, user: str, password: str) -> None:
         """Add `user` or change its password (the broker reads the file when it starts)."""
-        subprocess.run(["mosquitto_passwd", "-b", str(self.passwords), user, password], check=True,
-                       capture_output=True, timeout=OPENSSL_TIMEOUT_S)
+        subprocess.run(
+            ["mosquitto_passwd", "-b", str(self.passwords), user, password],
+            check=True,
+            capture_output=True,
+            timeout=OPENSSL_TIMEOUT_S,
+        )
 
 
 @pytest.fixture
