@@ -23,6 +23,10 @@ python -m pip install -q --disable-pip-version-check -c scripts/constraints.txt 
 # optimum-intel pulls PyPI's torchvision, which fails to import beside this torch and breaks transformers.
 python -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true
 
+# Lint and format first: a style slip fails in seconds, before the long tests (settings in pyproject.toml).
+python -m ruff check .
+python -m ruff format --check .
+
 python -m tests.support.models
 # Home Assistant as a test peer, in its own virtual environment under .cache/ (about 2 minutes when missing).
 python -m tests.support.homeassistant

@@ -108,13 +108,23 @@ def read_announced(payload: bytes, prefix: str, agent_id: str, max_bytes: int) -
 
 
 def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> bytes:
-    """The retained discovery config of one entity."""
+    """The retained discovery config of one question's entity."""
+    config = entity_fields(topics, model_name, entity.question_id, entity.name)
+    config.update(
+        state_topic=topics.state(entity.question_id), json_attributes_topic=topics.answers(entity.question_id)
+    )
+    config.update(_component_fields(entity))
+    return json.dumps(config).encode()
+
+
+def entity_fields(topics: AgentTopics, model_name: str, object_id: str, name: str) -> dict[str, object]:
+    """What every entity of this agent's device carries: its name and unique id, availability, the device
+    (one per agent) and the origin. `object_id` is unique among the agent's entities (a question id, or the
+    name of a control or diagnostic entity)."""
     agent_id = topics.agent_id
-    config: dict[str, object] = {
-        "name": entity.name,
-        "unique_id": f"edge_agent_{agent_id}_{entity.question_id}",
-        "state_topic": topics.state(entity.question_id),
-        "json_attributes_topic": topics.answers(entity.question_id),
+    return {
+        "name": name,
+        "unique_id": f"edge_agent_{agent_id}_{object_id}",
         "availability_topic": topics.availability,
         "payload_available": ONLINE,
         "payload_not_available": OFFLINE,
@@ -127,8 +137,6 @@ def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> 
         },
         "origin": {"name": "edge-agent", "sw": __version__},
     }
-    config.update(_component_fields(entity))
-    return json.dumps(config).encode()
 
 
 def _component_fields(entity: EntitySpec) -> dict[str, object]:
