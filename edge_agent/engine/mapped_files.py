@@ -3,14 +3,13 @@
 OpenVINO memory-maps a model's `.bin` files (and the compiled blobs of its cache). On a model's first
 inference the CPU plugin repacks the weights into buffers of its own layout and afterwards reads the
 mapping only for a few small constants, yet the pages it read stay resident: the process holds the
-weights twice (on the bench model, 1236 MiB resident after the first frame instead of 780).
-`madvise(MADV_DONTNEED)` on a read-only shared file mapping drops its pages from the process and loses
+weights twice. `madvise(MADV_DONTNEED)` on a read-only shared file mapping drops its pages from the process and loses
 nothing: a later read faults them back in from the page cache or the file.
 
 Dropping them only after the first inference still leaves a moment, at its end, when the whole file and the
 whole repacked copy are resident. The plugin reads each weight once, to repack it, so
-`mapped_pages_dropped_during` keeps dropping while that inference runs: on the bench model this takes the
-peak RSS from the model files + 466 MiB to the files + about 320 MiB.
+`mapped_pages_dropped_during` keeps dropping while that inference runs (what each way costs in memory:
+docs/ARCHITECTURE.md, "Weights held once").
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ from pathlib import Path
 MADV_DONTNEED = 4
 MAPS = Path("/proc/self/maps")
 DROP_EVERY_SECONDS = 0.02
-"""How often pages are dropped while a first inference runs. A pass of /proc/self/maps and madvise takes about
-2 ms; on the bench model the CPU plugin repacks 6-12 MiB of weights in 20 ms of a first inference."""
+"""How often pages are dropped while a first inference runs: often enough that little of a weight file is
+resident beside its repacked copy, rarely enough that the passes over /proc/self/maps cost little."""
 
 
 @contextlib.contextmanager

@@ -37,11 +37,11 @@ CACHE_INPUTS = ("key_cache.", "value_cache.")
 BLOCK_SIZE_AXIS = 2
 """The CPU plugin's value-cache blocks are [blocks, kv heads, block size, head size (+ u8 scales)]."""
 BRANCHES_PER_CALL = 8
-"""Further branches (answer options' first tokens) scored per call. Each once repeated its whole question,
-all of them in one call: 32 options of 60 characters made that call about 37,000 tokens on the demo model,
-and the block pool and the plugin's buffers kept what it took (RSS 175 -> 593 MiB there; 2.3 GiB on the
-0.4B bench model). After its question's cached row a branch is only its own tokens, and a call holds at
-most 8 branches' logits before `reduce` keeps just the log-probabilities that are needed."""
+"""Further branches (answer options' first tokens) scored per call. A branch follows its question's cached
+row, so it is only its own tokens, and a call holds at most this many branches' logits before `reduce` keeps
+just the log-probabilities that are needed: the memory a choice takes is bounded whatever its options (the
+block pool and the plugin's buffers keep the size of the largest call; docs/ARCHITECTURE.md, "Option
+scoring")."""
 
 
 def to_paged_attention(graph: ov.Model) -> bool:
