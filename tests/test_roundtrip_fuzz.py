@@ -21,6 +21,7 @@ hypothesis replays and shrinks each example on its own.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -36,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.bench import rss_mib
-from edge_agent.mqtt.ask import MAX_REQUEST_BYTES
+from edge_agent.mqtt.ask import MAX_CORRELATION_BYTES, MAX_REQUEST_BYTES
 from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS
 from edge_agent.service import QUESTION_TYPES
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
@@ -346,13 +347,21 @@ ODD_TOPICS = [
     "reply/+", "reply/#", "+", "#", "$SYS/reply", "$share/group/reply", "/", "reply/", " ", "reply//x",
     ASK_TOPIC, AVAILABILITY_TOPIC, HA_STATUS_TOPIC, levels(201), levels(300), "reply/" + "x" * 20_000,
 ]
-reply_topics = (st.sampled_from(ODD_TOPICS) | hostile_texts | st.integers(1, 400).map(levels)
+reply_topics = (st.just("reply/plain") | st.sampled_from(ODD_TOPICS) | hostile_texts | st.integers(1, 400).map(levels)
                 | st.integers(1, 20_000).map(lambda n: "reply/" + "x" * n))
+"""Mostly topics the agent cannot reply to; a plain one often enough that the correlation rules are checked."""
 options = st.lists(hostile_texts | st.sampled_from(["red", "\U0001F642", "\U0001F642" * 60, "long " * 100]),
                    max_size=40) | json_values
 long_options = st.lists(st.integers(0, 500).map(lambda length: "word " * (length // 5)) | hostile_texts,
                         min_size=1, max_size=32).map(lambda words: [f"option {i} {w}" for i, w in enumerate(words)])
 """Up to 32 distinct options of up to 500 characters: as many as a request may carry, within its 16 KiB."""
+correlation_data = (st.none() | st.binary(max_size=64) | st.integers(1, 8_000).map(lambda n: b"\xff" * n)
+                    | st.sampled_from([MAX_CORRELATION_BYTES, MAX_CORRELATION_BYTES + 1]).map(lambda n: b"c" * n))
+"""MQTT 5 `CorrelationData`: none, any bytes, far beyond the bound, and UTF-8 text just within and just beyond it."""
+correlation_ids_at_the_bounds = st.sampled_from([math.nan, math.inf, -math.inf]) | st.sampled_from(
+    [MAX_CORRELATION_BYTES - 2, MAX_CORRELATION_BYTES - 1]).map(lambda n: "c" * n)
+"""Not strict JSON (`json.dumps` writes them as `NaN` or `Infinity`, which `json.loads` reads back), and strings
+whose JSON text is just within and just beyond the bound."""
 questions = st.sampled_from(["Is the door open?", "What colour is the cup?", "How many people are there?"]) \
     | hostile_texts | st.text(max_size=600) | json_values
 request_fields = st.fixed_dictionaries({"question": questions}, optional={
@@ -360,7 +369,7 @@ request_fields = st.fixed_dictionaries({"question": questions}, optional={
     "options": options,
     "max_new_tokens": st.integers(-5, 300) | json_values,
     "reply_to": reply_topics | json_values,
-    "correlation_id": json_values,
+    "correlation_id": json_values | correlation_ids_at_the_bounds,
     "padding": st.integers(0, MAX_REQUEST_BYTES).map(lambda n: "x" * n),
 })
 choice_fields = st.fixed_dictionaries({"question": st.just("What colour is the cup?"), "type": st.just("choice"),
@@ -432,8 +441,7 @@ def ask_cases(draw) -> AskCase:
     case = AskCase(protocol, encoded, retain=draw(st.booleans()))
     if protocol == "5" and draw(st.booleans()):
         response_topic = draw(reply_topics.filter(sendable_as_property))
-        correlation = draw(st.none() | st.binary(max_size=64) | st.integers(1, 8_000).map(lambda n: b"\xff" * n))
-        case = AskCase(protocol, encoded, case.retain, response_topic, correlation)
+        case = AskCase(protocol, encoded, case.retain, response_topic, draw(correlation_data))
     return case
 
 
@@ -444,6 +452,8 @@ class ExpectedReply:
     """The `CorrelationData` the reply must carry (MQTT 5), or None."""
     correlation_id: object
     """The `correlation_id` the reply's JSON must carry (as sent, any JSON value), or None."""
+    correlation_refused: bool = False
+    """The request's correlation is beyond what the agent echoes: the reply is an error carrying none."""
 
 
 def expected_reply(payload: bytes, response_topic: str | None = None,
@@ -455,13 +465,25 @@ def expected_reply(payload: bytes, response_topic: str | None = None,
             correlation_id = None if correlation is None else correlation.decode("utf-8")
         except UnicodeDecodeError:
             correlation_id = None  # not text: only the property can carry it as sent
-        expected = ExpectedReply(response_topic, correlation, correlation_id)
+        too_long = correlation is not None and len(correlation) > MAX_CORRELATION_BYTES
+        expected = ExpectedReply(response_topic, correlation, correlation_id, correlation_refused=too_long)
     else:
         fields = readable_request(payload)
         if fields is None or not isinstance(fields.get("reply_to"), str):
             return None
-        expected = ExpectedReply(fields["reply_to"], None, fields.get("correlation_id"))
+        correlation_id = fields.get("correlation_id")
+        expected = ExpectedReply(fields["reply_to"], None, correlation_id,
+                                 correlation_refused=not echoable_correlation_id(correlation_id))
     return expected if deliverable(expected.topic) else None
+
+
+def echoable_correlation_id(correlation_id: object) -> bool:
+    """Whether the agent echoes a JSON `correlation_id`: strict JSON (no NaN or infinities, which
+    `json.loads` takes from a request) of at most `MAX_CORRELATION_BYTES` as JSON text."""
+    try:
+        return len(json.dumps(correlation_id, allow_nan=False)) <= MAX_CORRELATION_BYTES
+    except (ValueError, RecursionError):  # NaN or an infinity; nested deeper than the encoder goes
+        return False
 
 
 def readable_request(payload: bytes) -> dict | None:
@@ -475,12 +497,17 @@ def readable_request(payload: bytes) -> dict | None:
 
 
 def check_reply(replies: list[Seen], expected: ExpectedReply) -> None:
-    """Exactly one reply: an answer or a one-line error, with the correlation echoed as sent."""
+    """Exactly one reply: an answer or a one-line error, with the correlation echoed as sent; or, for a
+    correlation beyond the agent's bounds, an error echoing none of it."""
     assert len(replies) == 1, f"{len(replies)} replies on {expected.topic[:80]!r}, not one"
     body = json.loads(replies[0].payload)
     assert isinstance(body, dict) and ("answer" in body) != ("error" in body), body
     if "error" in body:
         assert isinstance(body["error"], str) and body["error"] and "\n" not in body["error"], body
+    if expected.correlation_refused:
+        assert "error" in body, f"a request with correlation beyond the bounds was answered: {body}"
+        assert replies[0].correlation is None and "correlation_id" not in body, "the refused correlation was echoed"
+        return
     if expected.correlation is not None:
         assert replies[0].correlation == expected.correlation, "CorrelationData not echoed as sent"
     if expected.correlation_id is not None:
