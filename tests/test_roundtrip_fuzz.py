@@ -1,16 +1,19 @@
 """Whole round trips from hostile clients through a real mosquitto to the running agent (tiny model) and back.
 
-Hypothesis drives one agent per test with what no well-behaved client sends: reply topics with lone
-surrogates, U+0000 or other control characters, wildcards, `$SYS/...`, hundreds of levels or 20,000
-characters; correlation data of any bytes and correlation ids of any JSON type; many long (emoji) options;
-payloads at and over the 16 KiB cap; invalid UTF-8; MQTT 5 and 3.1.1 requesters; retained or not; and any
-retained payload on the topics the agent reads back when it (re)connects. `tests/test_fuzz.py` fuzzes the
-request parser alone; here every example goes through the broker and the agent, and afterwards the agent
+Hypothesis drives one agent per test (one per example where the broker restarts) with what no well-behaved
+client sends: reply topics with lone surrogates, U+0000 or other control characters, wildcards, `$SYS/...`,
+hundreds of levels or 20,000 characters; correlation data of any bytes and correlation ids of any JSON type;
+many long (emoji) options; payloads at and over the 16 KiB cap; invalid UTF-8; MQTT 5 and 3.1.1 requesters;
+retained or not; and any retained payload on the topics the agent reads back when it reconnects (after a
+restart of a broker with persistence, which keeps them). `tests/test_fuzz.py` fuzzes the request parser alone;
+here every example goes through the broker and the agent, and afterwards the agent
 
 - has replied exactly once to a request whose reply topic the broker can deliver: an answer, or one line
-  `{"error": ...}`, with the correlation data or id echoed as sent;
+  `{"error": ...}`, with the correlation data or id echoed as sent; or, when that is longer than
+  `MAX_CORRELATION_BYTES` (as sent or as JSON text) or not strict JSON, an error that echoes none of it;
 - answers the next valid question;
-- is still connected: no `offline` (its last will) and no second `online` on its availability topic;
+- is still connected: no `offline` (its last will) and no second `online` on its availability topic, but
+  for the one reconnect a broker restart causes;
 - still runs its inference loop and has logged no traceback;
 - and over all the examples of a run, the process has grown its memory within a bound.
 
@@ -21,6 +24,7 @@ hypothesis replays and shrinks each example on its own.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -36,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.devtools.bench import rss_mib
-from edge_agent.mqtt.ask import MAX_REQUEST_BYTES
+from edge_agent.mqtt.ask import MAX_CORRELATION_BYTES, MAX_REQUEST_BYTES
 from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS
 from edge_agent.questions import KINDS
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
@@ -62,10 +66,15 @@ RETAINED_REPLY_PREFIX = "retained/"
 
 REPLY_TIMEOUT_S = 60.0
 """One reply from the tiny model takes well under a second; this is generous for a busy 2-core machine."""
+WATCHER_SESSION_S = 600
+"""How long the broker keeps the watcher's session while it is away: longer than any broker restart."""
 RUN_GROWTH_LIMIT_MIB = 96
 """How much all the examples of a run may grow the process (agent and test). It is checked once at the end:
 memory an engine's pool took for one request stays taken, so a check per example would blame whichever
 example came next (and hypothesis could not replay a failure)."""
+MAX_RECONNECT_EXAMPLES = 20
+"""Each reconnect example starts an agent and restarts the broker (about 2 s): the file stays within
+about 2.5 minutes on a busy 2-core machine."""
 UNLIMITED_ASKS = {"ask_burst": 1_000_000, "ask_per_minute": 1e9}
 """Examples come faster than any sane rate limit (it has its own tests in `test_fuzz.py`)."""
 
@@ -120,32 +129,53 @@ class Seen:
 class Watcher:
     """A client subscribed to every topic (`#`), recording what arrives in order.
 
-    Without retain-as-published, a message already retained when the watcher subscribed has `retain` set
+    Without retain-as-published, a message already retained when the watcher subscribes has `retain` set
     and every message published later has not, so `live(...)` is what was published while watching.
     Requests on the ask topic are not kept (up to 16 KiB each, and the test knows what it sent).
+
+    Across a restart of a broker with persistence the watcher keeps its session (mosquitto saves only
+    sessions opened without clean start): what the agent publishes before the watcher is back is kept for it
+    and arrives live, however the two reconnects race. It subscribes again on every connect, so what the
+    broker then sends again arrives flagged retained. A message whose acknowledgement the restart lost (the
+    agent's last will, sent as the broker stops) comes again with the same packet id and the DUP flag: it
+    is recorded once.
     """
 
     def __init__(self, broker):
         self._messages: list[Seen] = []
         self._count = 0
+        self._by_packet_id: dict[int, tuple[str, bytes]] = {}
+        """The last message received with each packet id, to recognise one sent again."""
         self._changed = threading.Condition(threading.RLock())
         subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"watcher-{uuid.uuid4().hex}", protocol=mqtt.MQTTv5
+        )
+        self._client.on_connect = lambda client, *args: client.subscribe("#", qos=1)
         self._client.on_message = self._record
         self._client.on_subscribe = lambda *args: subscribed.set()
-        self._client.connect(broker.host, broker.port)
-        self._client.subscribe("#", qos=1)
+        session = Properties(PacketTypes.CONNECT)
+        session.SessionExpiryInterval = WATCHER_SESSION_S
+        self._client.connect(broker.host, broker.port, clean_start=False, properties=session)
         self._client.loop_start()
         assert subscribed.wait(WAIT_TIMEOUT_S), "watcher not subscribed"
 
     def _record(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        if message.topic == ASK_TOPIC:
+        if message.topic == ASK_TOPIC or self._sent_again(message):
             return
         correlation = getattr(message.properties, "CorrelationData", None)
         with self._changed:
             self._count += 1
             self._messages.append(Seen(self._count, message.topic, message.payload, bool(message.retain), correlation))
             self._changed.notify_all()
+
+    def _sent_again(self, message: mqtt.MQTTMessage) -> bool:
+        """Whether the broker sends `message` again, having missed the acknowledgement (QoS 1 is "at least
+        once")."""
+        content = (message.topic, message.payload)
+        again = message.dup and self._by_packet_id.get(message.mid) == content
+        self._by_packet_id[message.mid] = content
+        return again
 
     def reset(self) -> None:
         """Forget everything seen so far (the next example starts from nothing)."""
@@ -164,9 +194,10 @@ class Watcher:
     def live(self, topic: str, after: int = 0) -> list[Seen]:
         return [m for m in self.on(topic, after) if not m.retain]
 
-    def topics(self, after: int = 0) -> set[str]:
+    def live_topics(self, after: int = 0) -> set[str]:
+        """The topics of what was published while watching (not of what the broker sent again, retained)."""
         with self._changed:
-            return {m.topic for m in self._messages if m.seq > after}
+            return {m.topic for m in self._messages if m.seq > after and not m.retain}
 
     def wait_for(self, condition, what: str, unless=lambda: None, timeout: float = REPLY_TIMEOUT_S) -> None:
         """Wait until `condition()` holds; fail at once when `unless()` names a problem."""
@@ -202,6 +233,7 @@ class AgentUnderTest:
 
     `begin_example()` replaces an agent that an earlier example broke (its loop died or it stays
     disconnected), so every example starts from a healthy agent; `problem()` names what is broken now.
+    `reconnect_with_retained()` restarts the broker, which must have persistence on.
     """
 
     def __init__(self, broker, config: dict, engine, caplog):
@@ -234,10 +266,14 @@ class AgentUnderTest:
         self.stop()
         self.watcher.close()
 
-    def begin_example(self) -> None:
+    def begin_example(self, fresh_agent: bool = False) -> None:
         """Clear what an earlier example left retained on the topics the agent reads; after a failed example,
-        also replace the agent (whatever state it was left in), so examples do not depend on each other."""
-        if not self._passed:
+        also replace the agent (whatever state it was left in), so examples do not depend on each other.
+
+        `fresh_agent` replaces it anyway: an agent whose connection breaks twice in a row within 30 s of
+        connecting takes it for another agent with its client id and backs off (`QUICK_DISCONNECT_S` in
+        `edge_agent/mqtt/client.py`), so an agent lives through one reconnect only."""
+        if fresh_agent or not self._passed:
             self.stop()
         for topic in (DISCOVERY_TOPIC, HA_STATUS_TOPIC, ASK_TOPIC):
             self.watcher.publish(topic, b"", retain=True)
@@ -285,17 +321,20 @@ class AgentUnderTest:
         assert not tracebacks, f"client input earned a traceback in the log: {tracebacks}"
 
     def reconnect_with_retained(self, retained: dict[str, bytes]) -> int:
-        """Leave `retained` on the broker (the agent takes each message as it comes), force a reconnect (the
-        broker sends them again, flagged retained) and wait until the agent has republished its camera status,
-        discovery list and every state; check it is healthy before and after. Returns the watcher's count
-        before the reconnect."""
+        """Leave `retained` on the broker (the agent takes each message as it comes), restart the broker (it
+        keeps them and sends them again, flagged retained, when the agent has reconnected after paho's
+        reconnect delay) and wait until the agent has republished its camera status, discovery list and every
+        state; check it is healthy before and after. Returns the watcher's count before the reconnect."""
         for topic, payload in retained.items():
             self.watcher.publish(topic, payload, retain=True)
         self.check_healthy()
         before = self.watcher.count
         self.reconnects_allowed = 1
-        self._take_over_session()
-        availability = lambda: [m.payload for m in self.watcher.live(AVAILABILITY_TOPIC, after=before)]
+        self._broker.restart()
+
+        def availability():
+            return [m.payload for m in self.watcher.live(AVAILABILITY_TOPIC, after=before)]
+
         self.watcher.wait_for(
             lambda: availability()[-1:] == [b"online"], "`online` after the reconnect", unless=self.problem
         )
@@ -308,20 +347,6 @@ class AgentUnderTest:
         )
         self.check_healthy()
         return before
-
-    def _take_over_session(self) -> None:
-        """Connect with the agent's client id, as a second instance would: the broker drops the agent, which
-        connects again (taking the session back) after paho's reconnect delay."""
-        connected = threading.Event()
-        kicker = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-agent-{AGENT}", protocol=mqtt.MQTTv311)
-        kicker.on_connect = lambda *args: connected.set()
-        kicker.connect(self._broker.host, self._broker.port)
-        kicker.loop_start()
-        try:
-            assert connected.wait(WAIT_TIMEOUT_S), "the session takeover was not accepted"
-        finally:
-            kicker.disconnect()
-            kicker.loop_stop()
 
 
 @contextmanager
@@ -383,11 +408,13 @@ ODD_TOPICS = [
     "reply/" + "x" * 20_000,
 ]
 reply_topics = (
-    st.sampled_from(ODD_TOPICS)
+    st.just("reply/plain")
+    | st.sampled_from(ODD_TOPICS)
     | hostile_texts
     | st.integers(1, 400).map(levels)
     | st.integers(1, 20_000).map(lambda n: "reply/" + "x" * n)
 )
+"""Mostly topics the agent cannot reply to; a plain one often enough that the correlation rules are checked."""
 options = (
     st.lists(hostile_texts | st.sampled_from(["red", "\U0001f642", "\U0001f642" * 60, "long " * 100]), max_size=40)
     | json_values
@@ -396,6 +423,18 @@ long_options = st.lists(
     st.integers(0, 500).map(lambda length: "word " * (length // 5)) | hostile_texts, min_size=1, max_size=32
 ).map(lambda words: [f"option {i} {w}" for i, w in enumerate(words)])
 """Up to 32 distinct options of up to 500 characters: as many as a request may carry, within its 16 KiB."""
+correlation_data = (
+    st.none()
+    | st.binary(max_size=64)
+    | st.integers(1, 8_000).map(lambda n: b"\xff" * n)
+    | st.sampled_from([MAX_CORRELATION_BYTES, MAX_CORRELATION_BYTES + 1]).map(lambda n: b"c" * n)
+)
+"""MQTT 5 `CorrelationData`: none, any bytes, far beyond the bound, and UTF-8 text just within and just beyond it."""
+correlation_ids_at_the_bounds = st.sampled_from([math.nan, math.inf, -math.inf]) | st.sampled_from(
+    [MAX_CORRELATION_BYTES - 2, MAX_CORRELATION_BYTES - 1]
+).map(lambda n: "c" * n)
+"""Not strict JSON (`json.dumps` writes them as `NaN` or `Infinity`, which `json.loads` reads back), and strings
+whose JSON text is just within and just beyond the bound."""
 questions = (
     st.sampled_from(["Is the door open?", "What colour is the cup?", "How many people are there?"])
     | hostile_texts
@@ -409,7 +448,7 @@ request_fields = st.fixed_dictionaries(
         "options": options,
         "max_new_tokens": st.integers(-5, 300) | json_values,
         "reply_to": reply_topics | json_values,
-        "correlation_id": json_values,
+        "correlation_id": json_values | correlation_ids_at_the_bounds,
         "padding": st.integers(0, MAX_REQUEST_BYTES).map(lambda n: "x" * n),
     },
 )
@@ -489,8 +528,7 @@ def ask_cases(draw) -> AskCase:
     case = AskCase(protocol, encoded, retain=draw(st.booleans()))
     if protocol == "5" and draw(st.booleans()):
         response_topic = draw(reply_topics.filter(sendable_as_property))
-        correlation = draw(st.none() | st.binary(max_size=64) | st.integers(1, 8_000).map(lambda n: b"\xff" * n))
-        case = AskCase(protocol, encoded, case.retain, response_topic, correlation)
+        case = AskCase(protocol, encoded, case.retain, response_topic, draw(correlation_data))
     return case
 
 
@@ -501,6 +539,8 @@ class ExpectedReply:
     """The `CorrelationData` the reply must carry (MQTT 5), or None."""
     correlation_id: object
     """The `correlation_id` the reply's JSON must carry (as sent, any JSON value), or None."""
+    correlation_refused: bool = False
+    """The request's correlation is beyond what the agent echoes: the reply is an error carrying none."""
 
 
 def expected_reply(
@@ -513,13 +553,26 @@ def expected_reply(
             correlation_id = None if correlation is None else correlation.decode("utf-8")
         except UnicodeDecodeError:
             correlation_id = None  # not text: only the property can carry it as sent
-        expected = ExpectedReply(response_topic, correlation, correlation_id)
+        too_long = correlation is not None and len(correlation) > MAX_CORRELATION_BYTES
+        expected = ExpectedReply(response_topic, correlation, correlation_id, correlation_refused=too_long)
     else:
         fields = readable_request(payload)
         if fields is None or not isinstance(fields.get("reply_to"), str):
             return None
-        expected = ExpectedReply(fields["reply_to"], None, fields.get("correlation_id"))
+        correlation_id = fields.get("correlation_id")
+        expected = ExpectedReply(
+            fields["reply_to"], None, correlation_id, correlation_refused=not echoable_correlation_id(correlation_id)
+        )
     return expected if deliverable(expected.topic) else None
+
+
+def echoable_correlation_id(correlation_id: object) -> bool:
+    """Whether the agent echoes a JSON `correlation_id`: strict JSON (no NaN or infinities, which
+    `json.loads` takes from a request) of at most `MAX_CORRELATION_BYTES` as JSON text."""
+    try:
+        return len(json.dumps(correlation_id, allow_nan=False)) <= MAX_CORRELATION_BYTES
+    except (ValueError, RecursionError):  # NaN or an infinity; nested deeper than the encoder goes
+        return False
 
 
 def readable_request(payload: bytes) -> dict | None:
@@ -533,12 +586,17 @@ def readable_request(payload: bytes) -> dict | None:
 
 
 def check_reply(replies: list[Seen], expected: ExpectedReply) -> None:
-    """Exactly one reply: an answer or a one-line error, with the correlation echoed as sent."""
+    """Exactly one reply: an answer or a one-line error, with the correlation echoed as sent; or, for a
+    correlation beyond the agent's bounds, an error echoing none of it."""
     assert len(replies) == 1, f"{len(replies)} replies on {expected.topic[:80]!r}, not one"
     body = json.loads(replies[0].payload)
     assert isinstance(body, dict) and ("answer" in body) != ("error" in body), body
     if "error" in body:
         assert isinstance(body["error"], str) and body["error"] and "\n" not in body["error"], body
+    if expected.correlation_refused:
+        assert "error" in body, f"a request with correlation beyond the bounds was answered: {body}"
+        assert replies[0].correlation is None and "correlation_id" not in body, "the refused correlation was echoed"
+        return
     if expected.correlation is not None:
         assert replies[0].correlation == expected.correlation, "CorrelationData not echoed as sent"
     if expected.correlation_id is not None:
@@ -629,36 +687,44 @@ def agent_may_publish_on(topic: str) -> bool:
 
 
 def test_any_retained_discovery_list_or_ha_status_leaves_foreign_configs_alone_and_the_agent_republishing(
-    tiny_llava_int8, tiny_engine, broker, static_video, caplog
+    tiny_llava_int8, tiny_engine, make_broker, static_video, caplog
 ):
-    with agent_under_test(tiny_llava_int8, tiny_engine, broker, static_video, caplog) as under_test:
+    with agent_under_test(
+        tiny_llava_int8, tiny_engine, make_broker(persistence=True), static_video, caplog
+    ) as under_test:
         watcher = under_test.watcher
 
-        @settings(max_examples=30, deadline=None)
+        @settings(max_examples=MAX_RECONNECT_EXAMPLES, deadline=None)
         @given(discovery=discovery_lists, ha_status=ha_statuses)
         def reconnect_with(discovery: bytes, ha_status: bytes):
-            under_test.begin_example()
+            under_test.begin_example(fresh_agent=True)
             for topic, config in FOREIGN_CONFIGS.items():
                 watcher.publish(topic, config, retain=True)
             watcher.sync()
             watcher.reset()
             under_test.reconnect_with_retained({DISCOVERY_TOPIC: discovery, HA_STATUS_TOPIC: ha_status})
-            foreign = sorted(topic for topic in watcher.topics() if not agent_may_publish_on(topic))
+            foreign = sorted(topic for topic in watcher.live_topics() if not agent_may_publish_on(topic))
             assert not foreign, f"the agent published on topics not its own: {foreign}"
+            watcher.sync()  # the configs the broker sent again when the watcher subscribed after the restart
+            for topic, config in FOREIGN_CONFIGS.items():
+                kept = [m.payload for m in watcher.on(topic) if m.retain][-1:]
+                assert kept == [config], f"{topic} did not survive the reconnect as it was: {kept}"
             under_test.passed()
 
         reconnect_with()
 
 
 def test_a_retained_ask_is_answered_when_sent_and_never_again_after_a_reconnect(
-    tiny_llava_int8, tiny_engine, broker, static_video, caplog
+    tiny_llava_int8, tiny_engine, make_broker, static_video, caplog
 ):
-    with agent_under_test(tiny_llava_int8, tiny_engine, broker, static_video, caplog) as under_test:
+    with agent_under_test(
+        tiny_llava_int8, tiny_engine, make_broker(persistence=True), static_video, caplog
+    ) as under_test:
 
-        @settings(max_examples=25, deadline=None)
+        @settings(max_examples=MAX_RECONNECT_EXAMPLES, deadline=None)
         @given(ask=retained_asks)
         def reconnect_with(ask: bytes):
-            under_test.begin_example()
+            under_test.begin_example(fresh_agent=True)
             before_reconnect = under_test.reconnect_with_retained({ASK_TOPIC: ask})
             expected = expected_reply(ask)
             if expected is not None:
@@ -666,7 +732,7 @@ def test_a_retained_ask_is_answered_when_sent_and_never_again_after_a_reconnect(
                 check_reply([reply for reply in replies if reply.seq <= before_reconnect], expected)
             answered_again = {
                 topic
-                for topic in under_test.watcher.topics(after=before_reconnect)
+                for topic in under_test.watcher.live_topics(after=before_reconnect)
                 if topic.startswith(RETAINED_REPLY_PREFIX)
             }
             assert not answered_again, f"the retained ask was answered again after the reconnect: {answered_again}"
