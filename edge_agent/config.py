@@ -337,6 +337,11 @@ def kinds_with_options() -> str:
     return alternatives([kind.name for kind in KINDS.values() if kind.constraint.question_options])
 
 
+def kinds_with_confidence() -> str:
+    """The kinds whose answers pick an option and so have a confidence ("yes_no or choice")."""
+    return alternatives([kind.name for kind in KINDS.values() if kind.constraint.picks_option])
+
+
 def alternatives(names: list[str]) -> str:
     """`a, b or c`, as a sentence lists alternatives."""
     *rest, last = names
@@ -383,8 +388,25 @@ class Question(Settings):
         'Replaces the type\'s answer-format instruction after the question; "" = none.',
         check=no_image_placeholder,
     )
+    confirm: Optional[int] = setting(
+        None,
+        "Answers from distinct frames that must agree to change the state; null = question_defaults.confirm.",
+        check=positive,
+    )
+    min_confidence: Optional[float] = setting(
+        None,
+        "Answers below this confidence leave the state as it is (yes_no and choice only);"
+        " null = question_defaults.min_confidence.",
+        check=fraction,
+    )
 
     def check_together(self) -> None:
+        if self.min_confidence is not None and not KINDS[self.type].constraint.picks_option:
+            raise InvalidValue(
+                "min_confidence",
+                f"only allowed when type is {kinds_with_confidence()} (type is {self.type}): "
+                "other answers have no confidence",
+            )
         if not KINDS[self.type].constraint.question_options:
             if self.options:
                 raise InvalidValue("options", f"only allowed when type is {kinds_with_options()} (type is {self.type})")
@@ -405,6 +427,23 @@ class Question(Settings):
         duplicate = first_duplicate(folded)
         if duplicate is not None:
             raise InvalidValue(f"options[{duplicate}]", f"duplicate option {self.options[duplicate]!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuestionDefaults(Settings):
+    """How steady the published states are: the values of `confirm` and `min_confidence` for every question that
+    does not set its own (`edge_agent.stable` says exactly what they do)."""
+
+    confirm: int = setting(
+        1,
+        "Answers from distinct frames that must agree before a question's state changes; 1 = change at once.",
+        check=positive,
+    )
+    min_confidence: float = setting(
+        0.0,
+        "A yes_no or choice answer below this confidence (0..1) leaves the state as it is; 0 = every answer counts.",
+        check=fraction,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -590,6 +629,9 @@ class Config(Settings):
     model: ModelSettings = setting(REQUIRED, "The vision-language model and its devices.")
     mqtt: MqttSettings = setting_from(MqttSettings, "The MQTT broker and Home Assistant discovery.")
     scene_gate: SceneGateSettings = setting_from(SceneGateSettings, "Skipping frames that show nothing new.")
+    question_defaults: QuestionDefaults = setting_from(
+        QuestionDefaults, "Defaults of every question's confirm and min_confidence: states that do not flap."
+    )
     questions: tuple[Question, ...] = setting((), "The standing questions answered about each new scene.")
     metrics: MetricsSettings = setting_from(MetricsSettings, "The Prometheus metrics endpoint.")
 

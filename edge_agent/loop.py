@@ -1,14 +1,17 @@
 """What one turn of the agent loop does: the decision alone, apart from its effects (`Agent.step` acts on it).
 
 Encoding a frame is the expensive step (about a second on the 7B model), so a frame is encoded only when
-something must be answered on it; and an answer is always computed on the scene the camera shows now:
+something must be answered on it; and an answer is always computed on the scene the camera shows now. A
+question whose change waits for confirmation (`edge_agent.stable`) is re-checked on every new frame, and
+the frame is encoded even when the gate finds it unchanged: the same context would only repeat its answer.
 
-| the newest frame changed | a frame context exists | a standing question is due or an ask is pending | turn |
-| --- | --- | --- | --- |
-| any | any | no | `SKIP` |
-| yes | any | yes | `ENCODE` |
-| no | yes | yes | `REUSE` |
-| no | no | yes | `NO_FRAME` |
+| the newest frame changed | a context exists | a question is due or an ask pending | a re-check on a new frame | turn |
+| --- | --- | --- | --- | --- |
+| any | any | no | no | `SKIP` |
+| any | any | any | yes | `ENCODE` |
+| yes | any | yes | no | `ENCODE` |
+| no | yes | yes | no | `REUSE` |
+| no | no | yes | no | `NO_FRAME` |
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ class Turn(enum.Enum):
     """What the loop does with the newest frame and the questions waiting for an answer."""
 
     ENCODE = "encode"
-    """Encode the newest frame (the gate found it changed), then answer what is due and pending on it."""
+    """Encode the newest frame (the gate found it changed, or a pending change is re-checked on it), then
+    answer what is due, pending and re-checked on it."""
     REUSE = "reuse"
     """Answer on the frame context already encoded (the newest frame shows its scene); due standing
     questions that it already answered republish those answers."""
@@ -30,15 +34,16 @@ class Turn(enum.Enum):
     """Questions wait but no frame was ever seen: pending asks are refused."""
 
 
-def decide(changed: bool, have_context: bool, due: int, pending_asks: int) -> Turn:
+def decide(changed: bool, have_context: bool, due: int, pending_asks: int, rechecks: int = 0) -> Turn:
     """The turn for the newest frame.
 
     `changed`: the gate found the newest frame different from the encoded one (or nothing is encoded yet
     and a frame exists); `have_context`: a frame was encoded; `due`: standing questions due on the newest
-    frame; `pending_asks`: ad hoc questions waiting.
+    frame; `pending_asks`: ad hoc questions waiting; `rechecks`: questions with a pending change to answer
+    again on the newest frame, which is new (none when no new frame came).
     """
-    if not due and not pending_asks:
+    if not due and not pending_asks and not rechecks:
         return Turn.SKIP
-    if changed:
+    if changed or rechecks:
         return Turn.ENCODE
     return Turn.REUSE if have_context else Turn.NO_FRAME

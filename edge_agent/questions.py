@@ -35,6 +35,8 @@ MAX_STATE_CHARS = 255
 
 ON, OFF = "ON", "OFF"
 """The state of a yes/no answer, and the payloads its binary sensor is told to read."""
+UNKNOWN = "unknown"
+"""The state of an answer that could not be typed (and of a question with no confirmed value yet)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Constraint:
     """The answer is picked among the question's own `options`, which such a question must list."""
     digits: bool = False
     """Free decoding may only emit digits."""
+
+    @property
+    def picks_option(self) -> bool:
+        """The answer is one of a list of options, picked with a probability: the answer's confidence."""
+        return bool(self.options) or self.question_options
 
     def options_for(self, question: Question) -> tuple[str, ...]:
         """The options the engine picks among for `question`; none means it decodes."""
@@ -223,7 +230,7 @@ def parse_answer(question: Question, raw_text: str) -> TypedAnswer:
 def state_string(question: Question, typed: TypedAnswer) -> str:
     """The plain state for Home Assistant: ON/OFF, the option, the integer or the (capped) text."""
     if not typed.ok:
-        return "unknown"
+        return UNKNOWN
     return kind_of(question).state(typed.value)[:MAX_STATE_CHARS]
 
 

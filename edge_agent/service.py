@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec
 from .mqtt.ask import ANSWERED, AskRefusal, AskReply, AskRequest, Refusal
 from .questions import Schedule, build_prompt, kind_of, parse_answer, state_string
+from .stable import StableState
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Scene:
 
     context: FrameContext
     frame_ts: float  # newest frame known to show this scene
+    seq: int  # the number of the frame encoded
     answers: dict[str, AnswerMessage] = dataclasses.field(default_factory=dict)
 
 
@@ -96,6 +98,7 @@ class Agent:
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
         self._schedule = Schedule(config.questions)
+        self._stable = {q.id: StableState.for_question(q, config.question_defaults) for q in config.questions}
         self._gate = SceneGate(config.scene_gate)
         self._scene: Scene | None = None
         self._unencoded: Frame | None = None  # the newest frame, while the gate finds it changed and it waits
@@ -193,14 +196,16 @@ class Agent:
         self.watchdog.progress("inference")
         self._report_capture_health(frame)
         due = self._look(frame) if frame is not None else []
+        rechecks = self._rechecks(due) if frame is not None else []
         asks = self._take_asks(self._asks.qsize())
         turn = decide(
             changed=self._unencoded is not None,
             have_context=self._scene is not None,
             due=len(due),
             pending_asks=len(asks),
+            rechecks=len(rechecks),
         )
-        self._take_turn(turn, due, asks)
+        self._take_turn(turn, due + rechecks, asks, frame)
         self._update_link_metrics()
 
     def _look(self, frame: Frame) -> list[Question]:
@@ -215,24 +220,34 @@ class Agent:
             self._scene.frame_ts = frame.ts
         return self._schedule.due(time.monotonic(), changed)
 
-    def _take_turn(self, turn: Turn, due: list[Question], asks: list[AskRequest]) -> None:
-        """Do what `decide` said: asks first (someone waits for them), then the due standing questions."""
+    def _rechecks(self, due: list[Question]) -> list[Question]:
+        """The questions not due whose change is pending: each new frame answers them again until it settles."""
+        return [q for q in self.config.questions if q not in due and self._stable[q.id].pending is not None]
+
+    def _take_turn(self, turn: Turn, due: list[Question], asks: list[AskRequest], frame: Frame | None) -> None:
+        """Do what `decide` said: asks first (someone waits for them), then the due standing questions.
+
+        `frame` is the new frame of this turn, if one came: a re-check encodes it though the gate found it
+        unchanged.
+        """
         if turn is Turn.NO_FRAME:
             for request in asks:
                 self._refuse_ask(request, AskRefusal(Refusal.NO_FRAME, "no camera frame yet"))
             return
         if turn is Turn.ENCODE:
-            self._encode(self._unencoded)
+            self._encode(self._unencoded or frame)
         if turn is not Turn.SKIP:
             self._answer_asks(asks)
             self._answer_standing(due)
 
     def _encode(self, frame: Frame) -> None:
+        """Encode `frame` as the new scene; a frame the gate found unchanged (a re-check) is no scene change."""
+        if frame is self._unencoded:
+            self.metrics.scene_changes.inc()
         context = self._engine.encode(frame.image)
         self._gate.accept(frame.image, frame.ts)
-        self._scene = Scene(context=context, frame_ts=frame.ts)
+        self._scene = Scene(context=context, frame_ts=frame.ts, seq=frame.seq)
         self._unencoded = None
-        self.metrics.scene_changes.inc()
         timings = context.timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
@@ -240,13 +255,14 @@ class Agent:
         """Publish an answer to each due question, stamped with the newest frame known to show the scene.
 
         A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
-        on another scene), then that answer is reused while the gate finds the scene unchanged.
+        on another frame), then that answer is reused while the gate finds the scene unchanged. Only an answer
+        computed on the context counts toward the question's stable state: a reused one is no new evidence.
         """
         scene = self._scene
         fresh = [q for q in due if q.id not in scene.answers]
         if fresh:
             for question, answer in zip(fresh, self._ask_engine(scene.context, fresh)):
-                scene.answers[question.id] = self._message(question, answer)
+                scene.answers[question.id] = self._settled(self._message(question, answer), scene.seq)
         now = time.monotonic()
         for question in due:
             message = dataclasses.replace(
@@ -255,6 +271,15 @@ class Agent:
             self._link.publish_answer(message)
             self.metrics.answers_published.inc()
             self._schedule.mark_answered(question.id, now)
+
+    def _settled(self, message: AnswerMessage, frame: int) -> AnswerMessage:
+        """`message`, an answer computed on frame number `frame`, counted by its question's stable state and
+        carrying that state as `value` and `state`, the answer itself as `latest_value` (with `raw`, `confidence`)."""
+        stable = self._stable[message.question_id]
+        stable.observe(message.value, message.state, message.confidence, frame)
+        return dataclasses.replace(
+            message, value=stable.value, state=stable.state, latest_value=message.value, pending=stable.pending
+        )
 
     def _ask_engine(self, context: FrameContext, questions: list[Question]) -> list[Answer]:
         default = self.config.model.max_new_tokens

@@ -35,8 +35,11 @@ def test_the_agent_publishes_an_answer_for_every_standing_question(
                 "model",
                 "scene_changed",
                 "confidence",
+                "latest_value",
+                "pending",
             }
             assert payload["question_id"] == question["id"] and payload["type"] == question["type"]
+            assert (payload["latest_value"], payload["pending"]) == (payload["value"], None)  # confirm 1 by default
             assert payload["model"] == tiny_llava_int8.name
             assert payload["answered_ts"] >= payload["frame_ts"] > time.time() - 120
             state = listener.next(topic("state", question["id"])).payload.decode()

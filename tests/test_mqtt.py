@@ -39,6 +39,8 @@ def test_an_answer_is_published_retained_as_json_and_as_a_plain_state(broker, ma
         "model": "tiny-llava",
         "scene_changed": True,
         "confidence": None,
+        "latest_value": True,
+        "pending": None,
     }
     state = watcher.next(DOOR_STATE)
     assert (state.payload, state.retain) == (b"ON", True)

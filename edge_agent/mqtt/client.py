@@ -228,7 +228,8 @@ class AgentLink:
                 self._announce()
 
     def publish_answer(self, msg: AnswerMessage) -> None:
-        """Publish `msg` if its value changed or the heartbeat is due; queue it while offline."""
+        """Publish `msg` if it tells something new (`AnswerMessage.news`) or the heartbeat is due; queue it while
+        offline."""
         with self._lock:
             self._latest[msg.question_id] = msg
             now = time.monotonic()
@@ -257,7 +258,7 @@ class AgentLink:
         if msg.question_id not in self._last_sent:
             return True
         previous, sent_at = self._last_sent[msg.question_id]
-        changed = (previous.value, previous.state) != (msg.value, msg.state)
+        changed = previous.news != msg.news
         heartbeat = self._settings.heartbeat_s
         return changed or (heartbeat > 0 and now - sent_at >= heartbeat)
 

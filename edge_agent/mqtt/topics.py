@@ -11,9 +11,10 @@
 | `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
 | `<base>/<agent>/discovery` | yes | JSON list of the Home Assistant config topics this agent announced |
 
-Answers and states use the configured QoS (default 1). An answer is published when its value changes
-and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is the agent's memory of what it
-announced: after a restart it removes the entities of questions that are no longer configured.
+Answers and states use the configured QoS (default 1). An answer is published when its value, its latest
+answer or its pending change changes, and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is
+the agent's memory of what it announced: after a restart it removes the entities of questions that are no
+longer configured.
 
 Every JSON the agent publishes is strict (`strict_json`): a number that is not finite is `null`.
 """
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from edge_agent.config import mqtt_text
 from edge_agent.errors import UserError
 from edge_agent.questions import MAX_STATE_CHARS
+from edge_agent.stable import Pending
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -55,11 +57,12 @@ class AnswerMessage:
     type: str
     """The question type (`yes_no`, `number`, ...), as configured."""
     value: object
-    """The typed answer (bool, int, str or None when the raw answer could not be parsed)."""
+    """The published typed answer (bool, int, str or None for unknown): the question's confirmed value, which
+    changes only when `confirm` answers from distinct frames agree (see `edge_agent.stable`)."""
     raw: str
-    """The model's raw text."""
+    """The model's raw text of the latest answer (`latest_value`), whether or not it changed `value`."""
     state: str
-    """The plain Home Assistant state (`ON`/`OFF`, the option, the integer, the text or `unknown`)."""
+    """The plain Home Assistant state of `value` (`ON`/`OFF`, the option, the integer, the text or `unknown`)."""
     frame_ts: float
     """Capture time, Unix seconds, of the newest frame known to show the answered scene: the frame encoded,
     or a later frame the scene gate found unchanged."""
@@ -74,7 +77,19 @@ class AnswerMessage:
     """True when the answer was computed on a scene other than the one of the question's previous answer
     (or it is the first); false when the previous answer was reused because the scene is unchanged."""
     confidence: float | None = None
-    """For yes/no and choice questions: the model's probability of the published option among the options."""
+    """For yes/no and choice questions: the model's probability of the latest answer's option among the options."""
+    latest_value: object = None
+    """The typed latest answer (None when unparseable), confirmed or not: `value` once enough answers agree,
+    else a flicker or a change still pending, or an answer below `min_confidence`."""
+    pending: Pending | None = None
+    """The change waiting for more agreeing answers (its value, answers agreeing so far, answers needed), or
+    None when the latest counted answers agree with `value`."""
+
+    @property
+    def news(self) -> tuple:
+        """What the answer tells beside its times and confidence: a new answer that tells the same as the last
+        one published waits for the heartbeat."""
+        return (self.value, self.state, self.latest_value, self.pending)
 
 
 def answer_payload(msg: AnswerMessage) -> bytes:

@@ -61,6 +61,7 @@ def answer(question_id: str = "door_open", value: object = True, state: str = "O
         latency_ms=500.0,
         model="tiny-llava",
         scene_changed=True,
+        latest_value=value,
     )
     return AnswerMessage(**{**defaults, **fields})
 
