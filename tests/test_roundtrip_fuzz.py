@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.devtools.bench import rss_mib
 from edge_agent.mqtt.ask import MAX_CORRELATION_BYTES, MAX_REQUEST_BYTES
+from edge_agent.mqtt.client import MAX_INCOMING_PACKET_BYTES
 from edge_agent.mqtt.topics import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS
 from edge_agent.questions import KINDS
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
@@ -501,7 +502,19 @@ class AskCase:
             client.loop_stop()
 
     def expected_reply(self) -> ExpectedReply | None:
+        if self.forwarded_packet_bytes() > MAX_INCOMING_PACKET_BYTES:
+            return None  # the agent announced this maximum: the broker drops the request, nobody replies
         return expected_reply(self.payload, self.response_topic, self.correlation)
+
+    def forwarded_packet_bytes(self) -> int:
+        """The size of the PUBLISH packet the broker forwards to the agent (an MQTT 5 client): fixed header,
+        topic, packet id, properties (the response topic and correlation data, if any) and payload."""
+        properties = sum(3 + len(value) for value in (self.response_topic_bytes(), self.correlation) if value)
+        remaining = 2 + len(ASK_TOPIC.encode()) + 2 + varint_bytes(properties) + properties + len(self.payload)
+        return 1 + varint_bytes(remaining) + remaining
+
+    def response_topic_bytes(self) -> bytes | None:
+        return None if self.response_topic is None else self.response_topic.encode("utf-8", "surrogatepass")
 
     def _properties(self) -> Properties | None:
         if self.response_topic is None:
@@ -541,6 +554,11 @@ class ExpectedReply:
     """The `correlation_id` the reply's JSON must carry (as sent, any JSON value), or None."""
     correlation_refused: bool = False
     """The request's correlation is beyond what the agent echoes: the reply is an error carrying none."""
+
+
+def varint_bytes(value: int) -> int:
+    """How many bytes MQTT's variable byte integer takes for `value`."""
+    return 1 if value < 128 else 2 if value < 16_384 else 3 if value < 2_097_152 else 4
 
 
 def expected_reply(
