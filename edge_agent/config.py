@@ -633,6 +633,11 @@ class MetricsSettings(Settings):
         return split_host_port(self.listen) if self.listen else None
 
 
+DIAGNOSTIC_ENTITY_IDS = ("camera_connected", "answer_latency")
+"""The ids of the agent's diagnostic entities in Home Assistant (`mqtt.discovery.diagnostic_configs`), which
+share the namespace of question ids (config topic, unique id): no question may take them."""
+
+
 def host_agent_id() -> str:
     """The host name made topic-safe, so boxes sharing a broker differ without configuration."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0], flags=re.ASCII).strip("-")
@@ -660,6 +665,10 @@ class Config(Settings):
 
     def check_together(self) -> None:
         ids = [question.id for question in self.questions]
+        taken = next((index for index, id in enumerate(ids) if id in DIAGNOSTIC_ENTITY_IDS), None)
+        if taken is not None:
+            reason = f"{ids[taken]!r} is the id of one of the agent's own Home Assistant entities; choose another"
+            raise InvalidValue(f"questions[{taken}].id", reason)
         duplicate = first_duplicate(ids)
         if duplicate is not None:
             first = ids.index(ids[duplicate])

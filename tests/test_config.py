@@ -432,3 +432,12 @@ def test_a_device_class_home_assistant_knows_for_the_entity_loads(fields):
     assert (
         parse_config(with_changes(questions=[question(**fields)])).questions[0].device_class == fields["device_class"]
     )
+
+
+def test_a_question_may_not_take_the_id_of_a_diagnostic_entity_of_the_agent():
+    message = error_of(with_changes(questions=[question(id="a"), question(id="camera_connected", type="yes_no")]))
+
+    assert message == (
+        "config.yaml: questions[1].id: 'camera_connected' is the id of one of the agent's own Home Assistant "
+        "entities; choose another"
+    )
