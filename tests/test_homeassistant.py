@@ -168,40 +168,41 @@ def test_a_device_class_home_assistant_knows_for_the_entity_shows_in_home_assist
     assert home_assistant.problems(log_start) == []
 
 
+def announce_the_door(home_assistant, broker, make_link, agent_id: str):
+    """A link of `agent_id` announcing the door question, and the entity id of each of its entities (the door's
+    and the diagnostic ones) once Home Assistant registered them."""
+    link = make_link(broker, agent_id=agent_id)
+    link.set_entities([DOOR])
+    return link, entities_of(home_assistant, agent_id, [DOOR.question_id, *DIAGNOSTICS])
+
+
 def test_entity_ids_are_short_where_home_assistant_takes_default_entity_id_and_named_after_the_entity_before(
     home_assistant, home_assistant_broker, make_link
 ):
-    agent_id = "ha-ids"
     log_start = len(home_assistant.log())
-    link = make_link(home_assistant_broker, agent_id=agent_id)
 
-    link.set_entities([DOOR])
+    _, entities = announce_the_door(home_assistant, home_assistant_broker, make_link, "ha-ids")
 
-    entities = entities_of(home_assistant, agent_id, [DOOR.question_id, *DIAGNOSTICS])
     if tuple(int(part) for part in VERSION.split(".")[:2]) >= SHORT_ENTITY_IDS_SINCE:
-        expected = ["binary_sensor.ha_ids_door_open", "binary_sensor.ha_ids_camera_connected"]
-        expected.append("sensor.ha_ids_answer_latency")
+        prefix, door = "ha_ids", "door_open"
     else:  # the device's name and the entity's name; the unknown default_entity_id is dropped without a word
-        expected = [
-            "binary_sensor.edge_agent_ha_ids_is_the_door_open",
-            "binary_sensor.edge_agent_ha_ids_camera_connected",
-        ]
-        expected.append("sensor.edge_agent_ha_ids_answer_latency")
-    assert list(entities.values()) == expected
+        prefix, door = "edge_agent_ha_ids", "is_the_door_open"
+    assert list(entities.values()) == [
+        f"binary_sensor.{prefix}_{door}",
+        f"binary_sensor.{prefix}_camera_connected",
+        f"sensor.{prefix}_answer_latency",
+    ]
     assert home_assistant.problems(log_start) == []
 
 
 def test_while_the_camera_delivers_nothing_answers_are_unavailable_and_the_diagnostics_say_so(
     home_assistant, home_assistant_broker, make_link
 ):
-    agent_id = "ha-camera"
     log_start = len(home_assistant.log())
-    link = make_link(home_assistant_broker, agent_id=agent_id)
-    link.set_entities([DOOR])
+    link, entities = announce_the_door(home_assistant, home_assistant_broker, make_link, "ha-camera")
+    door, camera, latency = entities.values()
     link.publish_camera(True)
     link.publish_answer(answer(value=True, state="ON", latency_ms=1234.4))
-    entities = entities_of(home_assistant, agent_id, [DOOR.question_id, *DIAGNOSTICS])
-    door, camera, latency = (entities[object_id] for object_id in (DOOR.question_id, *DIAGNOSTICS))
     home_assistant.wait_for_state(door, lambda state: state["state"] == "on")
     home_assistant.wait_for_state(camera, lambda state: state["state"] == "on")
     shown_latency = home_assistant.wait_for_state(latency, lambda state: state["state"] == "1234")
@@ -220,9 +221,7 @@ def test_turning_discovery_off_removes_the_agents_entities_from_home_assistant(
 ):
     agent_id = "ha-discovery-off"
     log_start = len(home_assistant.log())
-    first_run = make_link(home_assistant_broker, agent_id=agent_id)
-    first_run.set_entities([DOOR])
-    entities = entities_of(home_assistant, agent_id, [DOOR.question_id, *DIAGNOSTICS])
+    first_run, entities = announce_the_door(home_assistant, home_assistant_broker, make_link, agent_id)
     first_run.stop()
 
     second_run = make_link(home_assistant_broker, agent_id=agent_id, discovery=False)
