@@ -26,10 +26,11 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import yaml
 
+from edge_agent import device_classes
 from edge_agent.errors import UserError
 from edge_agent.questions import KINDS
 
@@ -290,6 +291,10 @@ def usable_cache_dir(path: str | None, key: str = "model.cache_dir") -> str | No
 class Settings:
     """Base of every section: checks each field when built, then the section's cross-field rules."""
 
+    rules_together: ClassVar[tuple] = ()
+    """Rules on several fields that JSON Schema can state too: each returns the reason the section breaks it
+    (or None) and names the `key` it blames; its `json_schema` joins the section's schema."""
+
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             check, value = field.metadata["check"], getattr(self, field.name)
@@ -299,6 +304,10 @@ class Settings:
                 raise error.under(field.name) from None
             if reason:
                 raise InvalidValue(field.name, reason)
+        for rule in self.rules_together:
+            reason = rule(self)
+            if reason:
+                raise InvalidValue(rule.key, reason)
         self.check_together()
 
     def check_together(self) -> None:
@@ -330,6 +339,60 @@ class QuestionKindRule:
 
 
 question_kind = QuestionKindRule()
+
+
+class DeviceClassRule:
+    """A rule that a question's `device_class` is one Home Assistant knows for the component of the question's
+    entity and that fits what the entity shows (the kind's `Component.device_classes`, from the table in
+    `edge_agent.device_classes`). Home Assistant refuses an entity with a class its component does not know,
+    and says so only in its own log. Its JSON Schema is one `if type then device_class` per kind."""
+
+    key = "device_class"
+
+    def __call__(self, question: Question) -> str | None:
+        value = question.device_class
+        component = KINDS[question.type].component
+        if value is None or value in component.device_classes:
+            return None
+        if component.enum:
+            return f"a {question.type} question is always an enum sensor with its options; remove device_class"
+        if not component.device_classes:
+            return (
+                f"a {question.type} question's {component.name} shows free text, which no device class fits; "
+                "remove device_class"
+            )
+        return self._unknown_or_unfit(value, question.type, component.name, sorted(component.device_classes))
+
+    @staticmethod
+    def _unknown_or_unfit(value: str, kind: str, component: str, fitting: list[str]) -> str:
+        if value in device_classes.BY_COMPONENT[component]:
+            reason = f"{_show(value)} does not fit a {kind} question: its {component} has no unit of measurement"
+        else:
+            entity = f"a Home Assistant {component} (the entity of a {kind} question)"
+            reason = f"{_show(value)} is not a device class of {entity}"
+        close = difflib.get_close_matches(value, fitting, n=3)
+        if close:
+            return f"{reason}; did you mean {alternatives([repr(name) for name in close])}?"
+        if len(fitting) <= MAX_CLASSES_LISTED:
+            return f"{reason}; a {kind} question takes {alternatives(fitting)}"
+        return reason
+
+    @property
+    def json_schema(self) -> dict:
+        return {
+            "allOf": [
+                {
+                    "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+                    "then": {"properties": {"device_class": {"enum": [*sorted(kind.component.device_classes), None]}}},
+                }
+                for name, kind in KINDS.items()
+            ]
+        }
+
+
+MAX_CLASSES_LISTED = 5
+"""An error lists the device classes a kind takes when there are at most this many (else only close ones)."""
+question_device_class = DeviceClassRule()
 
 
 def kinds_with_options() -> str:
@@ -399,6 +462,8 @@ class Question(Settings):
         " null = question_defaults.min_confidence.",
         check=fraction,
     )
+
+    rules_together: ClassVar[tuple] = (question_device_class,)
 
     def check_together(self) -> None:
         if self.min_confidence is not None and not KINDS[self.type].constraint.picks_option:
@@ -607,6 +672,11 @@ class MetricsSettings(Settings):
         return split_host_port(self.listen) if self.listen else None
 
 
+DIAGNOSTIC_ENTITY_IDS = ("camera_connected", "answer_latency")
+"""The ids of the agent's diagnostic entities in Home Assistant (`mqtt.discovery.diagnostic_configs`), which
+share the namespace of question ids (config topic, unique id): no question may take them."""
+
+
 def host_agent_id() -> str:
     """The host name made topic-safe, so boxes sharing a broker differ without configuration."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0], flags=re.ASCII).strip("-")
@@ -637,6 +707,10 @@ class Config(Settings):
 
     def check_together(self) -> None:
         ids = [question.id for question in self.questions]
+        taken = next((index for index, id in enumerate(ids) if id in DIAGNOSTIC_ENTITY_IDS), None)
+        if taken is not None:
+            reason = f"{ids[taken]!r} is the id of one of the agent's own Home Assistant entities; choose another"
+            raise InvalidValue(f"questions[{taken}].id", reason)
         duplicate = first_duplicate(ids)
         if duplicate is not None:
             first = ids.index(ids[duplicate])
@@ -844,8 +918,15 @@ def _section_schema(cls: type) -> dict:
         "description": " ".join(cls.__doc__.split()),
         "properties": {field.name: _field_schema(field, hints[field.name]) for field in fields},
         "additionalProperties": False,
+        **_together_schema(cls),
     }
     return {**schema, "required": required} if required else schema
+
+
+def _together_schema(cls: type) -> dict:
+    """The JSON Schema of a section's rules on several fields (`Settings.rules_together`)."""
+    stated = [json_schema_of(rule) for rule in getattr(cls, "rules_together", ())]
+    return {"allOf": stated} if stated else {}
 
 
 def _field_schema(field: dataclasses.Field, hint: Any) -> dict:

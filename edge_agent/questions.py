@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from edge_agent import device_classes
+
 if TYPE_CHECKING:  # the config imports this table to check `type`, so the config is not imported at run time
     from edge_agent.config import Question
 
@@ -74,6 +76,9 @@ class Component:
     """Map the state `unknown` to `None` in the entity's value template. Binary and numeric entities read
     `None` as "unknown"; Home Assistant shows it as the text "None" on others, which read the plain
     `unknown` as unknown already."""
+    device_classes: frozenset[str] = frozenset()
+    """The Home Assistant device classes a question of this kind may set: those of the component that fit
+    what the entity shows (none for an `enum` sensor, which is always `enum`, or for free text)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +175,12 @@ KINDS: dict[str, QuestionKind] = {
             _yes_no,
             _on_off,
             Constraint(options=("Yes", "No")),
-            Component("binary_sensor", {"payload_on": ON, "payload_off": OFF}, unknown_as_none=True),
+            Component(
+                "binary_sensor",
+                {"payload_on": ON, "payload_off": OFF},
+                unknown_as_none=True,
+                device_classes=device_classes.BINARY_SENSOR,
+            ),
         ),
         QuestionKind(
             "choice",
@@ -186,7 +196,12 @@ KINDS: dict[str, QuestionKind] = {
             _number,
             str,
             Constraint(digits=True),
-            Component("sensor", {"state_class": "measurement"}, unknown_as_none=True),
+            Component(
+                "sensor",
+                {"state_class": "measurement"},
+                unknown_as_none=True,
+                device_classes=device_classes.SENSOR_MEASURED_WITHOUT_UNIT,
+            ),
         ),
         QuestionKind("text", SHORT_ANSWER, _text, str, Constraint(), Component("sensor")),
     )

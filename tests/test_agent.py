@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from edge_agent.engine.model_dir import ModelDir
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config, topic, write_config
 from tests.support.broker import wait_until
 
@@ -40,7 +41,7 @@ def test_the_agent_publishes_an_answer_for_every_standing_question(
             }
             assert payload["question_id"] == question["id"] and payload["type"] == question["type"]
             assert (payload["latest_value"], payload["pending"]) == (payload["value"], None)  # confirm 1 by default
-            assert payload["model"] == tiny_llava_int8.name
+            assert payload["model"] == ModelDir.open(tiny_llava_int8).name
             assert payload["answered_ts"] >= payload["frame_ts"] > time.time() - 120
             state = listener.next(topic("state", question["id"])).payload.decode()
             if question["type"] in ("yes_no", "choice"):  # decided among the options: never unknown
@@ -120,7 +121,7 @@ def test_edge_agent_ask_without_an_image_asks_the_running_agent(
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert reply["question"] == "Is anyone at the counter?" and isinstance(reply["answer"], str)
-    assert reply["model"] == tiny_llava_int8.name
+    assert reply["model"] == ModelDir.open(tiny_llava_int8).name
 
 
 def test_edge_agent_ask_says_clearly_when_no_agent_answers(broker, tmp_path, tiny_llava_int8, static_video):

@@ -374,3 +374,70 @@ def test_any_loaded_yaml_either_gives_a_config_or_one_user_error_line(base, over
         assert str(error).startswith("config.yaml") and "\n" not in str(error)
     else:
         assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        pytest.param(
+            {"type": "yes_no", "device_class": "temperature"},
+            "config.yaml: questions[0].device_class: 'temperature' is not a device class of a Home Assistant "
+            "binary_sensor (the entity of a yes_no question)",
+            id="a sensor class on a binary sensor",
+        ),
+        pytest.param(
+            {"type": "number", "device_class": "occupancy"},
+            "config.yaml: questions[0].device_class: 'occupancy' is not a device class of a Home Assistant "
+            "sensor (the entity of a number question); a number question takes aqi, ph or power_factor",
+            id="a binary sensor class on a sensor",
+        ),
+        pytest.param(
+            {"type": "number", "device_class": "temperature"},
+            "config.yaml: questions[0].device_class: 'temperature' does not fit a number question: its sensor "
+            "has no unit of measurement; a number question takes aqi, ph or power_factor",
+            id="a sensor class that needs a unit",
+        ),
+        pytest.param(
+            {"type": "yes_no", "device_class": "ocupancy"},
+            "config.yaml: questions[0].device_class: 'ocupancy' is not a device class of a Home Assistant "
+            "binary_sensor (the entity of a yes_no question); did you mean 'occupancy'?",
+            id="a misspelt class",
+        ),
+        pytest.param(
+            {"type": "choice", "options": ["red", "blue"], "device_class": "enum"},
+            "config.yaml: questions[0].device_class: a choice question is always an enum sensor with its options; "
+            "remove device_class",
+            id="any class on a choice question",
+        ),
+        pytest.param(
+            {"type": "text", "device_class": "date"},
+            "config.yaml: questions[0].device_class: a text question's sensor shows free text, which no device "
+            "class fits; remove device_class",
+            id="any class on a text question",
+        ),
+    ],
+)
+def test_a_device_class_home_assistant_would_refuse_for_the_entity_is_refused_at_load(fields, message):
+    assert error_of(with_changes(questions=[question(**fields)])) == message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"type": "yes_no", "device_class": "occupancy"}, id="binary sensor"),
+        pytest.param({"type": "number", "device_class": "aqi"}, id="sensor measured without a unit"),
+    ],
+)
+def test_a_device_class_home_assistant_knows_for_the_entity_loads(fields):
+    assert (
+        parse_config(with_changes(questions=[question(**fields)])).questions[0].device_class == fields["device_class"]
+    )
+
+
+def test_a_question_may_not_take_the_id_of_a_diagnostic_entity_of_the_agent():
+    message = error_of(with_changes(questions=[question(id="a"), question(id="camera_connected", type="yes_no")]))
+
+    assert message == (
+        "config.yaml: questions[1].id: 'camera_connected' is the id of one of the agent's own Home Assistant "
+        "entities; choose another"
+    )

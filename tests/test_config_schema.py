@@ -78,6 +78,13 @@ def test_the_json_schema_accepts_the_shipped_config_and_the_readme_examples(vali
         {"questions": [{"id": "q", "question": "What is in <image>?", "type": "text"}]},
         {"questions": [{"id": "q", "question": "  ", "type": "text"}]},
         {"questions": [{"id": "q", "question": "Which?", "type": "multi"}]},
+        {"questions": [{"id": "q", "question": "Door open?", "type": "yes_no", "device_class": "temperature"}]},
+        {"questions": [{"id": "q", "question": "How many?", "type": "number", "device_class": "occupancy"}]},
+        {
+            "questions": [
+                {"id": "q", "question": "Which?", "type": "choice", "options": ["a", "b"], "device_class": "door"}
+            ]
+        },
     ],
 )
 def test_the_json_schema_rejects_what_the_loader_rejects(validator, mistake):
@@ -139,4 +146,10 @@ def test_the_config_module_loads_only_leaf_modules_and_no_heavy_library():
         ).stdout.split()
     )
 
-    assert loaded == {"edge_agent", "edge_agent.config", "edge_agent.errors", "edge_agent.questions"}
+    assert loaded == {
+        "edge_agent",
+        "edge_agent.config",
+        "edge_agent.device_classes",
+        "edge_agent.errors",
+        "edge_agent.questions",
+    }

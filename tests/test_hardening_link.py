@@ -117,7 +117,13 @@ def assert_a_bad_list_is_ignored(payload: bytes, protocol, broker, make_announci
     other_client.publish(TOPICS.discovery, payload, retain=True)
     other_client.next(FOREIGN_CONFIG)
     watcher = subscriber(broker, TOPICS.discovery, FOREIGN_CONFIG, protocol=protocol)
-    own_list = json.dumps(["homeassistant/binary_sensor/kitchen_door_open/config"]).encode()
+    own_list = json.dumps(
+        [
+            "homeassistant/binary_sensor/kitchen_camera_connected/config",
+            "homeassistant/binary_sensor/kitchen_door_open/config",
+            "homeassistant/sensor/kitchen_answer_latency/config",
+        ]
+    ).encode()
 
     link = make_announcing_link(broker, [DOOR], protocol=protocol)
     link.publish_answer(answer(value=True, state="ON"))

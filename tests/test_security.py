@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from edge_agent.config import MqttSettings, parse_config
+from edge_agent.engine.model_dir import ModelDir
 from edge_agent.mqtt import AgentLink, ask_remote
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config
 from tests.support.broker import wait_until
@@ -88,7 +89,7 @@ def test_the_agent_works_over_tls_with_a_password_under_an_acl_granting_only_its
         )
         reply = ask_remote(home_assistant(broker, tmp_path, ca), AGENT, "Is anyone there?", timeout_s=30)
 
-    assert isinstance(reply["answer"], str) and reply["model"] == tiny_llava_int8.name
+    assert isinstance(reply["answer"], str) and reply["model"] == ModelDir.open(tiny_llava_int8).name
     assert watcher.messages[f"{ROOT}/availability"][0] == b"online"
     assert broker.subscriptions(f"edge-agent-{AGENT}") == {f"{ROOT}/ask", f"{ROOT}/discovery", "homeassistant/status"}
     assert "refused" not in caplog.text

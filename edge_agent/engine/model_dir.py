@@ -32,7 +32,7 @@ class ModelDir:
     """Validated contents of an exported LLaVA directory."""
 
     path: Path
-    name: str  # a short name for answers and metrics (the directory name)
+    name: str  # the model's own name, for answers, metrics and Home Assistant (`model_name`)
     model_type: str  # llava | llava_next
     image_token_id: int
     stop_token_ids: tuple[int, ...]
@@ -66,7 +66,7 @@ class ModelDir:
         newline = config.get("image_newline")
         return cls(
             path=path,
-            name=path.resolve().name,
+            name=model_name(path, config),
             model_type=model_type,
             image_token_id=int(config.get("image_token_index", config.get("image_token_id", -1))),
             stop_token_ids=_stop_token_ids(path, config),
@@ -76,6 +76,44 @@ class ModelDir:
             image_newline=np.asarray(newline, dtype=np.float32) if newline is not None else None,
             vision_grid=int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14)),
         )
+
+
+METADATA_FILE = "edge_agent_export.json"
+"""What `edge-agent model export` records about the export (`export.METADATA_FILE`), `source` included."""
+MAX_NAME_CHARS = 100
+"""Longest model name taken from the model's files; a longer one is not a name."""
+
+
+def model_name(path: Path, config: dict) -> str:
+    """The model's own name: the checkpoint it was exported from (a Hub id such as `llava-hf/llava-1.5-7b-hf`,
+    or a local checkpoint's folder name), as the export metadata or else config.json's `_name_or_path` says.
+
+    The folder the export sits in says little (`model`, `llava`), so it is the name only when the files name
+    nothing usable.
+    """
+    for source in (_export_source(path), config.get("_name_or_path")):
+        if isinstance(source, str) and _is_name(name := _checkpoint_name(source)):
+            return name
+    return path.resolve().name
+
+
+def _export_source(path: Path) -> object:
+    """The `source` the export metadata records, or None."""
+    try:
+        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no metadata (an optimum-cli export), or unreadable: other names remain
+        return None
+    return metadata.get("source") if isinstance(metadata, dict) else None
+
+
+def _checkpoint_name(source: str) -> str:
+    """A Hub id as it is, a local checkpoint directory by its folder name."""
+    source = source.strip()
+    return Path(source).name if source.startswith(("/", ".", "~")) else source
+
+
+def _is_name(text: str) -> bool:
+    return 0 < len(text) <= MAX_NAME_CHARS and text.isprintable()
 
 
 def _read_json(path: Path) -> dict:

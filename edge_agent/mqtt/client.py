@@ -42,7 +42,14 @@ from edge_agent.mqtt.ask import (
     reply_message,
     request_message,
 )
-from edge_agent.mqtt.discovery import EntitySpec, config_payload, config_topic, read_announced, status_topic
+from edge_agent.mqtt.discovery import (
+    EntitySpec,
+    config_payload,
+    config_topic,
+    diagnostic_configs,
+    read_announced,
+    status_topic,
+)
 from edge_agent.mqtt.ratelimit import RequestRateLimit
 from edge_agent.mqtt.topics import (
     OFFLINE,
@@ -51,6 +58,7 @@ from edge_agent.mqtt.topics import (
     AnswerMessage,
     answer_payload,
     check_id,
+    latency_payload,
     state_payload,
     topic_problem,
 )
@@ -142,7 +150,7 @@ class AgentLink:
         self._dropped = 0
         self._dropped_offline = 0
         self._camera_online: bool | None = None
-        self._entities: dict[str, EntitySpec] | None = None
+        self._configs: dict[str, bytes] | None = None
         self._announced: set[str] = set()
         self._connected_since = 0.0
         self._quick_disconnects = 0
@@ -214,16 +222,22 @@ class AgentLink:
         self._client.loop_stop()
 
     def set_entities(self, entities: list[EntitySpec]) -> None:
-        """Announce these entities (and only these) to Home Assistant, now or on the next connect.
+        """Announce these entities (and only these) and the diagnostic ones to Home Assistant, now or on the
+        next connect; with discovery off, announce none.
 
         Entities announced earlier, by this run or a previous one (remembered in the retained
-        `<base>/<agent>/discovery` topic), whose question is gone get an empty retained config.
+        `<base>/<agent>/discovery` topic), that are not announced now get an empty retained config: those of
+        questions that are gone, and all of them once discovery is turned off.
         """
         for entity in entities:
             check_id("question id", entity.question_id)
-        prefix = self._settings.discovery_prefix
+        prefix, topics = self._settings.discovery_prefix, self._topics
+        configs = {
+            config_topic(prefix, topics.agent_id, e): config_payload(e, topics, self._model_name) for e in entities
+        }
+        configs.update(diagnostic_configs(prefix, topics, self._model_name))
         with self._lock:
-            self._entities = {config_topic(prefix, self._topics.agent_id, e): e for e in entities}
+            self._configs = configs if self._settings.discovery else {}
             if self._connected:
                 self._announce()
 
@@ -295,6 +309,7 @@ class AgentLink:
     def _send_answer(self, msg: AnswerMessage) -> None:
         self._publish(self._topics.answers(msg.question_id), answer_payload(msg))
         self._publish(self._topics.state(msg.question_id), state_payload(msg))
+        self._publish(self._topics.latency, latency_payload(msg))
 
     def _send_camera(self) -> None:
         self._publish(self._topics.camera, ONLINE if self._camera_online else OFFLINE)
@@ -305,18 +320,23 @@ class AgentLink:
 
     def _announce(self) -> None:
         """Publish every entity's config, empty the configs of gone ones, and remember the set."""
-        if not self._settings.discovery or self._entities is None:
+        if self._configs is None:
             return
-        for topic, entity in self._entities.items():
-            self._publish(topic, config_payload(entity, self._topics, self._model_name))
+        for topic, config in self._configs.items():
+            self._publish(topic, config)
         self._forget_gone_entities()
-        self._publish(self._topics.discovery, json.dumps(sorted(self._entities)))
+        self._publish_announced()
 
     def _forget_gone_entities(self) -> None:
-        for topic in sorted(self._announced - self._entities.keys()):
-            logger.info("MQTT discovery: removing %s (its question is gone)", topic)
+        why = "its question is gone" if self._settings.discovery else "discovery is off"
+        for topic in sorted(self._announced - self._configs.keys()):
+            logger.info("MQTT discovery: removing %s (%s)", topic, why)
             self._publish(topic, b"")
-        self._announced = set(self._entities)
+        self._announced = set(self._configs)
+
+    def _publish_announced(self) -> None:
+        """Remember what is announced in the retained list; clear the list when nothing is."""
+        self._publish(self._topics.discovery, json.dumps(sorted(self._configs)) if self._configs else b"")
 
     def _resend_all(self) -> None:
         """After a (re)connect: queued answers in order, then the latest answer of every other question."""
@@ -377,13 +397,14 @@ class AgentLink:
             self._client.publish(message.topic, message.payload, message.qos, message.retain, message.properties)
 
     def _subscribe(self) -> None:
-        topics = []
+        """Ask requests, the list of announced entities (also with discovery off, which removes them all), and
+        Home Assistant's status."""
+        topics = [self._topics.discovery]
         if self._on_ask is not None:
             topics.append(self._topics.ask)
         if self._settings.discovery:
-            topics += [status_topic(self._settings.discovery_prefix), self._topics.discovery]
-        if topics:
-            self._client.subscribe([(topic, self._settings.qos) for topic in topics])
+            topics.append(status_topic(self._settings.discovery_prefix))
+        self._client.subscribe([(topic, self._settings.qos) for topic in topics])
 
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this while it handles the connection's exception: name the cause.
@@ -530,11 +551,11 @@ class AgentLink:
             logger.warning("MQTT: ignoring (part of) the list on %s: %s", message.topic, problem)
         with self._lock:
             self._announced |= announced
-            if self._entities is None:
+            if self._configs is None:
                 return
             self._forget_gone_entities()
-            if announced != set(self._entities):
-                self._publish(self._topics.discovery, json.dumps(sorted(self._entities)))
+            if announced != set(self._configs):
+                self._publish_announced()
 
 
 def connection_problem(error: BaseException | None) -> str:

@@ -1,18 +1,26 @@
-"""Home Assistant MQTT discovery: one entity per standing question.
+"""Home Assistant MQTT discovery: one entity per standing question, and two diagnostic entities of the agent.
 
 Each question kind names its component and the fields it needs (`questions.KINDS`): a yes/no question
-becomes a `binary_sensor`, every other kind a `sensor`. Each config is published
-retained on `<discovery_prefix>/<component>/<agent>_<question_id>/config`; an empty retained config
-removes the entity. Home Assistant publishes `online` on `<discovery_prefix>/status` when it starts,
-and the agent then sends every config again.
+becomes a `binary_sensor`, every other kind a `sensor`. An answer entity is available while the agent is
+online and the camera delivers frames; the diagnostic entities (camera connected, latency of the latest
+answer) while the agent is online. Each config is published retained on
+`<discovery_prefix>/<component>/<agent>_<object_id>/config`; an empty retained config removes the entity.
+Home Assistant publishes `online` on `<discovery_prefix>/status` when it starts, and the agent then sends
+every config again.
+
+Fields a release of Home Assistant does not know it drops silently (2024.3 drops `default_entity_id`,
+read from 2025.10, and an enum sensor's `options`, read from 2024.9); `object_id`, deprecated from
+2025.10, is never sent.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from edge_agent import __version__
+from edge_agent.config import DIAGNOSTIC_ENTITY_IDS
 from edge_agent.errors import UserError
 from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics, check_id
 from edge_agent.questions import KINDS, Component
@@ -107,27 +115,82 @@ def read_announced(payload: bytes, prefix: str, agent_id: str, max_bytes: int) -
     return own, None
 
 
+CAMERA_CONNECTED, ANSWER_LATENCY = DIAGNOSTIC_ENTITY_IDS
+"""The object ids of the diagnostic entities (no question may take them: the config refuses them)."""
+
+
 def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> bytes:
-    """The retained discovery config of one question's entity."""
+    """The retained discovery config of one question's entity: available while the agent is online and the
+    camera delivers frames (an answer about a camera that shows nothing would be stale)."""
     config = entity_fields(topics, model_name, entity.question_id, entity.name)
+    config["availability"].append(_online(topics.camera))
     config.update(
-        state_topic=topics.state(entity.question_id), json_attributes_topic=topics.answers(entity.question_id)
+        availability_mode="all",
+        default_entity_id=default_entity_id(component(entity).name, topics, entity.question_id),
+        state_topic=topics.state(entity.question_id),
+        json_attributes_topic=topics.answers(entity.question_id),
     )
     config.update(_component_fields(entity))
     return json.dumps(config).encode()
 
 
+def diagnostic_configs(prefix: str, topics: AgentTopics, model_name: str) -> dict[str, bytes]:
+    """Config topic -> retained config of each diagnostic entity: whether the camera delivers frames, and the
+    latency of the latest answer published (ms from the frame to the answer). Both are available while the
+    agent is online."""
+    camera = {
+        "state_topic": topics.camera,
+        "payload_on": ONLINE,
+        "payload_off": OFFLINE,
+        "device_class": "connectivity",
+    }
+    latency = {
+        "state_topic": topics.latency,
+        "unit_of_measurement": "ms",
+        "device_class": "duration",
+        "state_class": "measurement",
+        "value_template": _UNKNOWN_AS_NONE,
+    }
+    entities = [
+        ("binary_sensor", CAMERA_CONNECTED, "Camera connected", camera),
+        ("sensor", ANSWER_LATENCY, "Answer latency", latency),
+    ]
+    return {
+        _config_topic(prefix, component_name, topics.agent_id, object_id): json.dumps(
+            {
+                **entity_fields(topics, model_name, object_id, name),
+                "default_entity_id": default_entity_id(component_name, topics, object_id),
+                "entity_category": "diagnostic",
+                **fields,
+            }
+        ).encode()
+        for component_name, object_id, name, fields in entities
+    }
+
+
+def default_entity_id(component_name: str, topics: AgentTopics, object_id: str) -> str:
+    """The entity id Home Assistant (2025.10 and later) gives a new entity: short and stable
+    (`binary_sensor.<agent>_<object_id>`), where older releases derive it from the entity's name. Written as
+    Home Assistant requires: lower case, single `_` between words."""
+    slug = re.sub(r"[^a-z0-9]+", "_", f"{topics.agent_id}_{object_id}".lower()).strip("_")
+    return f"{component_name}.{slug or 'edge_agent'}"
+
+
+def _online(topic: str) -> dict[str, str]:
+    """An availability entry: `topic` says `online` or `offline`."""
+    return {"topic": topic, "payload_available": ONLINE, "payload_not_available": OFFLINE}
+
+
 def entity_fields(topics: AgentTopics, model_name: str, object_id: str, name: str) -> dict[str, object]:
-    """What every entity of this agent's device carries: its name and unique id, availability, the device
-    (one per agent) and the origin. `object_id` is unique among the agent's entities (a question id, or the
-    name of a control or diagnostic entity)."""
+    """What every entity of this agent's device carries: its name and unique id, availability (a list: the
+    agent's own; an entity may add more with `availability_mode`), the device (one per agent) and the origin.
+    `object_id` is unique among the agent's entities (a question id, or the name of a control or diagnostic
+    entity); the caller adds `default_entity_id`, which needs the component."""
     agent_id = topics.agent_id
     return {
         "name": name,
         "unique_id": f"edge_agent_{agent_id}_{object_id}",
-        "availability_topic": topics.availability,
-        "payload_available": ONLINE,
-        "payload_not_available": OFFLINE,
+        "availability": [_online(topics.availability)],
         "device": {
             "identifiers": [f"edge_agent_{agent_id}"],
             "name": f"edge-agent {agent_id}",
@@ -140,13 +203,14 @@ def entity_fields(topics: AgentTopics, model_name: str, object_id: str, name: st
 
 
 def _component_fields(entity: EntitySpec) -> dict[str, object]:
-    """The fields the entity's component needs; a configured device class replaces the `enum` one."""
+    """The fields the entity's component needs, and its configured device class (the config accepts only one
+    the component knows and that fits: none for an enum sensor, which stays `enum` with its options)."""
     shown_as = component(entity)
     fields = dict(shown_as.fields)
     if shown_as.unknown_as_none:
         fields["value_template"] = _UNKNOWN_AS_NONE
-    if shown_as.enum:
-        fields.update(device_class="enum", options=list(entity.options))
     if entity.device_class:
         fields["device_class"] = entity.device_class
+    if shown_as.enum:
+        fields.update(device_class="enum", options=list(entity.options))
     return fields

@@ -6,6 +6,7 @@
 | --- | --- | --- |
 | `<base>/<agent>/availability` | yes | `online` / `offline`; `offline` is also the last will |
 | `<base>/<agent>/camera` | yes | `online` / `offline`: whether frames are arriving |
+| `<base>/<agent>/latency_ms` | yes | milliseconds from frame to answer of the latest answer published |
 | `<base>/<agent>/answers/<question_id>` | yes | JSON `AnswerMessage` without `state` (strict JSON) |
 | `<base>/<agent>/state/<question_id>` | yes | the plain Home Assistant state (at most 255 characters) |
 | `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
@@ -144,6 +145,11 @@ def state_payload(msg: AnswerMessage) -> bytes:
     return msg.state[:MAX_STATE_CHARS].encode()
 
 
+def latency_payload(msg: AnswerMessage) -> bytes:
+    """The answer's latency in whole milliseconds (`unknown` if it is not a number)."""
+    return str(round(msg.latency_ms)).encode() if math.isfinite(msg.latency_ms) else b"unknown"
+
+
 def check_id(key: str, value: str) -> str:
     """Return `value` if it can be a topic level and part of a Home Assistant object id."""
     if not _ID_PATTERN.fullmatch(value):
@@ -176,6 +182,10 @@ class AgentTopics:
     @property
     def camera(self) -> str:
         return f"{self.root}/camera"
+
+    @property
+    def latency(self) -> str:
+        return f"{self.root}/latency_ms"
 
     @property
     def ask(self) -> str:

@@ -259,6 +259,11 @@ class HomeAssistant:
         entries = self.websocket({"type": "config/entity_registry/list"})
         return {entry["unique_id"]: entry["entity_id"] for entry in entries if entry["platform"] == platform}
 
+    def device(self, identifier: str) -> dict | None:
+        """The device registry entry with this identifier (of any integration), or None."""
+        devices = self.websocket({"type": "config/device_registry/list"})
+        return next((device for device in devices if any(identifier in pair for pair in device["identifiers"])), None)
+
     def wait_for_entities(self, unique_ids: list[str], timeout: float = STATE_TIMEOUT_S) -> dict[str, str]:
         """unique_id -> entity_id of MQTT entities, once every one of `unique_ids` is registered."""
         return poll(
