@@ -13,8 +13,9 @@ graph (`language.py`); both give the same answers, and the engine reaches them o
 of `session.py`.
 
 The paged language model cannot come from OpenVINO's compiled-model cache (see `load_language_model`), and
-compiling it is the longest step of a start, with one core busy and the other mostly idle. So it compiles on a thread of its own: `Engine.load` returns once the other
-submodels are ready, and the first frame is encoded meanwhile. An error of that compile surfaces where the
+compiling it is the longest step of a start, with one core busy and the other mostly idle. So it compiles
+on a thread of its own: `Engine.load` returns once the other submodels are ready, and the first frame is
+encoded meanwhile. An error of that compile surfaces where the
 language model is first needed, as the same one-line `UserError` that `Engine.load` raises.
 """
 
