@@ -7,8 +7,11 @@ something must be answered on it; and an answer is always computed on the scene 
 | --- | --- | --- | --- |
 | any | any | no | `SKIP` |
 | yes | any | yes | `ENCODE` |
-| no | yes | yes | `REUSE` |
+| no | yes | yes | `REUSE` (`ENCODE` when a check-now `forced` it) |
 | no | no | yes | `NO_FRAME` |
+
+A check-now (Home Assistant's button) makes its questions due and forces an encode of the newest frame even
+when the gate finds it unchanged: the person who pressed wants an answer about the scene as it is now.
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ class Turn(enum.Enum):
     """Questions wait but no frame was ever seen: pending asks are refused."""
 
 
-def decide(changed: bool, have_context: bool, due: int, pending_asks: int) -> Turn:
+def decide(changed: bool, have_context: bool, due: int, pending_asks: int, forced: bool = False) -> Turn:
     """The turn for the newest frame.
 
     `changed`: the gate found the newest frame different from the encoded one (or nothing is encoded yet
     and a frame exists); `have_context`: a frame was encoded; `due`: standing questions due on the newest
-    frame; `pending_asks`: ad hoc questions waiting.
+    frame (those a check-now asks for included); `pending_asks`: ad hoc questions waiting; `forced`: a
+    check-now asks for the newest frame to be encoded whatever the gate says.
     """
     if not due and not pending_asks:
         return Turn.SKIP
-    if changed:
+    if changed or (forced and have_context):
         return Turn.ENCODE
     return Turn.REUSE if have_context else Turn.NO_FRAME

@@ -50,6 +50,14 @@ def moving_video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("video") / "moving.mp4", frames)
 
 
+@pytest.fixture(autouse=True)
+def own_state_directory(tmp_path_factory, monkeypatch):
+    """Every test's agents keep their state (`state_dir`'s default: `$STATE_DIRECTORY`, as systemd sets it)
+    in a directory of the test's own, never in the home directory where one test's switch would reach
+    the next."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))
+
+
 def agent_config(model, broker, video, **overrides) -> dict:
     config = {
         "agent_id": AGENT,
