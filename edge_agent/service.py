@@ -251,7 +251,7 @@ class Agent:
                 log.info("check now: no camera frame yet")
             return
         if turn is Turn.ENCODE:
-            self._encode(self._unencoded or self._reader.latest())
+            self._encode(self._unencoded if self._unencoded is not None else self._reader.latest())
         if turn is not Turn.SKIP:
             self._answer_asks(asks)
             self._answer_standing(due, forced=checked)

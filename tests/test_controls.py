@@ -21,7 +21,7 @@ from edge_agent.mqtt import AgentLink, AgentTopics, EntitySpec
 from edge_agent.mqtt.commands import CHECK, ENABLED, BadCommand, Command, parse_command
 from edge_agent.mqtt.discovery import read_announced
 from edge_agent.service import Agent
-from tests.support.agent import AGENT, RunningAgent, agent_config, topic
+from tests.support.agent import AGENT, RunningAgent, agent_config, answered_since, topic
 from tests.support.broker import wait_until
 from tests.test_hardening_config import mounted_tmpfs
 
@@ -244,9 +244,7 @@ def controls_config(model, broker, video, state_dir, questions=(DOOR, PEOPLE), *
 
 
 def answered_after(listener, question_id: str, moment: float) -> list[dict]:
-    """The answers to a question given after `moment` (Unix seconds)."""
-    answers = [json.loads(m.payload) for m in listener.on(topic("answers", question_id))]
-    return [answer for answer in answers if answer["answered_ts"] >= moment]
+    return answered_since(listener, topic("answers", question_id), moment)
 
 
 def test_a_question_switched_off_stops_its_answers_and_stays_off_after_a_restart(

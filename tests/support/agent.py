@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import cv2
@@ -104,6 +105,12 @@ def tiny_engine(tiny_llava_int8):
 
 def topic(*levels: str) -> str:
     return "/".join(("edge-agent", AGENT) + levels)
+
+
+def answered_since(listener, answers_topic: str, moment: float) -> list[dict]:
+    """The answers a `subscriber` received on `answers_topic` that the agent gave after `moment` (Unix seconds)."""
+    answers = [json.loads(message.payload) for message in listener.on(answers_topic)]
+    return [answer for answer in answers if answer["answered_ts"] >= moment]
 
 
 def write_config(tmp_path, config: dict):
