@@ -259,9 +259,21 @@ def read_secret(path: str, key: str) -> str:
 def usable_cache_dir(path: str | None, key: str = "model.cache_dir") -> str | None:
     """`path` made ready for OpenVINO's compiled-model cache, or None to load the model without one.
 
-    OpenVINO silently caches nothing in a directory it cannot write (read-only or full file system), so
-    one byte is written there first: a directory that takes none is one warning, and the model loads
-    (slowly, compiling everything) without a cache. A path that is a file is a mistake: `UserError`.
+    OpenVINO silently caches nothing in a directory it cannot write (read-only or full file system), so the
+    directory is tried first (`writable_dir`); then the model loads (slowly, compiling everything) without one.
+    """
+    return writable_dir(path, key, "loading the model without a compiled-model cache")
+
+
+def usable_state_dir(path: str | None, key: str = "state_dir") -> str | None:
+    """`path` made ready to keep the agent's state (which questions are enabled), or None to keep nothing:
+    the controls then hold until the agent stops."""
+    return writable_dir(path, key, "enabled questions are not kept across restarts")
+
+
+def writable_dir(path: str | None, key: str, otherwise: str) -> str | None:
+    """`path`, created if needed, once one byte was written there; else None (and one warning that says
+    `otherwise` happens). A path that is a file, or lies under one, is a mistake: `UserError` naming `key`.
     """
     if path is None:
         return None
@@ -275,14 +287,18 @@ def usable_cache_dir(path: str | None, key: str = "model.cache_dir") -> str | No
     except NotADirectoryError:
         raise UserError(f"{key}: cannot create {directory}: a parent of it is a file") from None
     except OSError as error:
-        log.warning(
-            "%s: %s is not writable (%s); loading the model without a compiled-model cache",
-            key,
-            directory,
-            error.strerror,
-        )
+        log.warning("%s: %s is not writable (%s); %s", key, directory, error.strerror, otherwise)
         return None
     return str(directory)
+
+
+def default_state_dir() -> str:
+    """`$STATE_DIRECTORY` when systemd sets it (`StateDirectory=`; the first of several), else
+    `$XDG_STATE_HOME/edge-agent`, else `~/.local/state/edge-agent`."""
+    systemd_state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd_state:
+        return systemd_state
+    return str(Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state", "edge-agent"))
 
 
 # The schema --------------------------------------------------------------------------------------
@@ -704,6 +720,12 @@ class Config(Settings):
     )
     questions: tuple[Question, ...] = setting((), "The standing questions answered about each new scene.")
     metrics: MetricsSettings = setting_from(MetricsSettings, "The Prometheus metrics endpoint.")
+    state_dir: Optional[str] = setting_from(
+        default_state_dir,
+        "Where the agent keeps which questions are enabled; default: $STATE_DIRECTORY, else "
+        "~/.local/state/edge-agent; null = nowhere.",
+        check=not_blank,
+    )
 
     def check_together(self) -> None:
         ids = [question.id for question in self.questions]

@@ -10,8 +10,11 @@ the frame is encoded even when the gate finds it unchanged: the same context wou
 | any | any | no | no | `SKIP` |
 | any | any | any | yes | `ENCODE` |
 | yes | any | yes | no | `ENCODE` |
-| no | yes | yes | no | `REUSE` |
+| no | yes | yes | no | `REUSE` (`ENCODE` when a check-now `forced` it) |
 | no | no | yes | no | `NO_FRAME` |
+
+A check-now (Home Assistant's button) makes its questions due and forces an encode of the newest frame even
+when the gate finds it unchanged: the person who pressed wants an answer about the scene as it is now.
 """
 
 from __future__ import annotations
@@ -34,16 +37,19 @@ class Turn(enum.Enum):
     """Questions wait but no frame was ever seen: pending asks are refused."""
 
 
-def decide(changed: bool, have_context: bool, due: int, pending_asks: int, rechecks: int = 0) -> Turn:
+def decide(
+    changed: bool, have_context: bool, due: int, pending_asks: int, rechecks: int = 0, forced: bool = False
+) -> Turn:
     """The turn for the newest frame.
 
     `changed`: the gate found the newest frame different from the encoded one (or nothing is encoded yet
     and a frame exists); `have_context`: a frame was encoded; `due`: standing questions due on the newest
-    frame; `pending_asks`: ad hoc questions waiting; `rechecks`: questions with a pending change to answer
-    again on the newest frame, which is new (none when no new frame came).
+    frame (those a check-now asks for included); `pending_asks`: ad hoc questions waiting; `rechecks`:
+    questions with a pending change to answer again on the newest frame, which is new (none when no new frame
+    came); `forced`: a check-now asks for the newest frame to be encoded whatever the gate says.
     """
     if not due and not pending_asks and not rechecks:
         return Turn.SKIP
-    if changed or rechecks:
+    if changed or rechecks or (forced and have_context):
         return Turn.ENCODE
     return Turn.REUSE if have_context else Turn.NO_FRAME

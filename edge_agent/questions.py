@@ -262,15 +262,29 @@ class Schedule:
         self._questions = tuple(questions)
         self._answered_at: dict[str, float] = {}
         self._changed_since_answer: set[str] = set()
+        self._disabled: set[str] = set()
 
     def due(self, now: float, scene_changed: bool) -> list[Question]:
-        """The questions to answer on the frame seen at `now` (seconds, monotonic clock).
+        """The enabled questions to answer on the frame seen at `now` (seconds, monotonic clock).
 
         Records `scene_changed` for the change-triggered questions that are not yet due.
         """
         if scene_changed:
             self._changed_since_answer.update(question.id for question in self._questions)
-        return [question for question in self._questions if self._is_due(question, now)]
+        return [question for question in self.enabled if self._is_due(question, now)]
+
+    @property
+    def enabled(self) -> list[Question]:
+        """The questions not disabled, in config order."""
+        return [question for question in self._questions if question.id not in self._disabled]
+
+    def set_enabled(self, question_id: str, enabled: bool) -> None:
+        """Enable or disable a question: a disabled one is never due; an enabled one again is due at once."""
+        if not enabled:
+            self._disabled.add(question_id)
+        elif question_id in self._disabled:
+            self._disabled.discard(question_id)
+            self._answered_at.pop(question_id, None)
 
     def mark_answered(self, question_id: str, now: float) -> None:
         """Record that the question was answered on the frame seen at `now`."""

@@ -30,7 +30,8 @@ import typing
 from . import systemd
 from .capture import CameraReader, DeviceMissing, SceneGate, validate_source
 from .capture.reader import Frame
-from .config import Config, InvalidValue, Question, usable_cache_dir
+from .config import Config, InvalidValue, Question, usable_cache_dir, usable_state_dir
+from .controls import Controls
 from .engine import Answer, Engine, FrameContext, Prompt
 from .engine.engine import in_background
 from .errors import UserError
@@ -38,6 +39,7 @@ from .loop import Turn, decide
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec
 from .mqtt.ask import ANSWERED, AskRefusal, AskReply, AskRequest, Refusal
+from .mqtt.commands import CHECK, Command
 from .questions import Schedule, build_prompt, kind_of, parse_answer, state_string
 from .stable import StableState
 
@@ -56,6 +58,9 @@ MAX_PROMPT_TOKENS = 768
 and the instruction as the chat template renders them. Every token of it is prefilled and read by every
 decode step; 768 holds a 160-token question with 20 options of 20 to 30 tokens, and keeps the prompt of
 one question near the size of LLaVA-1.5's 576 image tokens."""
+COMMAND_QUEUE_LIMIT = 32
+"""Switch flips and presses waiting for the next turn; more are dropped (the link's rate limit on commands
+keeps them far fewer)."""
 FRAME_WAIT_S = 0.2
 """How long the loop waits for a new frame before it looks at pending ad hoc questions again."""
 LOAD_WAIT_S = 0.1
@@ -97,8 +102,10 @@ class Agent:
         self.metrics_port: int | None = None  # where the metrics endpoint listens, once started
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
+        self._commands: queue.Queue[Command] = queue.Queue(maxsize=COMMAND_QUEUE_LIMIT)
         self._schedule = Schedule(config.questions)
         self._stable = {q.id: StableState.for_question(q, config.question_defaults) for q in config.questions}
+        self._controls = Controls(question.id for question in config.questions)
         self._gate = SceneGate(config.scene_gate)
         self._scene: Scene | None = None
         self._unencoded: Frame | None = None  # the newest frame, while the gate finds it changed and it waits
@@ -118,6 +125,7 @@ class Agent:
             validate_source(self.config.camera)
         except DeviceMissing as missing:  # unplugged at boot: run offline and keep retrying
             log.warning("%s; starting with the camera offline", missing)
+        self._load_controls()
         systemd.status("loading model")
         if self._engine is None:
             self._engine = self._load_engine()
@@ -132,9 +140,12 @@ class Agent:
             on_ask=self._enqueue_ask,
             model_name=self._engine.name,
             on_refused=self._count_refusal,
+            on_command=self._enqueue_command,
         )
         self._link.start()
         self._link.set_entities([entity_spec(q) for q in self.config.questions])
+        for question_id, enabled in self._controls.states.items():
+            self._link.publish_enabled(question_id, enabled)
         self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
         self._reader.start()
         for loop in ("capture", "inference"):
@@ -149,6 +160,15 @@ class Agent:
             len(self.config.questions),
         )
         return True
+
+    def _load_controls(self) -> None:
+        """Which questions are enabled, as saved in the state directory (all, without a saved state)."""
+        question_ids = [question.id for question in self.config.questions]
+        self._controls = Controls.load(question_ids, usable_state_dir(self.config.state_dir))
+        for question_id, enabled in self._controls.states.items():
+            self._schedule.set_enabled(question_id, enabled)
+            if not enabled:
+                log.info("question %s is disabled (its switch is off)", question_id)
 
     def _load_engine(self) -> Engine | None:
         """The loaded model, or None when `stop()` came first.
@@ -190,12 +210,14 @@ class Agent:
     def step(self) -> None:
         """One turn: look at the newest frame, `decide` what it and the waiting questions need, and do that."""
         self.watchdog.idle("inference")
+        checked = self._apply_commands()
         frame = self._reader.latest(after_seq=self._last_seq, timeout=FRAME_WAIT_S)
         if frame is None and self._reader.ended:  # `latest` no longer waits: pace the turns that serve asks
             self._stopped.wait(FRAME_WAIT_S)
         self.watchdog.progress("inference")
         self._report_capture_health(frame)
         due = self._look(frame) if frame is not None else []
+        due += [question for question in checked if question not in due]
         rechecks = self._rechecks(due) if frame is not None else []
         asks = self._take_asks(self._asks.qsize())
         turn = decide(
@@ -204,8 +226,9 @@ class Agent:
             due=len(due),
             pending_asks=len(asks),
             rechecks=len(rechecks),
+            forced=bool(checked),
         )
-        self._take_turn(turn, due + rechecks, asks, frame)
+        self._take_turn(turn, due + rechecks, asks, frame, checked)
         self._update_link_metrics()
 
     def _look(self, frame: Frame) -> list[Question]:
@@ -221,24 +244,37 @@ class Agent:
         return self._schedule.due(time.monotonic(), changed)
 
     def _rechecks(self, due: list[Question]) -> list[Question]:
-        """The questions not due whose change is pending: each new frame answers them again until it settles."""
-        return [q for q in self.config.questions if q not in due and self._stable[q.id].pending is not None]
+        """The enabled questions not due whose change is pending: each new frame answers them again until it
+        settles."""
+        return [q for q in self._schedule.enabled() if q not in due and self._stable[q.id].pending is not None]
 
-    def _take_turn(self, turn: Turn, due: list[Question], asks: list[AskRequest], frame: Frame | None) -> None:
+    def _take_turn(
+        self, turn: Turn, due: list[Question], asks: list[AskRequest], frame: Frame | None, checked: list[Question]
+    ) -> None:
         """Do what `decide` said: asks first (someone waits for them), then the due standing questions.
 
         `frame` is the new frame of this turn, if one came: a re-check encodes it though the gate found it
-        unchanged.
+        unchanged. A check-now encodes the newest frame even when the gate finds it unchanged, and its
+        questions' answers are published even when their value is unchanged.
         """
         if turn is Turn.NO_FRAME:
             for request in asks:
                 self._refuse_ask(request, AskRefusal(Refusal.NO_FRAME, "no camera frame yet"))
+            if checked:
+                log.info("check now: no camera frame yet")
             return
         if turn is Turn.ENCODE:
-            self._encode(self._unencoded or frame)
+            self._encode(self._frame_to_encode(frame))
         if turn is not Turn.SKIP:
             self._answer_asks(asks)
-            self._answer_standing(due)
+            self._answer_standing(due, forced=checked)
+
+    def _frame_to_encode(self, frame: Frame | None) -> Frame:
+        """The frame the gate found changed, else this turn's new frame (a re-check), else the newest one
+        the reader has (a check-now between frames)."""
+        if self._unencoded is not None:
+            return self._unencoded
+        return frame if frame is not None else self._reader.latest()
 
     def _encode(self, frame: Frame) -> None:
         """Encode `frame` as the new scene; a frame the gate found unchanged (a re-check) is no scene change."""
@@ -251,12 +287,13 @@ class Agent:
         timings = context.timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
-    def _answer_standing(self, due: list[Question]) -> None:
+    def _answer_standing(self, due: list[Question], forced: list[Question]) -> None:
         """Publish an answer to each due question, stamped with the newest frame known to show the scene.
 
         A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
         on another frame), then that answer is reused while the gate finds the scene unchanged. Only an answer
-        computed on the context counts toward the question's stable state: a reused one is no new evidence.
+        computed on the context counts toward the question's stable state: a reused one is no new evidence. The
+        answers of `forced` questions (a check-now) are published even when unchanged.
         """
         scene = self._scene
         fresh = [q for q in due if q.id not in scene.answers]
@@ -268,7 +305,7 @@ class Agent:
             message = dataclasses.replace(
                 scene.answers[question.id], scene_changed=question in fresh, **answer_times(scene.frame_ts)
             )
-            self._link.publish_answer(message)
+            self._link.publish_answer(message, force=question in forced)
             self.metrics.answers_published.inc()
             self._schedule.mark_answered(question.id, now)
 
@@ -315,6 +352,36 @@ class Agent:
             confidence=answer.confidence,
             **answer_times(self._scene.frame_ts),
         )
+
+    # -- controls ----------------------------------------------------------------------------------------
+
+    def _enqueue_command(self, command: Command) -> None:
+        """Runs on the MQTT network thread: only enqueue (the link already checked and rate-limited it)."""
+        try:
+            self._commands.put_nowait(command)
+        except queue.Full:
+            log.debug("dropping a control command: %d are waiting already", COMMAND_QUEUE_LIMIT)
+
+    def _apply_commands(self) -> list[Question]:
+        """Apply the waiting switch flips, and return the enabled questions a press asks to answer now.
+
+        Flips are applied in order; each question whose state changed is then saved (once for all) and
+        published once, so a burst of flips costs one file write and one message per question.
+        """
+        commands = [self._commands.get_nowait() for _ in range(self._commands.qsize())]
+        before = self._controls.states
+        for command in commands:
+            if command.kind != CHECK:
+                self._controls.set(command.question_id, command.enabled)
+        changed = {key: enabled for key, enabled in self._controls.states.items() if before[key] != enabled}
+        if changed:
+            self._controls.save()
+        for question_id, enabled in changed.items():
+            log.info("question %s %s by its switch", question_id, "enabled" if enabled else "disabled")
+            self._schedule.set_enabled(question_id, enabled)
+            self._link.publish_enabled(question_id, enabled)
+        pressed = {command.question_id for command in commands if command.kind == CHECK}
+        return [question for question in self._schedule.enabled if None in pressed or question.id in pressed]
 
     # -- ad hoc questions --------------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from edge_agent.engine.model_dir import ModelDir
 from edge_agent.mqtt import EntitySpec
-from tests.support.agent import QUESTIONS, RunningAgent, agent_config, write_config
+from tests.support.agent import QUESTIONS, RunningAgent, agent_config, answered_since, write_config
 from tests.support.broker import answer, wait_until
 from tests.support.homeassistant import VERSION, poll
 
@@ -230,4 +231,55 @@ def test_turning_discovery_off_removes_the_agents_entities_from_home_assistant(
     announced = {unique_id(agent_id, object_id) for object_id in entities}
     poll(home_assistant.entity_ids, lambda registered: not registered.keys() & announced, 30, "removed entities")
     assert [home_assistant.state(entity_id) for entity_id in entities.values()] == [None] * len(entities)
+    assert home_assistant.problems(log_start) == []
+
+
+def test_home_assistants_switch_disables_a_question_and_its_button_answers_at_once(
+    home_assistant, home_assistant_broker, subscriber, tiny_llava_int8, tiny_engine, static_video, tmp_path
+):
+    agent_id = "ha-controls"
+    questions = [{**question, "every": 3600} for question in ASKED if question["id"] in ("door_open", "people")]
+    config = agent_config(
+        tiny_llava_int8,
+        home_assistant_broker,
+        static_video,
+        agent_id=agent_id,
+        questions=questions,
+        state_dir=str(tmp_path),
+    )
+    published = subscriber(
+        home_assistant_broker,
+        *(agent_topic(agent_id, kind, q["id"]) for kind in ("answers", "enabled") for q in questions),
+    )
+    controls = {"switch": "door_open.enabled", "door_button": "door_open.check", "all_button": "check.all"}
+    log_start = len(home_assistant.log())
+
+    with RunningAgent(config, engine=tiny_engine):
+        registered = home_assistant.wait_for_entities(
+            [unique_id(agent_id, object_id) for object_id in controls.values()], timeout=ANSWER_TIMEOUT_S
+        )
+        switch, door_button, all_button = (registered[unique_id(agent_id, o)] for o in controls.values())
+        assert switch.startswith("switch.") and door_button.startswith("button.") and all_button.startswith("button.")
+        home_assistant.wait_for_state(switch, lambda state: state["state"] == "on", timeout=ANSWER_TIMEOUT_S)
+        wait_until(lambda: published.on(agent_topic(agent_id, "answers", "people")), timeout=ANSWER_TIMEOUT_S)
+
+        pressed = time.time()
+        home_assistant.call_service("button", "press", {"entity_id": door_button})
+        wait_until(
+            lambda: answered_since(published, agent_topic(agent_id, "answers", "door_open"), pressed),
+            timeout=ANSWER_TIMEOUT_S,
+        )
+
+        home_assistant.call_service("switch", "turn_off", {"entity_id": switch})
+        wait_until(lambda: published.on(agent_topic(agent_id, "enabled", "door_open"))[-1].payload == b"OFF")
+        home_assistant.wait_for_state(switch, lambda state: state["state"] == "off")
+
+        pressed_all = time.time()
+        home_assistant.call_service("button", "press", {"entity_id": all_button})
+        wait_until(
+            lambda: answered_since(published, agent_topic(agent_id, "answers", "people"), pressed_all),
+            timeout=ANSWER_TIMEOUT_S,
+        )
+        assert not answered_since(published, agent_topic(agent_id, "answers", "door_open"), pressed_all)
+
     assert home_assistant.problems(log_start) == []

@@ -54,8 +54,12 @@ CAMERA_TOPIC = f"{ROOT}/camera"
 DISCOVERY_TOPIC = f"{ROOT}/discovery"
 STATE_TOPICS = [f"{ROOT}/state/{question['id']}" for question in QUESTIONS]
 HA_STATUS_TOPIC = "homeassistant/status"
-OWN_CONFIG_TOPIC = re.compile(rf"homeassistant/(binary_sensor|sensor)/{AGENT}_[A-Za-z0-9_-]+/config")
-"""A Home Assistant config the agent may have announced (a current question's, or a removed one's)."""
+OWN_CONFIG_TOPIC = re.compile(
+    rf"homeassistant/(binary_sensor|sensor|switch|button)/{AGENT}_[A-Za-z0-9_-]+/config"
+    rf"|homeassistant/button/{AGENT}/check_all/config"
+)
+"""A Home Assistant config the agent may have announced (a current question's or control's, or a removed
+one's)."""
 FOREIGN_CONFIGS = {
     "homeassistant/sensor/other_x/config": b'{"name": "another agent\'s sensor", "state_topic": "other/x"}',
     "homeassistant/binary_sensor/other_y/config": b'{"name": "another door", "state_topic": "other/y"}',
@@ -333,7 +337,7 @@ class AgentUnderTest:
         self.reconnects_allowed = 1
         self._broker.restart()
 
-        def availability():
+        def availability() -> list[bytes]:
             return [m.payload for m in self.watcher.live(AVAILABILITY_TOPIC, after=before)]
 
         self.watcher.wait_for(
@@ -757,3 +761,46 @@ def test_a_retained_ask_is_answered_when_sent_and_never_again_after_a_reconnect(
             under_test.passed()
 
         reconnect_with()
+
+
+# -- hostile control commands ------------------------------------------------------------------------------
+
+command_topics = st.sampled_from(
+    [
+        f"{ROOT}/enabled/door_open/set",
+        f"{ROOT}/enabled/gone/set",
+        f"{ROOT}/check",
+        f"{ROOT}/check/door_open",
+        f"{ROOT}/check/gone",
+    ]
+) | hostile_texts.filter(
+    lambda text: all(deliverable_char(char) for char in text) and "+" not in text and "#" not in text
+).map(lambda text: f"{ROOT}/check/{text}")
+command_payloads = (
+    st.sampled_from([b"ON", b"OFF", b"PRESS", b"on", b"press", b"ON\x00", b""])
+    | st.binary(max_size=300)
+    | st.integers(1, 60_000).map(lambda n: b"PRESS" * (n // 5))
+)
+
+
+def test_any_message_on_the_command_topics_leaves_the_agent_connected_answering_and_on_its_own_topics(
+    tiny_llava_int8, tiny_engine, broker, static_video, caplog
+):
+    with agent_under_test(tiny_llava_int8, tiny_engine, broker, static_video, caplog) as under_test:
+        watcher = under_test.watcher
+
+        @settings(max_examples=40, deadline=None)
+        @given(topic=command_topics, payload=command_payloads, retain=st.booleans())
+        def send_command(topic: str, payload: bytes, retain: bool):
+            under_test.begin_example()
+            watcher.publish(topic, payload, retain=retain)
+            try:
+                under_test.check_healthy()
+            finally:
+                if retain:
+                    watcher.publish(topic, b"", retain=True)
+            foreign = sorted(topic for topic in watcher.topics() if not agent_may_publish_on(topic))
+            assert not foreign, f"the agent published on topics not its own: {foreign}"
+            under_test.passed()
+
+        send_command()

@@ -32,6 +32,9 @@ topic write homeassistant/#
 user {HA_USER}
 topic read edge-agent/#
 topic write edge-agent/+/ask
+topic write edge-agent/+/enabled/+/set
+topic write edge-agent/+/check
+topic write edge-agent/+/check/+
 topic readwrite homeassistant/#
 """
 USERS = {AGENT_USER: AGENT_PASSWORD, HA_USER: HA_PASSWORD}
@@ -91,7 +94,14 @@ def test_the_agent_works_over_tls_with_a_password_under_an_acl_granting_only_its
 
     assert isinstance(reply["answer"], str) and reply["model"] == ModelDir.open(tiny_llava_int8).name
     assert watcher.messages[f"{ROOT}/availability"][0] == b"online"
-    assert broker.subscriptions(f"edge-agent-{AGENT}") == {f"{ROOT}/ask", f"{ROOT}/discovery", "homeassistant/status"}
+    assert broker.subscriptions(f"edge-agent-{AGENT}") == {
+        f"{ROOT}/ask",
+        f"{ROOT}/discovery",
+        "homeassistant/status",
+        f"{ROOT}/enabled/+/set",
+        f"{ROOT}/check",
+        f"{ROOT}/check/+",
+    }
     assert "refused" not in caplog.text
 
 

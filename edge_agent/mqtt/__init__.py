@@ -1,7 +1,8 @@
 """MQTT: publish answers, availability and Home Assistant entities; take ad hoc questions.
 
 `client` holds the connection (`AgentLink` for the service, `ask_remote` for `edge-agent ask`),
-`topics` the topic names and payloads, `discovery` the Home Assistant configs, `ask` the ask protocol.
+`topics` the topic names and payloads, `discovery` the Home Assistant configs, `ask` the ask protocol,
+`commands` the control commands (a switch per question, check-now buttons) and their configs.
 """
 
 from edge_agent.mqtt.ask import AskRequest, BadRequest, parse_ask

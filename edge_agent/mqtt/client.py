@@ -42,6 +42,15 @@ from edge_agent.mqtt.ask import (
     reply_message,
     request_message,
 )
+from edge_agent.mqtt.commands import (
+    BadCommand,
+    Command,
+    check_all_config,
+    command_subscriptions,
+    control_configs,
+    enabled_topic,
+    parse_command,
+)
 from edge_agent.mqtt.discovery import (
     EntitySpec,
     config_payload,
@@ -62,6 +71,7 @@ from edge_agent.mqtt.topics import (
     state_payload,
     topic_problem,
 )
+from edge_agent.questions import OFF, ON
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +135,9 @@ class AgentLink:
     `on_ask` is called on paho's network thread: it must only enqueue the request (the service
     answers it on its own thread and calls `reply`). `on_refused`, on the same thread, hears the reason
     of every request the link refuses itself (rate limit, invalid request), with or without a reply.
+    `on_command`, on the same thread too, gets every valid control command (`mqtt/commands.py`) within the
+    rate limit, and must only enqueue it; with it the link subscribes to the command topics and announces
+    each question's switch and button.
     """
 
     def __init__(
@@ -135,11 +148,13 @@ class AgentLink:
         model_name: str = "",
         *,
         on_refused: Callable[[Refusal], None] | None = None,
+        on_command: Callable[[Command], None] | None = None,
     ):
         self._settings = settings
         self._topics = AgentTopics(settings.base_topic, agent_id)
         self._on_ask = on_ask
         self._on_refused = on_refused
+        self._on_command = on_command
         self._model_name = model_name
         self._lock = threading.Lock()
         self._connected = False
@@ -151,12 +166,15 @@ class AgentLink:
         self._dropped_offline = 0
         self._camera_online: bool | None = None
         self._configs: dict[str, bytes] | None = None
+        self._question_ids: frozenset[str] = frozenset()
+        self._enabled: dict[str, bool] = {}
         self._announced: set[str] = set()
         self._connected_since = 0.0
         self._quick_disconnects = 0
         self._takeovers = 0
         self._ask_limit = RequestRateLimit(settings.ask_per_minute, settings.ask_burst)
         self._retained_ask_seen = False
+        self._command_limit = RequestRateLimit(settings.ask_per_minute, settings.ask_burst)
         self._handlers = {
             self._topics.ask: self._handle_ask,
             status_topic(settings.discovery_prefix): self._handle_ha_status,
@@ -236,18 +254,30 @@ class AgentLink:
             config_topic(prefix, topics.agent_id, e): config_payload(e, topics, self._model_name) for e in entities
         }
         configs.update(diagnostic_configs(prefix, topics, self._model_name))
+        configs.update(self._controls_of(entities))
         with self._lock:
             self._configs = configs if self._settings.discovery else {}
+            self._question_ids = frozenset(entity.question_id for entity in entities)
             if self._connected:
                 self._announce()
 
-    def publish_answer(self, msg: AnswerMessage) -> None:
-        """Publish `msg` if it tells something new (`AnswerMessage.news`) or the heartbeat is due; queue it while
-        offline."""
+    def _controls_of(self, entities: list[EntitySpec]) -> dict[str, bytes]:
+        """Config topic -> discovery config of every control: none without a command handler."""
+        if self._on_command is None:
+            return {}
+        prefix, model = self._settings.discovery_prefix, self._model_name
+        configs = check_all_config(self._topics, prefix, model)
+        for entity in entities:
+            configs.update(control_configs(entity, self._topics, prefix, model))
+        return configs
+
+    def publish_answer(self, msg: AnswerMessage, force: bool = False) -> None:
+        """Publish `msg` if it tells something new (`AnswerMessage.news`), the heartbeat is due or `force` (a
+        check-now) says so; queue it while offline."""
         with self._lock:
             self._latest[msg.question_id] = msg
             now = time.monotonic()
-            if not self._is_due(msg, now):
+            if not (force or self._is_due(msg, now)):
                 return
             self._last_sent[msg.question_id] = (msg, now)
             if self._connected:
@@ -261,6 +291,13 @@ class AgentLink:
             self._camera_online = online
             if self._connected:
                 self._send_camera()
+
+    def publish_enabled(self, question_id: str, enabled: bool) -> None:
+        """Publish whether a question is enabled (retained, and again after every reconnect)."""
+        with self._lock:
+            self._enabled[question_id] = enabled
+            if self._connected:
+                self._send_enabled(question_id)
 
     def reply(self, request: AskRequest, message: AskReply | AskRefusal) -> None:
         """Send the answer to an ask request, or its refusal, to its reply address."""
@@ -314,6 +351,9 @@ class AgentLink:
     def _send_camera(self) -> None:
         self._publish(self._topics.camera, ONLINE if self._camera_online else OFFLINE)
 
+    def _send_enabled(self, question_id: str) -> None:
+        self._publish(enabled_topic(self._topics, question_id), ON if self._enabled[question_id] else OFF)
+
     def _send_reply(self, reply: ReplyAddress, message: AskReply | AskRefusal) -> None:
         body, properties = reply_message(reply, message)
         self._publish(reply.topic, body, retain=False, properties=properties)
@@ -328,7 +368,7 @@ class AgentLink:
         self._publish_announced()
 
     def _forget_gone_entities(self) -> None:
-        why = "its question is gone" if self._settings.discovery else "discovery is off"
+        why = "its question or control is gone" if self._settings.discovery else "discovery is off"
         for topic in sorted(self._announced - self._configs.keys()):
             logger.info("MQTT discovery: removing %s (%s)", topic, why)
             self._publish(topic, b"")
@@ -350,6 +390,8 @@ class AgentLink:
                 self._send_answer(msg)
         if self._camera_online is not None:
             self._send_camera()
+        for question_id in self._enabled:
+            self._send_enabled(question_id)
 
     # --- paho callbacks (network thread) ------------------------------------------------------
 
@@ -404,6 +446,8 @@ class AgentLink:
             topics.append(self._topics.ask)
         if self._settings.discovery:
             topics.append(status_topic(self._settings.discovery_prefix))
+        if self._on_command is not None:
+            topics += command_subscriptions(self._topics)
         self._client.subscribe([(topic, self._settings.qos) for topic in topics])
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -465,6 +509,22 @@ class AgentLink:
         handler = self._handlers.get(message.topic)
         if handler is not None:
             handler(message)
+        elif self._on_command is not None:  # the only other subscriptions are the command topics
+            self._handle_command(message)
+
+    def _handle_command(self, message: mqtt.MQTTMessage) -> None:
+        """Hand a valid, non-retained command within the rate limit to the service; ignore anything else
+        with one debug line (the command topics are client input, see `mqtt/commands.py`)."""
+        try:
+            if message.retain:
+                raise BadCommand("retained (it would come again on every reconnect)")
+            command = parse_command(self._topics, message.topic, message.payload, self._question_ids)
+            if not self._command_limit.allow(command.kind):
+                raise BadCommand("over the rate limit")
+        except BadCommand as bad:
+            logger.debug("MQTT: ignoring the message on %.80r: %s", message.topic, bad.reason)
+            return
+        self._on_command(command)
 
     def _handle_ask(self, message: mqtt.MQTTMessage) -> None:
         """Drop a retained request; refuse a requester over its rate, then an invalid request; hand a

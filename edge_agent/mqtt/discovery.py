@@ -50,9 +50,13 @@ def component(entity: EntitySpec) -> Component:
     return KINDS[entity.type].component
 
 
+CONTROL_COMPONENTS = ("switch", "button")
+"""The components of a question's controls (`mqtt/commands.py`): its enable switch and check-now button."""
+
+
 def components() -> list[str]:
-    """The Home Assistant components an entity can be: those of the question kinds."""
-    return sorted({kind.component.name for kind in KINDS.values()})
+    """The Home Assistant components an entity can be: those of the question kinds and of the controls."""
+    return sorted({kind.component.name for kind in KINDS.values()} | set(CONTROL_COMPONENTS))
 
 
 def status_topic(prefix: str) -> str:
@@ -64,14 +68,28 @@ def config_topic(prefix: str, agent_id: str, entity: EntitySpec) -> str:
     return _config_topic(prefix, component(entity).name, agent_id, entity.question_id)
 
 
+def control_config_topic(prefix: str, component_name: str, agent_id: str, question_id: str) -> str:
+    """The config topic of a question's control (one of `CONTROL_COMPONENTS`)."""
+    return _config_topic(prefix, component_name, agent_id, question_id)
+
+
+def check_all_config_topic(prefix: str, agent_id: str) -> str:
+    """The config topic of the agent's check-all button: it has a level more than a question's, so no
+    question's config topic (of this agent or another) is the same."""
+    return f"{prefix}/button/{agent_id}/check_all/config"
+
+
 def _config_topic(prefix: str, component_name: str, agent_id: str, question_id: str) -> str:
     return f"{prefix}/{component_name}/{agent_id}_{question_id}/config"
 
 
 def could_have_announced(prefix: str, agent_id: str, topic: object) -> bool:
-    """Whether `topic` is the config topic `config_topic` gives some question of this agent."""
+    """Whether `topic` is the config topic of some question of this agent, of its controls, or of its
+    check-all button."""
     if not isinstance(topic, str):
         return False
+    if topic == check_all_config_topic(prefix, agent_id):
+        return True
     for name in components():
         head, _, tail = _config_topic(prefix, name, agent_id, "\0").partition("\0")
         if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head) : -len(tail)]):

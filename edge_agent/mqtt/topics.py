@@ -11,6 +11,9 @@
 | `<base>/<agent>/state/<question_id>` | yes | the plain Home Assistant state (at most 255 characters) |
 | `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
 | `<base>/<agent>/discovery` | yes | JSON list of the Home Assistant config topics this agent announced |
+| `<base>/<agent>/enabled/<question_id>` | yes | `ON` / `OFF`: whether the question is asked (`mqtt/commands.py`) |
+| `<base>/<agent>/enabled/<question_id>/set` | no | command: `ON` / `OFF` enables or disables the question |
+| `<base>/<agent>/check/<question_id>`, `<base>/<agent>/check` | no | command: `PRESS` answers the question (all) now |
 
 Answers and states use the configured QoS (default 1). An answer is published when its value, its latest
 answer or its pending change changes, and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is

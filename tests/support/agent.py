@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import cv2
@@ -50,6 +51,14 @@ def moving_video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("video") / "moving.mp4", frames)
 
 
+@pytest.fixture(autouse=True)
+def own_state_directory(tmp_path_factory, monkeypatch):
+    """Every test's agents keep their state (`state_dir`'s default: `$STATE_DIRECTORY`, as systemd sets it)
+    in a directory of the test's own, never in the home directory where one test's switch would reach
+    the next."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))
+
+
 def agent_config(model, broker, video, **overrides) -> dict:
     config = {
         "agent_id": AGENT,
@@ -96,6 +105,12 @@ def tiny_engine(tiny_llava_int8):
 
 def topic(*levels: str) -> str:
     return "/".join(("edge-agent", AGENT) + levels)
+
+
+def answered_since(listener, answers_topic: str, moment: float) -> list[dict]:
+    """The answers a `subscriber` received on `answers_topic` that the agent gave after `moment` (Unix seconds)."""
+    answers = [json.loads(message.payload) for message in listener.on(answers_topic)]
+    return [answer for answer in answers if answer["answered_ts"] >= moment]
 
 
 def write_config(tmp_path, config: dict):
