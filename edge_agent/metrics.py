@@ -42,6 +42,12 @@ class Metrics:
             "Frames the scene gate found different enough to encode.",
             registry=self.registry,
         )
+        self.encodes = Counter(
+            "edge_agent_encodes",
+            "Frames encoded (vision encoder and prompt prefix): scene changes, re-checks of a pending change and "
+            "check-nows.",
+            registry=self.registry,
+        )
         self.inferences = Counter("edge_agent_inferences", "Frames run through the model.", registry=self.registry)
         self.answers_published = Counter(
             "edge_agent_answers_published", "Answers handed to MQTT for publishing.", registry=self.registry

@@ -246,7 +246,7 @@ class Agent:
     def _rechecks(self, due: list[Question]) -> list[Question]:
         """The enabled questions not due whose change is pending: each new frame answers them again until it
         settles."""
-        return [q for q in self._schedule.enabled() if q not in due and self._stable[q.id].pending is not None]
+        return [q for q in self._schedule.enabled if q not in due and self._stable[q.id].pending is not None]
 
     def _take_turn(
         self, turn: Turn, due: list[Question], asks: list[AskRequest], frame: Frame | None, checked: list[Question]
@@ -277,9 +277,11 @@ class Agent:
         return frame if frame is not None else self._reader.latest()
 
     def _encode(self, frame: Frame) -> None:
-        """Encode `frame` as the new scene; a frame the gate found unchanged (a re-check) is no scene change."""
+        """Encode `frame` as the new scene; a frame the gate found unchanged (a re-check, a check-now) is no
+        scene change, but an encode all the same."""
         if frame is self._unencoded:
             self.metrics.scene_changes.inc()
+        self.metrics.encodes.inc()
         context = self._engine.encode(frame.image)
         self._gate.accept(frame.image, frame.ts)
         self._scene = Scene(context=context, frame_ts=frame.ts, seq=frame.seq)

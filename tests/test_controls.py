@@ -212,7 +212,9 @@ def test_the_switches_and_buttons_are_announced_and_removed_like_the_question_en
     assert switch_config["state_topic"] == topic("enabled", "door_open")
     assert (switch_config["payload_on"], switch_config["payload_off"]) == ("ON", "OFF")
     assert switch_config["entity_category"] == "config"
-    assert switch_config["availability_topic"] == topic("availability")
+    assert switch_config["availability"] == [
+        {"topic": topic("availability"), "payload_available": "online", "payload_not_available": "offline"}
+    ]
     button_config = json.loads(listener.on(button)[-1].payload)
     assert (button_config["command_topic"], button_config["payload_press"]) == (topic("check", "door_open"), "PRESS")
     assert json.loads(listener.on(check_all)[-1].payload)["command_topic"] == topic("check")
@@ -280,13 +282,13 @@ def test_a_press_answers_at_once_on_a_newly_encoded_frame_while_the_question_is_
     with RunningAgent(config, engine=tiny_engine) as agent:
         first = json.loads(listener.next(topic("answers", "door_open"), timeout=60).payload)
         listener.next(topic("answers", "people"))
-        assert agent.metrics.scene_changes._value.get() == 1
+        assert agent.metrics.encodes._value.get() == 1
 
         pressed = time.time()
         listener.publish(topic("check", "door_open"), "PRESS")
         door = json.loads(listener.next(topic("answers", "door_open"), timeout=PRESS_TIMEOUT_S).payload)
         assert door["answered_ts"] >= pressed and door["frame_ts"] > first["frame_ts"]
-        assert agent.metrics.scene_changes._value.get() == 2
+        assert agent.metrics.encodes._value.get() == 2
         assert answered_after(listener, "people", pressed) == []
 
         pressed_all = time.time()
@@ -294,7 +296,7 @@ def test_a_press_answers_at_once_on_a_newly_encoded_frame_while_the_question_is_
         for question_id in ("door_open", "people"):
             answer = json.loads(listener.next(topic("answers", question_id), timeout=PRESS_TIMEOUT_S).payload)
             assert answer["answered_ts"] >= pressed_all
-        assert agent.metrics.scene_changes._value.get() == 3
+        assert agent.metrics.encodes._value.get() == 3
 
 
 def test_a_flood_of_presses_and_switch_flips_is_rate_limited(
@@ -319,7 +321,7 @@ def test_a_flood_of_presses_and_switch_flips_is_rate_limited(
         for flip in range(10):
             listener.publish(topic("enabled", "door_open", "set"), "OFF" if flip % 2 == 0 else "ON")
             time.sleep(0.3)
-        assert agent.metrics.scene_changes._value.get() <= 1 + burst
+        assert agent.metrics.encodes._value.get() <= 1 + burst
     published = [message.payload for message in listener.on(topic("enabled", "door_open"))]
     assert published[0] == b"ON" and len(published) - 1 <= burst
 
@@ -334,7 +336,7 @@ def test_retained_commands_are_ignored(tiny_llava_int8, tiny_engine, broker, sub
     with RunningAgent(config, engine=tiny_engine) as agent:
         listener.next(topic("answers", "door_open"), timeout=60)
         time.sleep(2.0)
-        assert agent.metrics.scene_changes._value.get() == 1
+        assert agent.metrics.encodes._value.get() == 1
 
     assert [message.payload for message in listener.on(topic("enabled", "door_open"))] == [b"ON"]
     assert not (tmp_path / CONTROLS_FILE).exists()
@@ -367,7 +369,7 @@ def test_hostile_payloads_on_the_command_topics_do_nothing(
         for levels, payload in HOSTILE:
             listener.publish(f"{ROOT}/{levels}", payload)
         time.sleep(1.5)
-        assert agent.metrics.scene_changes._value.get() == 1
+        assert agent.metrics.encodes._value.get() == 1
         assert agent._link.connected
 
     assert [message.payload for message in listener.on(topic("enabled", "door_open"))] == [b"ON"]
