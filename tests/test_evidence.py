@@ -249,3 +249,23 @@ def test_the_pacer_publishes_one_image_per_question_per_interval_the_newest_held
     assert [question for question, _ in pacer.due(101.0)] == ["light"]
     assert list(pacer.due(104.9)) == []
     assert [(question, view) for question, view in pacer.due(105.0)] == [("door", third)]
+
+
+@pytest.mark.timeout(600)
+def test_home_assistant_shows_the_image_as_an_image_entity_that_serves_the_jpeg(
+    home_assistant, home_assistant_broker, make_link
+):
+    agent_id = "ha-evidence"
+    log_start = len(home_assistant.log())
+    jpeg = evidence_jpeg(scene(BRIGHT), EvidenceSettings(max_side=MAX_SIDE))
+    link = make_link(home_assistant_broker, agent_id=agent_id)
+    link.set_entities([EntitySpec("door_open", "Is the door open?", "yes_no", "door")], evidence=True)
+    unique_id = f"edge_agent_{agent_id}_door_open_evidence"
+    entity_id = home_assistant.wait_for_entities([unique_id])[unique_id]
+
+    link.publish_evidence("door_open", jpeg)
+
+    assert entity_id.startswith("image.")
+    home_assistant.wait_for_state(entity_id, lambda state: state["state"] not in ("unknown", "unavailable"))
+    assert home_assistant.image(entity_id) == jpeg
+    assert home_assistant.problems(log_start) == []
