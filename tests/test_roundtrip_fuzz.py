@@ -54,7 +54,7 @@ CAMERA_TOPIC = f"{ROOT}/camera"
 DISCOVERY_TOPIC = f"{ROOT}/discovery"
 STATE_TOPICS = [f"{ROOT}/state/{question['id']}" for question in QUESTIONS]
 HA_STATUS_TOPIC = "homeassistant/status"
-OWN_CONFIG_TOPIC = re.compile(rf"homeassistant/(binary_sensor|sensor)/{AGENT}_[A-Za-z0-9_-]+/config")
+OWN_CONFIG_TOPIC = re.compile(rf"homeassistant/(binary_sensor|sensor|image)/{AGENT}_[A-Za-z0-9_-]+/config")
 """A Home Assistant config the agent may have announced (a current question's, or a removed one's)."""
 FOREIGN_CONFIGS = {
     "homeassistant/sensor/other_x/config": b'{"name": "another agent\'s sensor", "state_topic": "other/x"}',
