@@ -688,6 +688,32 @@ class MetricsSettings(Settings):
         return split_host_port(self.listen) if self.listen else None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvidenceSettings(Settings):
+    """The image each answer was given on: a JPEG of the question's view, published when its state changes."""
+
+    enabled: bool = setting(
+        True,
+        "Publish the image behind each question's state (retained, and as a Home Assistant image entity); "
+        "false publishes none and removes the image entities.",
+    )
+    max_side: int = setting(
+        640,
+        "Longest side in pixels of a published image (larger views are downscaled).",
+        check=Bounds("must be between {minimum} and {maximum} pixels", minimum=64, maximum=1920),
+    )
+    quality: int = setting(
+        80,
+        "JPEG quality of a published image.",
+        check=Bounds("must be between {minimum} and {maximum}", minimum=30, maximum=95),
+    )
+    min_interval_s: float = setting(
+        5.0,
+        "Least seconds between two images of one question; a change sooner is shown once the time is up.",
+        check=Bounds("must be between {minimum} and {maximum} seconds", minimum=0, maximum=3600),
+    )
+
+
 DIAGNOSTIC_ENTITY_IDS = ("camera_connected", "answer_latency")
 """The ids of the agent's diagnostic entities in Home Assistant (`mqtt.discovery.diagnostic_configs`), which
 share the namespace of question ids (config topic, unique id): no question may take them."""
@@ -726,6 +752,7 @@ class Config(Settings):
         "~/.local/state/edge-agent; null = nowhere.",
         check=not_blank,
     )
+    evidence: EvidenceSettings = setting_from(EvidenceSettings, "The image behind each answer: what the model saw.")
 
     def check_together(self) -> None:
         ids = [question.id for question in self.questions]

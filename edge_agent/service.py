@@ -27,6 +27,8 @@ import threading
 import time
 import typing
 
+import numpy as np
+
 from . import systemd
 from .capture import CameraReader, DeviceMissing, SceneGate, validate_source
 from .capture.reader import Frame
@@ -35,6 +37,7 @@ from .controls import Controls
 from .engine import Answer, Engine, FrameContext, Prompt
 from .engine.engine import in_background
 from .errors import UserError
+from .evidence import EvidenceLog, EvidencePacer, evidence_jpeg, view_of
 from .loop import Turn, decide
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec
@@ -88,6 +91,7 @@ class Scene:
     context: FrameContext
     frame_ts: float  # newest frame known to show this scene
     seq: int  # the number of the frame encoded
+    image: np.ndarray  # the frame encoded: every answer on this context was given on it (`evidence.view_of`)
     answers: dict[str, AnswerMessage] = dataclasses.field(default_factory=dict)
 
 
@@ -107,6 +111,8 @@ class Agent:
         self._stable = {q.id: StableState.for_question(q, config.question_defaults) for q in config.questions}
         self._controls = Controls(question.id for question in config.questions)
         self._gate = SceneGate(config.scene_gate)
+        self._evidence_log = EvidenceLog()
+        self._evidence_pacer = EvidencePacer(config.evidence.min_interval_s)
         self._scene: Scene | None = None
         self._unencoded: Frame | None = None  # the newest frame, while the gate finds it changed and it waits
         self._last_seq = -1
@@ -143,7 +149,7 @@ class Agent:
             on_command=self._enqueue_command,
         )
         self._link.start()
-        self._link.set_entities([entity_spec(q) for q in self.config.questions])
+        self._link.set_entities([entity_spec(q) for q in self.config.questions], evidence=self.config.evidence.enabled)
         for question_id, enabled in self._controls.states.items():
             self._link.publish_enabled(question_id, enabled)
         self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
@@ -229,6 +235,7 @@ class Agent:
             forced=bool(checked),
         )
         self._take_turn(turn, due + rechecks, asks, frame, checked)
+        self._publish_evidence()
         self._update_link_metrics()
 
     def _look(self, frame: Frame) -> list[Question]:
@@ -284,7 +291,7 @@ class Agent:
         self.metrics.encodes.inc()
         context = self._engine.encode(frame.image)
         self._gate.accept(frame.image, frame.ts)
-        self._scene = Scene(context=context, frame_ts=frame.ts, seq=frame.seq)
+        self._scene = Scene(context=context, frame_ts=frame.ts, seq=frame.seq, image=frame.image)
         self._unencoded = None
         timings = context.timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
@@ -295,13 +302,16 @@ class Agent:
         A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
         on another frame), then that answer is reused while the gate finds the scene unchanged. Only an answer
         computed on the context counts toward the question's stable state: a reused one is no new evidence. The
-        answers of `forced` questions (a check-now) are published even when unchanged.
+        answers of `forced` questions (a check-now) are published even when unchanged. The image of a state
+        that changed goes out before the state (`_offer_evidence`).
         """
         scene = self._scene
         fresh = [q for q in due if q.id not in scene.answers]
         if fresh:
             for question, answer in zip(fresh, self._ask_engine(scene.context, fresh)):
                 scene.answers[question.id] = self._settled(self._message(question, answer), scene.seq)
+                self._offer_evidence(question, scene.answers[question.id])
+            self._publish_evidence()
         now = time.monotonic()
         for question in due:
             message = dataclasses.replace(
@@ -319,6 +329,28 @@ class Agent:
         return dataclasses.replace(
             message, value=stable.value, state=stable.state, latest_value=message.value, pending=stable.pending
         )
+
+    def _offer_evidence(self, question: Question, message: AnswerMessage) -> None:
+        """Hold the image of the question's view of the scene when `message`, just computed on it, agrees with the
+        published value and that value has no image yet (its first value, or a change)."""
+        if self.config.evidence.enabled and self._evidence_log.shows_new_value(
+            question.id, published=message.value, latest=message.latest_value
+        ):
+            self._evidence_pacer.offer(question.id, view_of(self._scene.image, question))
+
+    def _publish_evidence(self) -> None:
+        """Publish the held images whose question's `evidence.min_interval_s` is over."""
+        for question_id, view in self._evidence_pacer.due(time.monotonic()):
+            jpeg = evidence_jpeg(view, self.config.evidence)
+            if jpeg is not None:
+                self._link.publish_evidence(question_id, jpeg)
+
+    def _ask_evidence(self, request: AskRequest, question: Question) -> str | None:
+        """Publish the image an ask was answered on, if it asked for one and evidence is on; return its topic."""
+        if not (request.evidence and self.config.evidence.enabled):
+            return None
+        jpeg = evidence_jpeg(view_of(self._scene.image, question), self.config.evidence)
+        return None if jpeg is None else self._link.publish_ask_evidence(request, jpeg)
 
     def _ask_engine(self, context: FrameContext, questions: list[Question]) -> list[Answer]:
         default = self.config.model.max_new_tokens
@@ -442,6 +474,7 @@ class Agent:
                 confidence=answer.confidence,
                 **answer_times(self._scene.frame_ts),
                 model=self._engine.name,
+                evidence_topic=self._ask_evidence(request, question),
             ),
         )
 

@@ -55,11 +55,11 @@ DISCOVERY_TOPIC = f"{ROOT}/discovery"
 STATE_TOPICS = [f"{ROOT}/state/{question['id']}" for question in QUESTIONS]
 HA_STATUS_TOPIC = "homeassistant/status"
 OWN_CONFIG_TOPIC = re.compile(
-    rf"homeassistant/(binary_sensor|sensor|switch|button)/{AGENT}_[A-Za-z0-9_-]+/config"
+    rf"homeassistant/(binary_sensor|sensor|switch|button|image)/{AGENT}_[A-Za-z0-9_-]+/config"
     rf"|homeassistant/button/{AGENT}/check_all/config"
 )
-"""A Home Assistant config the agent may have announced (a current question's or control's, or a removed
-one's)."""
+"""A Home Assistant config the agent may have announced (a current question's, control's or image's, or a
+removed one's)."""
 FOREIGN_CONFIGS = {
     "homeassistant/sensor/other_x/config": b'{"name": "another agent\'s sensor", "state_topic": "other/x"}',
     "homeassistant/binary_sensor/other_y/config": b'{"name": "another door", "state_topic": "other/y"}',

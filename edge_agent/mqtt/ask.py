@@ -5,6 +5,7 @@ A request is a JSON object:
     {"question": "Is anyone at the door?",    required, non-empty, at most 500 characters
      "max_new_tokens": 32,                     optional, 1..256
      "type": "yes_no", "options": [...],       optional: parse the answer like a standing question
+     "evidence": true,                         optional: also publish the image answered on (see below)
      "reply_to": "...", "correlation_id": ...}  MQTT 3.1.1 only: where to reply, and the id to echo
 
 With MQTT 5 the reply address is the `ResponseTopic` property and the id the `CorrelationData`
@@ -17,6 +18,11 @@ text when it is UTF-8. The reply is an answer (`AskReply`) or a refusal (`AskRef
     {"question": ..., "answer": ..., "type": ..., "value": ..., "confidence": ...,
      "frame_ts": ..., "answered_ts": ..., "latency_ms": ..., "model": ...}
     {"error": "<one line for a person>"}
+
+A request with `"evidence": true` (and `evidence.enabled`) first gets the JPEG of the view it was answered
+on, not retained, on `<reply topic>/evidence` (`evidence_topic`), and the answer names that topic in an
+extra field `"evidence_topic"`; without it (or when that topic is not one the agent may publish to) the
+reply is as above.
 
 A refused request gets its refusal when a reply address is known. Why it was refused is a `Refusal`,
 which the reply does not carry (its text says it) but the `edge_agent_ask_requests` counter counts by.
@@ -102,6 +108,8 @@ class AskRequest:
     """Parse the answer like a standing question of this type, or None for free text."""
     options: tuple[str, ...] = ()
     """The allowed answers for an options question."""
+    evidence: bool = False
+    """Whether the requester wants the image the answer was given on (`evidence_topic`)."""
 
 
 class Refusal(str, enum.Enum):
@@ -151,9 +159,15 @@ class AskReply:
     """`answered_ts - frame_ts` in milliseconds."""
     model: str
     """The model's name."""
+    evidence_topic: str | None = None
+    """Where the JPEG the answer was given on was published just before the reply, or None (then the reply
+    has no such field)."""
 
     def fields(self) -> dict:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if self.evidence_topic is None:
+            del fields["evidence_topic"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,7 @@ class ReceivedAsk:
                 max_new_tokens=_max_new_tokens(fields),
                 type=_optional_str(fields, "type"),
                 options=_options(fields),
+                evidence=_evidence(fields),
             )
         except BadRequest as error:
             raise BadRequest(error.reason, self.reply) from None
@@ -343,6 +358,20 @@ def _optional_str(fields: dict, key: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise BadRequest(f"'{key}' must be a non-empty string")
     return value if value is None else _utf8(value, key)
+
+
+def _evidence(fields: dict) -> bool:
+    value = fields.get("evidence", False)
+    if not isinstance(value, bool):
+        raise BadRequest("'evidence' must be true or false")
+    return value
+
+
+def evidence_topic(reply: ReplyAddress) -> str | None:
+    """Where the image of an answer to `reply` goes: `<reply topic>/evidence`, or None when the agent may not
+    publish there (the reply topic is near the length or depth `topics.topic_problem` allows)."""
+    topic = f"{reply.topic}/evidence"
+    return topic if topic_problem(topic) is None else None
 
 
 def _options(fields: dict) -> tuple[str, ...]:

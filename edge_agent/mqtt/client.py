@@ -39,6 +39,7 @@ from edge_agent.mqtt.ask import (
     ReceivedAsk,
     Refusal,
     ReplyAddress,
+    evidence_topic,
     reply_message,
     request_message,
 )
@@ -56,6 +57,7 @@ from edge_agent.mqtt.discovery import (
     config_payload,
     config_topic,
     diagnostic_configs,
+    evidence_configs,
     read_announced,
     status_topic,
 )
@@ -160,6 +162,7 @@ class AgentLink:
         self._connected = False
         self._stopping = False
         self._latest: dict[str, AnswerMessage] = {}
+        self._evidence: dict[str, bytes] = {}  # question id -> its latest image, sent again after a reconnect
         self._last_sent: dict[str, tuple[AnswerMessage, float]] = {}
         self._pending: deque[AnswerMessage] = deque()
         self._dropped = 0
@@ -239,13 +242,14 @@ class AgentLink:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def set_entities(self, entities: list[EntitySpec]) -> None:
+    def set_entities(self, entities: list[EntitySpec], evidence: bool = False) -> None:
         """Announce these entities (and only these) and the diagnostic ones to Home Assistant, now or on the
         next connect; with discovery off, announce none.
 
         Entities announced earlier, by this run or a previous one (remembered in the retained
         `<base>/<agent>/discovery` topic), that are not announced now get an empty retained config: those of
-        questions that are gone, and all of them once discovery is turned off.
+        questions that are gone, and all of them once discovery is turned off. With `evidence`, each question
+        also has an image entity showing its evidence image; without it, image entities announced before go.
         """
         for entity in entities:
             check_id("question id", entity.question_id)
@@ -255,6 +259,8 @@ class AgentLink:
         }
         configs.update(diagnostic_configs(prefix, topics, self._model_name))
         configs.update(self._controls_of(entities))
+        if evidence:
+            configs.update(evidence_configs(prefix, topics, self._model_name, entities))
         with self._lock:
             self._configs = configs if self._settings.discovery else {}
             self._question_ids = frozenset(entity.question_id for entity in entities)
@@ -284,6 +290,21 @@ class AgentLink:
                 self._send_answer(msg)
             else:
                 self._enqueue(msg)
+
+    def publish_evidence(self, question_id: str, jpeg: bytes) -> None:
+        """Publish the image behind the question's state (retained, and again after every reconnect)."""
+        with self._lock:
+            self._evidence[question_id] = jpeg
+            if self._connected:
+                self._send_evidence(question_id)
+
+    def publish_ask_evidence(self, request: AskRequest, jpeg: bytes) -> str | None:
+        """Publish the image an ask was answered on next to its reply address (not retained); return the topic,
+        or None when there is none the agent may publish to. Sent before the reply, on the same connection."""
+        topic = evidence_topic(request.reply)
+        if topic is not None:
+            self._publish(topic, jpeg, retain=False)
+        return topic
 
     def publish_camera(self, online: bool) -> None:
         """Publish whether frames are arriving (retained, and again after every reconnect)."""
@@ -348,6 +369,9 @@ class AgentLink:
         self._publish(self._topics.state(msg.question_id), state_payload(msg))
         self._publish(self._topics.latency, latency_payload(msg))
 
+    def _send_evidence(self, question_id: str) -> None:
+        self._publish(self._topics.evidence(question_id), self._evidence[question_id])
+
     def _send_camera(self) -> None:
         self._publish(self._topics.camera, ONLINE if self._camera_online else OFFLINE)
 
@@ -379,7 +403,8 @@ class AgentLink:
         self._publish(self._topics.discovery, json.dumps(sorted(self._configs)) if self._configs else b"")
 
     def _resend_all(self) -> None:
-        """After a (re)connect: queued answers in order, then the latest answer of every other question."""
+        """After a (re)connect: queued answers in order, then the latest answer of every other question, and the
+        latest evidence image of each question."""
         flushed = {}
         while self._pending:
             msg = self._pending.popleft()
@@ -388,6 +413,8 @@ class AgentLink:
         for question_id, msg in self._latest.items():
             if flushed.get(question_id) is not msg:
                 self._send_answer(msg)
+        for question_id in self._evidence:
+            self._send_evidence(question_id)
         if self._camera_online is not None:
             self._send_camera()
         for question_id in self._enabled:

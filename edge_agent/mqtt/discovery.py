@@ -5,7 +5,9 @@ becomes a `binary_sensor`, every other kind a `sensor`. An answer entity is avai
 online and the camera delivers frames; the diagnostic entities (camera connected, latency of the latest
 answer) while the agent is online. Each config is published retained on
 `<discovery_prefix>/<component>/<agent>_<object_id>/config`; an empty retained config removes the entity.
-Home Assistant publishes `online` on `<discovery_prefix>/status` when it starts, and the agent then sends
+With `evidence.enabled`, each question also has an `image` entity (`evidence_configs`, Home Assistant 2023.7 or
+later) showing the JPEG its state was answered on, available while the agent is online. Home Assistant publishes
+`online` on `<discovery_prefix>/status` when it starts, and the agent then sends
 every config again.
 
 Fields a release of Home Assistant does not know it drops silently (2024.3 drops `default_entity_id`,
@@ -90,7 +92,7 @@ def could_have_announced(prefix: str, agent_id: str, topic: object) -> bool:
         return False
     if topic == check_all_config_topic(prefix, agent_id):
         return True
-    for name in components():
+    for name in [*components(), EVIDENCE_COMPONENT]:
         head, _, tail = _config_topic(prefix, name, agent_id, "\0").partition("\0")
         if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head) : -len(tail)]):
             return True
@@ -184,6 +186,28 @@ def diagnostic_configs(prefix: str, topics: AgentTopics, model_name: str) -> dic
         ).encode()
         for component_name, object_id, name, fields in entities
     }
+
+
+EVIDENCE_COMPONENT = "image"
+"""The Home Assistant component of a question's evidence image."""
+EVIDENCE_SUFFIX = "_evidence"
+"""Ends the object id of a question's image entity: `<question_id>_evidence`."""
+
+
+def evidence_configs(prefix: str, topics: AgentTopics, model_name: str, entities: list[EntitySpec]) -> dict[str, bytes]:
+    """Config topic -> retained config of each question's image entity: the JPEG on the question's evidence topic,
+    available while the agent is online (the image of the last state stays meaningful when the camera is off)."""
+    configs = {}
+    for entity in entities:
+        object_id = entity.question_id + EVIDENCE_SUFFIX
+        config = {
+            **entity_fields(topics, model_name, object_id, f"{entity.name} (image)"),
+            "default_entity_id": default_entity_id(EVIDENCE_COMPONENT, topics, object_id),
+            "image_topic": topics.evidence(entity.question_id),
+            "content_type": "image/jpeg",
+        }
+        configs[_config_topic(prefix, EVIDENCE_COMPONENT, topics.agent_id, object_id)] = json.dumps(config).encode()
+    return configs
 
 
 def default_entity_id(component_name: str, topics: AgentTopics, object_id: str) -> str:

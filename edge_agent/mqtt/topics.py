@@ -9,6 +9,7 @@
 | `<base>/<agent>/latency_ms` | yes | milliseconds from frame to answer of the latest answer published |
 | `<base>/<agent>/answers/<question_id>` | yes | JSON `AnswerMessage` without `state` (strict JSON) |
 | `<base>/<agent>/state/<question_id>` | yes | the plain Home Assistant state (at most 255 characters) |
+| `<base>/<agent>/evidence/<question_id>` | yes | JPEG: the view the question's published state was answered on |
 | `<base>/<agent>/ask` | no | ad hoc question requests (see `edge_agent.mqtt.ask`) |
 | `<base>/<agent>/discovery` | yes | JSON list of the Home Assistant config topics this agent announced |
 | `<base>/<agent>/enabled/<question_id>` | yes | `ON` / `OFF`: whether the question is asked (`mqtt/commands.py`) |
@@ -19,6 +20,8 @@ Answers and states use the configured QoS (default 1). An answer is published wh
 answer or its pending change changes, and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is
 the agent's memory of what it announced: after a restart it removes the entities of questions that are no
 longer configured.
+The `evidence` images (see `edge_agent.evidence`) are published when a state changes, at most one per question
+every `evidence.min_interval_s`, and again after every reconnect; with `evidence.enabled: false` none are.
 
 Every JSON the agent publishes is strict (`strict_json`): a number that is not finite is `null`.
 """
@@ -203,3 +206,6 @@ class AgentTopics:
 
     def state(self, question_id: str) -> str:
         return f"{self.root}/state/{question_id}"
+
+    def evidence(self, question_id: str) -> str:
+        return f"{self.root}/evidence/{question_id}"

@@ -273,6 +273,12 @@ class HomeAssistant:
             what=f"entities {unique_ids}",
         )
 
+    def image(self, entity_id: str) -> bytes:
+        """The picture an image entity shows, as the frontend fetches it (`/api/image_proxy/<entity_id>`)."""
+        status, body = self._status("GET", f"/api/image_proxy/{entity_id}")
+        assert status == 200, f"GET image of {entity_id}: HTTP {status} {body[:200]!r}"
+        return body
+
     def websocket(self, command: dict) -> object:
         """The result of one websocket API command (sent on its own authenticated connection)."""
         with connect(f"ws://{self.host}:{self.port}/api/websocket", open_timeout=REQUEST_TIMEOUT_S) as connection:
