@@ -179,7 +179,7 @@ def test_with_evidence_off_no_image_and_no_image_entity_is_published(
     with run_agent(tiny_llava_int8, tiny_engine, broker, camera, enabled=False):
         wait_until(lambda: len(listener.on(ANSWERS)) >= 3, timeout=30, what="three answers")
 
-    assert [m.topic for m in listener.messages if m.topic != ANSWERS] == []
+    assert [m.topic for m in listener.messages if m.topic != ANSWERS and m.payload] == []  # empties clear
 
 
 def test_turning_evidence_off_removes_the_image_entities_announced_before(broker, subscriber, make_link):
@@ -269,3 +269,22 @@ def test_home_assistant_shows_the_image_as_an_image_entity_that_serves_the_jpeg(
     home_assistant.wait_for_state(entity_id, lambda state: state["state"] not in ("unknown", "unavailable"))
     assert home_assistant.image(entity_id) == jpeg
     assert home_assistant.problems(log_start) == []
+
+
+def test_turning_evidence_off_empties_the_retained_images_of_the_questions(broker, subscriber, make_link):
+    door = EntitySpec("door_open", "Is the door open?", "yes_no", "door")
+    image = "edge-agent/kitchen/evidence/door_open"
+    first_run = make_link(broker)
+    first_run.set_entities([door], evidence=True)
+    first_run.publish_evidence("door_open", b"\xff\xd8 a jpeg \xff\xd9")
+    watcher = subscriber(broker, image)
+    watcher.next(image)
+    first_run.stop()
+
+    second_run = make_link(broker)
+    second_run.set_entities([door])
+    wait_until(lambda: watcher.on(image)[-1].payload == b"", what="the image emptied")
+
+    later = subscriber(broker, image)
+    time.sleep(1.0)  # a retained image would arrive at once on subscribing
+    assert later.on(image) == []

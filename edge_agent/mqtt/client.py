@@ -163,6 +163,7 @@ class AgentLink:
         self._stopping = False
         self._latest: dict[str, AnswerMessage] = {}
         self._evidence: dict[str, bytes] = {}  # question id -> its latest image, sent again after a reconnect
+        self._evidence_on = False
         self._last_sent: dict[str, tuple[AnswerMessage, float]] = {}
         self._pending: deque[AnswerMessage] = deque()
         self._dropped = 0
@@ -264,8 +265,10 @@ class AgentLink:
         with self._lock:
             self._configs = configs if self._settings.discovery else {}
             self._question_ids = frozenset(entity.question_id for entity in entities)
+            self._evidence_on = evidence
             if self._connected:
                 self._announce()
+                self._empty_images_when_off()
 
     def _controls_of(self, entities: list[EntitySpec]) -> dict[str, bytes]:
         """Config topic -> discovery config of every control: none without a command handler."""
@@ -369,6 +372,13 @@ class AgentLink:
         self._publish(self._topics.state(msg.question_id), state_payload(msg))
         self._publish(self._topics.latency, latency_payload(msg))
 
+    def _empty_images_when_off(self) -> None:
+        """With evidence off, empty the retained image of every question: a camera image left on the broker
+        by an earlier run would stay readable there after the installer turned evidence off."""
+        if not self._evidence_on:
+            for question_id in sorted(self._question_ids):
+                self._publish(self._topics.evidence(question_id), b"")
+
     def _send_evidence(self, question_id: str) -> None:
         self._publish(self._topics.evidence(question_id), self._evidence[question_id])
 
@@ -415,6 +425,7 @@ class AgentLink:
                 self._send_answer(msg)
         for question_id in self._evidence:
             self._send_evidence(question_id)
+        self._empty_images_when_off()
         if self._camera_online is not None:
             self._send_camera()
         for question_id in self._enabled:
