@@ -201,6 +201,26 @@ no_image_placeholder = Rule(
     ),
     {"not": {"pattern": re.escape(IMAGE_PLACEHOLDER)}},
 )
+Region = tuple[float, float, float, float]
+"""(x0, y0, x1, y1): left, top, right, bottom as fractions of the frame's width and height."""
+
+
+def region_problem(region: tuple) -> str | None:
+    """Why `region` is not a rectangle inside the frame, or None when it is one."""
+    if len(region) != 4:
+        return f"must be 4 numbers [x0, y0, x1, y1], got {len(region)}"
+    if any(not 0.0 <= edge <= 1.0 for edge in region):
+        return "must lie inside the frame: every number between 0 and 1 (fractions of the width and height)"
+    x0, y0, x1, y1 = region
+    if x1 <= x0 or y1 <= y0:
+        return "must not be empty: x0 < x1 and y0 < y1 ([left, top, right, bottom])"
+    return None
+
+
+region_rule = Rule(
+    region_problem,
+    {"minItems": 4, "maxItems": 4, "items": {"minimum": 0, "maximum": 1}},
+)
 topic_safe = Pattern(r"[A-Za-z0-9_-]+", "must contain only letters, digits, '_' and '-'")
 topic_levels = Pattern(
     r"[^/#+\s]+(/[^/#+\s]+)*",
@@ -477,6 +497,12 @@ class Question(Settings):
         "Answers below this confidence leave the state as it is (yes_no and choice only);"
         " null = question_defaults.min_confidence.",
         check=fraction,
+    )
+    region: Optional[tuple[float, ...]] = setting(
+        None,
+        "The part of the frame the question looks at: [x0, y0, x1, y1], left, top, right, bottom as fractions"
+        " of the frame (0..1); questions with the same region share one encoded view; null = the whole frame.",
+        check=region_rule,
     )
 
     rules_together: ClassVar[tuple] = (question_device_class,)
@@ -851,7 +877,7 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     return _scalar(value, hint, path)
 
 
-def _finite_number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -864,7 +890,7 @@ _SCALARS: dict[type, tuple[str, Callable[[Any], bool], str]] = {
     str: ("a string", lambda value: isinstance(value, str), "string"),
     bool: ("true or false", lambda value: isinstance(value, bool), "boolean"),
     int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool), "integer"),
-    float: ("a number", _finite_number, "number"),
+    float: ("a number", finite_number, "number"),
 }
 """Per scalar type: how errors describe it, which loaded YAML values it accepts, its JSON Schema type."""
 

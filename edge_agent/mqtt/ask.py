@@ -6,6 +6,7 @@ A request is a JSON object:
      "max_new_tokens": 32,                     optional, 1..256
      "type": "yes_no", "options": [...],       optional: parse the answer like a standing question
      "evidence": true,                         optional: also publish the image answered on (see below)
+     "region": [0.6, 0.2, 0.9, 0.5],           optional: answer on this part of the frame (fractions)
      "reply_to": "...", "correlation_id": ...}  MQTT 3.1.1 only: where to reply, and the id to echo
 
 With MQTT 5 the reply address is the `ResponseTopic` property and the id the `CorrelationData`
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.config import MAX_OPTION_CHARS, MAX_OPTIONS
+from edge_agent.config import MAX_OPTION_CHARS, MAX_OPTIONS, Region, finite_number, region_problem
 from edge_agent.mqtt.topics import strict_json, topic_problem
 
 MAX_REQUEST_BYTES = 16 * 1024
@@ -110,6 +111,8 @@ class AskRequest:
     """The allowed answers for an options question."""
     evidence: bool = False
     """Whether the requester wants the image the answer was given on (`evidence_topic`)."""
+    region: Region | None = None
+    """The part of the frame to answer on (`capture.views`), or None for the whole frame."""
 
 
 class Refusal(str, enum.Enum):
@@ -228,6 +231,7 @@ class ReceivedAsk:
                 type=_optional_str(fields, "type"),
                 options=_options(fields),
                 evidence=_evidence(fields),
+                region=_region(fields),
             )
         except BadRequest as error:
             raise BadRequest(error.reason, self.reply) from None
@@ -365,6 +369,20 @@ def _evidence(fields: dict) -> bool:
     if not isinstance(value, bool):
         raise BadRequest("'evidence' must be true or false")
     return value
+
+
+def _region(fields: dict) -> Region | None:
+    """The request's region, checked as a config question's is (`config.region_problem`)."""
+    value = fields.get("region")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(finite_number(edge) for edge in value):
+        raise BadRequest("'region' must be a list of 4 numbers [x0, y0, x1, y1]")
+    region = tuple(float(edge) for edge in value)
+    problem = region_problem(region)
+    if problem is not None:
+        raise BadRequest(f"'region' {problem}")
+    return region
 
 
 def evidence_topic(reply: ReplyAddress) -> str | None:
