@@ -1,9 +1,9 @@
 """The image behind an answer: the view of the frame a question was answered on, as a bounded JPEG.
 
 When a question's published state changes, the agent publishes (retained) a JPEG of exactly what the model
-answered on: the question's view of the frame encoded for that scene, before the model's own preprocessing,
-downscaled so its longest side is at most `evidence.max_side`. So a person (or Home Assistant's image
-entity) can see why the state is what it is.
+answered on: the question's view of the frame encoded for that scene (its region, `capture.views.crop`),
+before the model's own preprocessing, downscaled so its longest side is at most `evidence.max_side`. So a
+person (or Home Assistant's image entity) can see why the state is what it is.
 
 - Which images: a question's image is offered when its latest counted answer agrees with its published
   value and that value has no image yet, that is with its first value and with every change (`EvidenceLog`).
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from edge_agent.capture.reader import downscaled_to_max_side
-from edge_agent.config import EvidenceSettings, Question
+from edge_agent.config import EvidenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ kept by the broker and sent to every subscriber (Home Assistant) again after eac
 JPEG of a camera scene takes 30 to 80 KiB."""
 MIN_SIDE = 64
 """The smallest longest side an image is shrunk to when it does not fit `MAX_EVIDENCE_BYTES`."""
-
-
-def view_of(image: np.ndarray, question: Question) -> np.ndarray:
-    """The part of the frame `image` the model answers `question` on: today the whole frame.
-
-    This is the one place a question's view is cut from a frame, so a region per question changes only it.
-    """
-    return image
 
 
 def evidence_jpeg(view: np.ndarray, settings: EvidenceSettings) -> bytes | None:

@@ -274,6 +274,11 @@ class Schedule:
         return [question for question in self.enabled if self._is_due(question, now)]
 
     @property
+    def questions(self) -> tuple[Question, ...]:
+        """Every question scheduled, in config order."""
+        return self._questions
+
+    @property
     def enabled(self) -> list[Question]:
         """The questions not disabled, in config order."""
         return [question for question in self._questions if question.id not in self._disabled]

@@ -1,13 +1,16 @@
-"""The agent loop: camera frame -> scene gate -> engine -> typed answers -> MQTT.
+"""The agent loop: camera frame -> views (regions) -> scene gate -> engine -> typed answers -> MQTT.
 
 One thread does all inference, so the engine is never used concurrently. Each turn it takes the newest
-frame, asks the scene gate whether anything changed, and lets `edge_agent.loop.decide` say what the turn
-does with the standing questions due and the ad hoc questions waiting (queued by the network thread). A
-changed scene is encoded once (vision encoder + prompt prefix), and only when something is to be answered
-on it; every due question and waiting ask is then answered on that one frame context. On an unchanged
-scene nothing is encoded: a due question reuses the answer it already has for the current context, or is
-answered on the cached context, and so is an ask. So an answer always describes the scene the camera
-shows now, as far as the gate can tell.
+frame and, for each view of it (`edge_agent.scene`: a region the questions name, and the whole frame), asks
+the view's scene gate whether anything changed there and lets `edge_agent.loop.decide` say what the turn
+does with the view's standing questions due and the ad hoc questions waiting for it (queued by the network
+thread). A changed view is encoded once (vision encoder + prompt prefix), and only when something is to be
+answered on it; the views of a frame that need encoding go through the vision encoder together. Every due
+question and waiting ask of a view is then answered on that one context. On an unchanged view nothing is
+encoded: a due question reuses the answer it already has for the current context, or is answered on the
+cached context, and so is an ask. So an answer always describes the scene the camera shows now in the
+question's view, as far as the gate can tell. An ask naming a region no question uses is answered on that
+region of the newest frame, encoded for it.
 
 The times of every published answer and ask reply: `frame_ts` is the capture time of the newest frame
 known to show the answered scene (the frame encoded, or a later frame the gate found unchanged), never a
@@ -27,23 +30,22 @@ import threading
 import time
 import typing
 
-import numpy as np
-
 from . import systemd
-from .capture import CameraReader, DeviceMissing, SceneGate, validate_source
+from .capture import CameraReader, DeviceMissing, validate_source
 from .capture.reader import Frame
 from .config import Config, InvalidValue, Question, usable_cache_dir, usable_state_dir
 from .controls import Controls
 from .engine import Answer, Engine, FrameContext, Prompt
 from .engine.engine import in_background
 from .errors import UserError
-from .evidence import EvidenceLog, EvidencePacer, evidence_jpeg, view_of
+from .evidence import EvidenceLog, EvidencePacer, evidence_jpeg
 from .loop import Turn, decide
 from .metrics import Metrics
 from .mqtt import AgentLink, AnswerMessage, EntitySpec
 from .mqtt.ask import ANSWERED, AskRefusal, AskReply, AskRequest, Refusal
 from .mqtt.commands import CHECK, Command
-from .questions import Schedule, build_prompt, kind_of, parse_answer, state_string
+from .questions import build_prompt, kind_of, parse_answer, state_string
+from .scene import Scene, View, views_of
 from .stable import StableState
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ open or read (up to `open_timeout_s` or `read_timeout_s`) is left behind: it is 
 
 
 def load_engine(config: Config) -> Engine:
+    """The configured model, its vision encoder compiled for batches of views when the questions name regions."""
     model = config.model
     return Engine.load(
         model.path,
@@ -81,18 +84,19 @@ def load_engine(config: Config) -> Engine:
         vision_device=model.vision_device,
         language_device=model.language_device,
         cache_dir=usable_cache_dir(model.cache_dir),
+        batch_views=any(question.region is not None for question in config.questions),
     )
 
 
 @dataclasses.dataclass
-class Scene:
-    """The frame context answers are computed on, and the answers it already gave."""
+class ViewTurn:
+    """What one turn does in one view: `decide`'s turn, and what it answers there."""
 
-    context: FrameContext
-    frame_ts: float  # newest frame known to show this scene
-    seq: int  # the number of the frame encoded
-    image: np.ndarray  # the frame encoded: every answer on this context was given on it (`evidence.view_of`)
-    answers: dict[str, AnswerMessage] = dataclasses.field(default_factory=dict)
+    view: View
+    turn: Turn
+    due: list[Question]  # standing questions to answer: due, pressed (check now) and re-checked
+    asks: list[AskRequest]  # ad hoc questions on this view
+    pressed: list[Question]  # questions a check-now asks for: published even when unchanged
 
 
 class Agent:
@@ -107,14 +111,12 @@ class Agent:
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
         self._commands: queue.Queue[Command] = queue.Queue(maxsize=COMMAND_QUEUE_LIMIT)
-        self._schedule = Schedule(config.questions)
+        self._views = views_of(config.questions, config.scene_gate)
+        self._view_of = {q.id: view for view in self._views.values() for q in view.schedule.questions}
         self._stable = {q.id: StableState.for_question(q, config.question_defaults) for q in config.questions}
         self._controls = Controls(question.id for question in config.questions)
-        self._gate = SceneGate(config.scene_gate)
         self._evidence_log = EvidenceLog()
         self._evidence_pacer = EvidencePacer(config.evidence.min_interval_s)
-        self._scene: Scene | None = None
-        self._unencoded: Frame | None = None  # the newest frame, while the gate finds it changed and it waits
         self._last_seq = -1
         self._link: AgentLink | None = None
         self._reader: CameraReader | None = None
@@ -160,10 +162,11 @@ class Agent:
         systemd.ready()
         systemd.status(f"answering {len(self.config.questions)} questions")
         log.info(
-            "agent %s started: model %s, %d questions",
+            "agent %s started: model %s, %d questions in %d views",
             self.config.agent_id,
             self._engine.name,
             len(self.config.questions),
+            len([view for view in self._views.values() if view.schedule.questions]),
         )
         return True
 
@@ -172,7 +175,7 @@ class Agent:
         question_ids = [question.id for question in self.config.questions]
         self._controls = Controls.load(question_ids, usable_state_dir(self.config.state_dir))
         for question_id, enabled in self._controls.states.items():
-            self._schedule.set_enabled(question_id, enabled)
+            self._view_of[question_id].schedule.set_enabled(question_id, enabled)
             if not enabled:
                 log.info("question %s is disabled (its switch is off)", question_id)
 
@@ -214,90 +217,88 @@ class Agent:
     # -- one turn of the loop ----------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One turn: look at the newest frame, `decide` what it and the waiting questions need, and do that."""
+        """One turn: look at the newest frame in every view, `decide` what each view needs, and do that."""
         self.watchdog.idle("inference")
-        checked = self._apply_commands()
+        pressed = self._apply_commands()
         frame = self._reader.latest(after_seq=self._last_seq, timeout=FRAME_WAIT_S)
         if frame is None and self._reader.ended:  # `latest` no longer waits: pace the turns that serve asks
             self._stopped.wait(FRAME_WAIT_S)
         self.watchdog.progress("inference")
         self._report_capture_health(frame)
-        due = self._look(frame) if frame is not None else []
-        due += [question for question in checked if question not in due]
-        rechecks = self._rechecks(due) if frame is not None else []
+        if frame is not None:
+            self._last_seq = frame.seq
+            self.metrics.frames.inc()
         asks = self._take_asks(self._asks.qsize())
-        turn = decide(
-            changed=self._unencoded is not None,
-            have_context=self._scene is not None,
-            due=len(due),
-            pending_asks=len(asks),
-            rechecks=len(rechecks),
-            forced=bool(checked),
-        )
-        self._take_turn(turn, due + rechecks, asks, frame, checked)
+        turns = [self._plan(view, frame, pressed, asks) for view in self._views_asked(asks)]
+        self._encode(frame, [turn for turn in turns if turn.turn is Turn.ENCODE])
+        for turn in turns:
+            self._take_turn(turn)
         self._publish_evidence()
         self._update_link_metrics()
 
-    def _look(self, frame: Frame) -> list[Question]:
-        """Gate the new frame against the encoded scene; return the standing questions due on it."""
-        self._last_seq = frame.seq
-        self.metrics.frames.inc()
-        changed = self._scene is None or self._gate.changed(frame.image, frame.ts)
-        if changed:
-            self._unencoded = frame
-        else:  # the newest frame shows the encoded scene (a changed frame seen before it no longer counts)
-            self._unencoded = None
-            self._scene.frame_ts = frame.ts
-        return self._schedule.due(time.monotonic(), changed)
+    def _views_asked(self, asks: list[AskRequest]) -> list[View]:
+        """The standing views, and a view of its own for each region asks name that no question does (it has
+        no scene yet: the newest frame is encoded for it, if there is one)."""
+        extra = dict.fromkeys(request.region for request in asks if request.region not in self._views)
+        for region in extra:
+            extra[region] = View(region, [], self.config.scene_gate)
+            extra[region].unencoded = self._reader.latest()
+        return [*self._views.values(), *extra.values()]
 
-    def _rechecks(self, due: list[Question]) -> list[Question]:
-        """The enabled questions not due whose change is pending: each new frame answers them again until it
-        settles."""
-        return [q for q in self._schedule.enabled if q not in due and self._stable[q.id].pending is not None]
+    def _plan(self, view: View, frame: Frame | None, pressed: list[Question], asks: list[AskRequest]) -> ViewTurn:
+        """Gate the view of the new frame (if one came), and `decide` what the turn does in it."""
+        due = view.look(frame, time.monotonic()) if frame is not None else []
+        own_pressed = [question for question in pressed if question in view.schedule.questions]
+        due += [question for question in own_pressed if question not in due]
+        rechecks = self._rechecks(view, due) if frame is not None else []
+        own_asks = [request for request in asks if request.region == view.region]
+        turn = decide(
+            changed=view.unencoded is not None,
+            have_context=view.scene is not None,
+            due=len(due),
+            pending_asks=len(own_asks),
+            rechecks=len(rechecks),
+            forced=bool(own_pressed),
+        )
+        return ViewTurn(view, turn, due + rechecks, own_asks, own_pressed)
 
-    def _take_turn(
-        self, turn: Turn, due: list[Question], asks: list[AskRequest], frame: Frame | None, checked: list[Question]
-    ) -> None:
-        """Do what `decide` said: asks first (someone waits for them), then the due standing questions.
+    def _rechecks(self, view: View, due: list[Question]) -> list[Question]:
+        """The view's enabled questions not due whose change is pending: each new frame answers them again until
+        it settles."""
+        return [q for q in view.schedule.enabled if q not in due and self._stable[q.id].pending is not None]
 
-        `frame` is the new frame of this turn, if one came: a re-check encodes it though the gate found it
-        unchanged. A check-now encodes the newest frame even when the gate finds it unchanged, and its
-        questions' answers are published even when their value is unchanged.
-        """
-        if turn is Turn.NO_FRAME:
-            for request in asks:
+    def _take_turn(self, turn: ViewTurn) -> None:
+        """Do what `decide` said in one view (its encode is done): asks first (someone waits for them), then the
+        due standing questions. The answers of pressed questions (a check-now) are published even when their
+        value is unchanged."""
+        if turn.turn is Turn.NO_FRAME:
+            for request in turn.asks:
                 self._refuse_ask(request, AskRefusal(Refusal.NO_FRAME, "no camera frame yet"))
-            if checked:
+            if turn.pressed:
                 log.info("check now: no camera frame yet")
             return
-        if turn is Turn.ENCODE:
-            self._encode(self._frame_to_encode(frame))
-        if turn is not Turn.SKIP:
-            self._answer_asks(asks)
-            self._answer_standing(due, forced=checked)
+        if turn.turn is not Turn.SKIP:
+            self._answer_asks(turn.view.scene, turn.asks)
+            self._answer_standing(turn.view, turn.due, forced=turn.pressed)
 
-    def _frame_to_encode(self, frame: Frame | None) -> Frame:
-        """The frame the gate found changed, else this turn's new frame (a re-check), else the newest one
-        the reader has (a check-now between frames)."""
-        if self._unencoded is not None:
-            return self._unencoded
-        return frame if frame is not None else self._reader.latest()
-
-    def _encode(self, frame: Frame) -> None:
-        """Encode `frame` as the new scene; a frame the gate found unchanged (a re-check, a check-now) is no
-        scene change, but an encode all the same."""
-        if frame is self._unencoded:
-            self.metrics.scene_changes.inc()
-        self.metrics.encodes.inc()
-        context = self._engine.encode(frame.image)
-        self._gate.accept(frame.image, frame.ts)
-        self._scene = Scene(context=context, frame_ts=frame.ts, seq=frame.seq, image=frame.image)
-        self._unencoded = None
-        timings = context.timings
+    def _encode(self, frame: Frame | None, turns: list[ViewTurn]) -> None:
+        """Encode the views `turns` need, as one batch: each the view of the frame its gate found changed, else of
+        this turn's new frame (a re-check), else of the newest frame the reader has (a check-now between frames).
+        A frame the gate found unchanged is no scene change, but an encode all the same."""
+        if not turns:
+            return
+        frames = [turn.view.unencoded or frame or self._reader.latest() for turn in turns]
+        contexts = self._engine.encode_views([turn.view.cut(chosen) for turn, chosen in zip(turns, frames)])
+        for turn, chosen, context in zip(turns, frames, contexts):
+            if chosen is turn.view.unencoded:
+                self.metrics.scene_changes.inc()
+            self.metrics.encodes.inc()
+            turn.view.encoded(chosen, context)
+        timings = contexts[0].timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
-    def _answer_standing(self, due: list[Question], forced: list[Question]) -> None:
-        """Publish an answer to each due question, stamped with the newest frame known to show the scene.
+    def _answer_standing(self, view: View, due: list[Question], forced: list[Question]) -> None:
+        """Publish an answer to each due question, stamped with the newest frame known to show the view's scene.
 
         A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
         on another frame), then that answer is reused while the gate finds the scene unchanged. Only an answer
@@ -305,12 +306,12 @@ class Agent:
         answers of `forced` questions (a check-now) are published even when unchanged. The image of a state
         that changed goes out before the state (`_offer_evidence`).
         """
-        scene = self._scene
+        scene = view.scene
         fresh = [q for q in due if q.id not in scene.answers]
         if fresh:
             for question, answer in zip(fresh, self._ask_engine(scene.context, fresh)):
-                scene.answers[question.id] = self._settled(self._message(question, answer), scene.seq)
-                self._offer_evidence(question, scene.answers[question.id])
+                scene.answers[question.id] = self._settled(self._message(question, answer, scene), scene.seq)
+                self._offer_evidence(question, scene)
             self._publish_evidence()
         now = time.monotonic()
         for question in due:
@@ -319,7 +320,7 @@ class Agent:
             )
             self._link.publish_answer(message, force=question in forced)
             self.metrics.answers_published.inc()
-            self._schedule.mark_answered(question.id, now)
+            view.schedule.mark_answered(question.id, now)
 
     def _settled(self, message: AnswerMessage, frame: int) -> AnswerMessage:
         """`message`, an answer computed on frame number `frame`, counted by its question's stable state and
@@ -330,13 +331,14 @@ class Agent:
             message, value=stable.value, state=stable.state, latest_value=message.value, pending=stable.pending
         )
 
-    def _offer_evidence(self, question: Question, message: AnswerMessage) -> None:
-        """Hold the image of the question's view of the scene when `message`, just computed on it, agrees with the
-        published value and that value has no image yet (its first value, or a change)."""
+    def _offer_evidence(self, question: Question, scene: Scene) -> None:
+        """Hold the image of the scene (the question's view) when the question's answer just computed on it agrees
+        with the published value and that value has no image yet (its first value, or a change)."""
+        message = scene.answers[question.id]
         if self.config.evidence.enabled and self._evidence_log.shows_new_value(
             question.id, published=message.value, latest=message.latest_value
         ):
-            self._evidence_pacer.offer(question.id, view_of(self._scene.image, question))
+            self._evidence_pacer.offer(question.id, scene.image)
 
     def _publish_evidence(self) -> None:
         """Publish the held images whose question's `evidence.min_interval_s` is over."""
@@ -345,11 +347,11 @@ class Agent:
             if jpeg is not None:
                 self._link.publish_evidence(question_id, jpeg)
 
-    def _ask_evidence(self, request: AskRequest, question: Question) -> str | None:
+    def _ask_evidence(self, request: AskRequest, scene: Scene) -> str | None:
         """Publish the image an ask was answered on, if it asked for one and evidence is on; return its topic."""
         if not (request.evidence and self.config.evidence.enabled):
             return None
-        jpeg = evidence_jpeg(view_of(self._scene.image, question), self.config.evidence)
+        jpeg = evidence_jpeg(scene.image, self.config.evidence)
         return None if jpeg is None else self._link.publish_ask_evidence(request, jpeg)
 
     def _ask_engine(self, context: FrameContext, questions: list[Question]) -> list[Answer]:
@@ -367,8 +369,8 @@ class Agent:
         )
         return answers
 
-    def _message(self, question: Question, answer: Answer) -> AnswerMessage:
-        """The message for an answer just computed on the current scene."""
+    def _message(self, question: Question, answer: Answer, scene: Scene) -> AnswerMessage:
+        """The message for an answer just computed on `scene`."""
         typed = parse_answer(question, answer.text)
         if not typed.ok:
             log.info(
@@ -384,7 +386,7 @@ class Agent:
             model=self._engine.name,
             scene_changed=True,
             confidence=answer.confidence,
-            **answer_times(self._scene.frame_ts),
+            **answer_times(scene.frame_ts),
         )
 
     # -- controls ----------------------------------------------------------------------------------------
@@ -412,10 +414,11 @@ class Agent:
             self._controls.save()
         for question_id, enabled in changed.items():
             log.info("question %s %s by its switch", question_id, "enabled" if enabled else "disabled")
-            self._schedule.set_enabled(question_id, enabled)
+            self._view_of[question_id].schedule.set_enabled(question_id, enabled)
             self._link.publish_enabled(question_id, enabled)
         pressed = {command.question_id for command in commands if command.kind == CHECK}
-        return [question for question in self._schedule.enabled if None in pressed or question.id in pressed]
+        enabled = [question for view in self._views.values() for question in view.schedule.enabled]
+        return [question for question in enabled if None in pressed or question.id in pressed]
 
     # -- ad hoc questions --------------------------------------------------------------------------------
 
@@ -430,18 +433,18 @@ class Agent:
         """The `count` oldest waiting ad hoc questions, off the queue (only this thread takes from it)."""
         return [self._asks.get_nowait() for _ in range(count)]
 
-    def _answer_asks(self, asks: list[AskRequest]) -> None:
+    def _answer_asks(self, scene: Scene, asks: list[AskRequest]) -> None:
         for request in asks:
             try:
-                self._answer_ask(request)
+                self._answer_ask(request, scene)
             except Exception:  # one odd request must not stop the loop that answers the standing questions
                 log.exception("could not answer the ad hoc question %r", request.question[:80])
                 self._refuse_ask(
                     request, AskRefusal(Refusal.FAILED, "internal error: the agent could not answer this question")
                 )
 
-    def _answer_ask(self, request: AskRequest) -> None:
-        """Answer on the current scene's context (the loop encoded the newest frame first if it changed)."""
+    def _answer_ask(self, request: AskRequest, scene: Scene) -> None:
+        """Answer on the scene of the ask's view (the loop encoded the newest frame first if it changed there)."""
         tokens = len(self._engine.tokenizer.encode(request.question))
         if tokens > ASK_QUESTION_TOKEN_LIMIT:
             self._refuse_ask(
@@ -461,7 +464,7 @@ class Agent:
             self._refuse_ask(request, AskRefusal(Refusal.TOO_LONG, str(too_long)))
             return
         limit = request.max_new_tokens or self.config.model.max_new_tokens
-        answer = self._engine.answer(self._scene.context, [engine_prompt(question, limit)])[0]
+        answer = self._engine.answer(scene.context, [engine_prompt(question, limit)])[0]
         typed = parse_answer(question, answer.text)
         self.metrics.ask_requests.labels(result=ANSWERED).inc()
         self._link.reply(
@@ -472,9 +475,9 @@ class Agent:
                 type=question.type,
                 value=typed.value,
                 confidence=answer.confidence,
-                **answer_times(self._scene.frame_ts),
+                **answer_times(scene.frame_ts),
                 model=self._engine.name,
-                evidence_topic=self._ask_evidence(request, question),
+                evidence_topic=self._ask_evidence(request, scene),
             ),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import numpy as np
@@ -154,11 +155,58 @@ def test_encode_runs_the_vision_encoder_once_and_answer_never(llava, monkeypatch
     assert len(calls) == 1
 
 
-def test_the_vision_encoder_runs_static_tiles(llava, llava_next):
-    """One tile per frame for LLaVA-1.5; LLaVA-NeXT's tile count follows the frame, their size does not."""
-    for engine, tiles in ((llava, 1), (llava_next, -1)):
+@pytest.fixture(scope="module")
+def llava_batching(tiny_llava_fp32) -> Engine:
+    return Engine.load(tiny_llava_fp32, inference_precision="f32", batch_views=True)
+
+
+@pytest.mark.parametrize(("arch", "batched"), [("llava_batching", True), ("llava_next", True), ("llava", False)])
+def test_views_encoded_together_answer_as_each_encoded_alone(request, arch, batched, monkeypatch):
+    """In one batch where the encoder takes one, else tile by tile: the answers are the same."""
+    engine = request.getfixturevalue(arch)
+    views = [random_frame(48, 64, seed=5), random_frame(100, 37, seed=6), random_frame(240, 320, seed=7)]
+    alone = [[a.token_ids for a in engine.answer(engine.encode(view), free(QUESTIONS))] for view in views]
+    calls = []
+    vision = engine._vision
+    monkeypatch.setattr(engine, "_vision", lambda tiles: calls.append(len(tiles)) or vision(tiles))
+    contexts = engine.encode_views(views)
+    together = [[a.token_ids for a in engine.answer(context, free(QUESTIONS))] for context in contexts]
+    assert together == alone
+    if batched:
+        assert len(calls) == 1 and calls[0] >= len(views)  # LLaVA-NeXT: several tiles per view
+    else:
+        assert calls == [1] * len(views)
+
+
+def test_paged_contexts_keep_their_prefixes_side_by_side_until_dropped(llava, monkeypatch):
+    """The views of a frame answer in turn without prefilling their prefixes again; a dropped context's
+    blocks go back to the pool."""
+    language = llava._language
+    tokens = []
+    run = language.run
+    monkeypatch.setattr(
+        language, "run", lambda sequences: tokens.append(sum(len(s.embeds) for s in sequences)) or run(sequences)
+    )
+    one, two = llava.encode_views([random_frame(48, 64, seed=8), random_frame(48, 64, seed=9)])
+    first = [a.token_ids for a in llava.answer(one, free(QUESTIONS))]
+    first_round_tokens = sum(tokens)
+    llava.answer(two, free(QUESTIONS))
+    tokens.clear()
+    assert [a.token_ids for a in llava.answer(one, free(QUESTIONS))] == first
+    assert first_round_tokens - sum(tokens) == one.session.prefix_len  # the prefix was not run again
+    prefix_blocks = len(one.session._prefix_blocks) + len(two.session._prefix_blocks)
+    held = language.pool.capacity - language.pool.free_blocks
+    del one, two
+    gc.collect()
+    assert language.pool.capacity - language.pool.free_blocks <= held - prefix_blocks
+
+
+def test_the_vision_encoder_runs_static_tiles_one_or_a_batch_of_views_at_a_time(llava, llava_batching, llava_next):
+    """The tile's size is fixed; the batch holds one tile, or every tile of the views encoded together (with
+    `batch_views`, and on LLaVA-NeXT whose tile count follows the frame)."""
+    for engine, batch in ((llava, 1), (llava_batching, -1), (llava_next, -1)):
         side = engine.preprocess(np.zeros((8, 8, 3), np.uint8)).pixel_values.shape[-1]
-        assert engine._vision.input(0).get_partial_shape() == ov.PartialShape([tiles, 3, side, side])
+        assert engine._vision.input(0).get_partial_shape() == ov.PartialShape([batch, 3, side, side])
 
 
 class StaticOnlyNpu(ov.Core):

@@ -82,10 +82,11 @@ class SeeingEngine:
         self._engine = engine
         self._bright: dict[int, bool] = {}  # id of a context -> whether its frame is bright
 
-    def encode(self, image):
-        context = self._engine.encode(image)
-        self._bright[id(context)] = float(image.mean()) > (DARK + BRIGHT) / 2
-        return context
+    def encode_views(self, images):
+        contexts = self._engine.encode_views(images)
+        for context, image in zip(contexts, images):
+            self._bright[id(context)] = float(image.mean()) > (DARK + BRIGHT) / 2
+        return contexts
 
     def answer(self, context, prompts):
         text = "yes" if self._bright[id(context)] else "no"

@@ -64,10 +64,10 @@ class RecordingEngine:
         self._encoded: list[tuple[object, float]] = []  # (context, mean grey level of its frame)
         self.answered_on: list[float] = []  # the grey level of the frame behind each answer call's context
 
-    def encode(self, image):
-        context = self._engine.encode(image)
-        self._encoded.append((context, float(image.mean())))
-        return context
+    def encode_views(self, images):
+        contexts = self._engine.encode_views(images)
+        self._encoded += [(context, float(image.mean())) for context, image in zip(contexts, images)]
+        return contexts
 
     def answer(self, context, prompts):
         self.answered_on.append(next(level for encoded, level in self._encoded if encoded is context))

@@ -233,9 +233,9 @@ class RecordingEngine:
         self.name = engine.name
         self.encoded_shapes: list[tuple[int, ...]] = []
 
-    def encode(self, image):
-        self.encoded_shapes.append(image.shape)
-        return self._engine.encode(image)
+    def encode_views(self, images):
+        self.encoded_shapes += [image.shape for image in images]
+        return self._engine.encode_views(images)
 
     def answer(self, context, prompts):
         return self._engine.answer(context, prompts)

@@ -57,9 +57,6 @@ class StallingEngine:
     def release(self) -> None:
         self._released.set()
 
-    def encode(self, image):
-        return self._engine.encode(image)
-
     def answer(self, context, prompts):
         if self._stalling.is_set():
             self.stuck.set()

@@ -140,8 +140,10 @@ class Engine:
         devices: DevicePlan,
         inference_precision: str | None = None,
         system_prompt: str | None = None,
+        batch_views: bool = False,
     ):
         self.model = model
+        self._batch_views = batch_views
         self.devices = devices
         self._core = core
         self.tokenizer = Tokenizer(core, model.graph("tokenizer"), model.graph("detokenizer"))
@@ -154,6 +156,7 @@ class Engine:
             load_language_model, core, model.graph("language"), devices.language, inference_precision
         )
         self._vision = self._compile_vision(inference_precision)
+        self._vision_takes_one_tile = self._vision.input(0).get_partial_shape()[0] == 1
         self._embed = core.compile_model(
             model.graph("text_embeddings"), devices.language, compile_properties(devices.language, inference_precision)
         )
@@ -173,8 +176,11 @@ class Engine:
         cache_dir: str | Path | None = None,
         inference_precision: str | None = None,
         system_prompt: str | None = None,
+        batch_views: bool = False,
     ) -> "Engine":
-        """Open and compile an exported model. `cache_dir` keeps compiled blobs so later starts are fast."""
+        """Open and compile an exported model. `cache_dir` keeps compiled blobs so later starts are fast;
+        `batch_views` compiles the vision encoder for batches of views (`encode_views`), see
+        `_vision_input_shape`."""
         model = ModelDir.open(model_dir)
         core = ov.Core()
         if cache_dir:
@@ -182,7 +188,7 @@ class Engine:
             core.set_property({"CACHE_DIR": str(cache_dir)})
         devices = plan_devices(core, device, vision_device, language_device)
         try:
-            return cls(model, core, devices, inference_precision, system_prompt)
+            return cls(model, core, devices, inference_precision, system_prompt, batch_views)
         except RuntimeError as exc:
             raise load_error(model, exc) from None
 
@@ -213,9 +219,11 @@ class Engine:
     def _vision_input_shape(self) -> list[int] | None:
         """The encoder's input shape to compile, or None to keep the export's dynamic one.
 
-        Static shapes run faster on the CPU (the bench model's encoder by about 3%), and the NPU compiles
-        nothing else: there, one tile at a time. Elsewhere the tile's height and width are fixed where the
-        preprocessor's are, and LLaVA-NeXT's tile count stays open: it follows the frame's shape.
+        Static shapes run faster on the CPU, and the NPU compiles nothing else: there, one tile at a time.
+        Elsewhere the tile's height and width are fixed where the preprocessor's are. The batch is fixed at one
+        tile too, unless the engine encodes several views at a time (`batch_views`) or LLaVA-NeXT's tile count
+        follows each frame's shape: then it holds every tile of the views encoded together. An open batch costs
+        a single view a few percent and saves more on several (docs/ARCHITECTURE.md, "Regions and views").
         """
         tile = self.preprocess.tile_shape
         on_npu = "NPU" in self.devices.vision
@@ -226,7 +234,8 @@ class Engine:
                     "sizes images by the frame's aspect ratio, and the NPU needs one fixed tile shape"
                 )
             return None
-        return [-1 if self.model.model_type == "llava_next" and not on_npu else 1, 3, *tile]
+        open_batch = not on_npu and (self._batch_views or self.model.model_type == "llava_next")
+        return [-1 if open_batch else 1, 3, *tile]
 
     def _first_use(self, submodel: str) -> contextlib.AbstractContextManager:
         """Around a submodel's first inference: let go of its mapped files' pages as the device copies them.
@@ -251,50 +260,72 @@ class Engine:
         The prefix is prefilled with the first questions, in the same pass, unless `prefill` asks for it now
         (benchmarks time it on its own that way).
         """
-        if frame_bgr is None or frame_bgr.size == 0 or frame_bgr.ndim not in (2, 3):
-            raise ValueError("empty or malformed frame")
+        return self.encode_views([frame_bgr], prefill)[0]
+
+    def encode_views(self, views: list[np.ndarray], prefill: bool = False) -> list[FrameContext]:
+        """`encode` for several images at once (the views of one frame): their tiles go through the vision
+        encoder as one batch where the device takes one (`_vision_batches`), and each view gets a context of
+        its own. Their timings are the batch's: every context carries the whole preprocess and vision time.
+        """
+        for view in views:
+            if view is None or view.size == 0 or view.ndim not in (2, 3):
+                raise ValueError("empty or malformed frame")
         with self._lock:
             watch = Stopwatch()
-            prepared = self.preprocess(frame_bgr)
+            prepared = [self.preprocess(view) for view in views]
             preprocess_ms = watch.lap()
             with self._first_use("vision"):
-                features = self._image_features(prepared.pixel_values, prepared.image_size)
+                features = self._image_features(prepared)
             vision_ms = watch.lap()
             prefix_ids = self._prefix_ids()
-            prefix_embeds = np.concatenate([self._embed_ids(prefix_ids[None]), features[None]], axis=1)
-            session = self._language.session(prefix_embeds)
-            prefix_ms = 0.0
-            if prefill:
-                with self._first_use("language"):
-                    session.prefill_prefix()
-                prefix_ms = watch.lap()
-            timings = Timings(preprocess_ms=preprocess_ms, vision_ms=vision_ms, prefix_ms=prefix_ms)
-        return FrameContext(
-            prefix_ids=prefix_ids,
-            prefix_embeds=prefix_embeds,
-            image_tokens=len(features),
-            image_size=prepared.image_size,
-            timings=timings,
-            session=session,
-        )
+            before_image = self._embed_ids(prefix_ids[None])
+            contexts = []
+            for view_prepared, view_features in zip(prepared, features):
+                prefix_embeds = np.concatenate([before_image, view_features[None]], axis=1)
+                session = self._language.session(prefix_embeds)
+                prefix_ms = 0.0
+                if prefill:
+                    with self._first_use("language"):
+                        session.prefill_prefix()
+                    prefix_ms = watch.lap()
+                timings = Timings(preprocess_ms=preprocess_ms, vision_ms=vision_ms, prefix_ms=prefix_ms)
+                contexts.append(
+                    FrameContext(
+                        prefix_ids=prefix_ids,
+                        prefix_embeds=prefix_embeds,
+                        image_tokens=len(view_features),
+                        image_size=view_prepared.image_size,
+                        timings=timings,
+                        session=session,
+                    )
+                )
+        return contexts
 
-    def _image_features(self, pixel_values: np.ndarray, image_size) -> np.ndarray:
-        if "NPU" in self.devices.vision:
-            tiles = [self._vision(tile[None])[0] for tile in pixel_values]
-            features = np.concatenate(tiles, axis=0)
-        else:
-            features = self._vision(pixel_values)[0]
-        if self.model.model_type == "llava_next":
-            tile_px = pixel_values.shape[-1]
-            return pack_anyres(
-                features,
-                image_size,
+    def _image_features(self, prepared: list) -> list[np.ndarray]:
+        """The image features [tokens, hidden] of each preprocessed view, all views' tiles encoded together."""
+        tiles = np.concatenate([view.pixel_values for view in prepared])
+        features = np.concatenate([self._vision(batch)[0] for batch in self._vision_batches(tiles)])
+        per_view = np.split(features, np.cumsum([len(view.pixel_values) for view in prepared])[:-1])
+        if self.model.model_type != "llava_next":
+            return [view_features[0] for view_features in per_view]
+        return [
+            pack_anyres(
+                view_features,
+                view.image_size,
                 self.preprocess.settings.grid_pinpoints,
-                tile_px,
+                tiles.shape[-1],
                 self.model.vision_grid,
                 self.model.image_newline,
             )
-        return features[0]
+            for view, view_features in zip(prepared, per_view)
+        ]
+
+    def _vision_batches(self, tiles: np.ndarray) -> list[np.ndarray]:
+        """`tiles` [N, 3, H, W] as the vision encoder takes them: all at once, or one by one where its batch is
+        fixed at 1 (on the NPU)."""
+        if self._vision_takes_one_tile:
+            return [tile[None] for tile in tiles]
+        return [tiles]
 
     def _split_prompt(self, question: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of the templated prompt before and after the image placeholder."""

@@ -17,12 +17,19 @@ The calls of a round:
   partly filled last block copied) in blocks given back as soon as the call's logits are read;
 - then each decode step appends one token to each unfinished answer's sequence.
 A sequence sees exactly its own tokens, so nothing from other answers or earlier rounds needs masking.
+
+Every live session keeps its prefix's blocks in the one pool, so the views of a frame (and later frames)
+answer in turn without prefilling their prefixes again; a session's blocks go back to the pool when the
+session is dropped. Only the answers of the last round are per call: a session that takes its turn gives
+back the rows of the session before it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -62,7 +69,7 @@ class BlockPool:
     """The cache blocks of every layer, as host tensors of the one infer request, and which are free.
 
     The pool grows on demand (existing blocks keep their contents); blocks are handed out and given back
-    by index.
+    by index. A dropped session gives its blocks back from whichever thread drops it, hence the lock.
     """
 
     def __init__(self, compiled: ov.CompiledModel, request: ov.InferRequest):
@@ -73,11 +80,13 @@ class BlockPool:
         self._tensors = []
         self.capacity = 0
         self._free: list[int] = []
+        self._lock = threading.Lock()
 
     def take(self, count: int) -> list[int]:
-        if count > len(self._free):
-            self._grow(max(self.capacity + count - len(self._free), self.capacity * 3 // 2))
-        taken, self._free = self._free[:count], self._free[count:]
+        with self._lock:
+            if count > len(self._free):
+                self._grow(max(self.capacity + count - len(self._free), self.capacity * 3 // 2))
+            taken, self._free = self._free[:count], self._free[count:]
         return taken
 
     @property
@@ -85,10 +94,8 @@ class BlockPool:
         return len(self._free)
 
     def give_back(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
-
-    def reset(self) -> None:
-        self._free = list(range(self.capacity))
+        with self._lock:
+            self._free.extend(blocks)
 
     def copy(self, source: int, targets: list[int]) -> None:
         """Copy block `source` (every layer's keys and values) into each of `targets`."""
@@ -138,7 +145,16 @@ class PagedLanguageModel:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.pool = BlockPool(compiled, self.request)
-        self.cache_owner: PagedSession | None = None
+        self._cache_owner = lambda: None  # a weak reference: a dropped session gives its blocks back at once
+
+    @property
+    def cache_owner(self) -> PagedSession | None:
+        """The session whose turn it is (its last round's rows are in the pool), while it lives."""
+        return self._cache_owner()
+
+    @cache_owner.setter
+    def cache_owner(self, session: PagedSession) -> None:
+        self._cache_owner = weakref.ref(session)
 
     def session(self, prefix: np.ndarray) -> "PagedSession":
         """A session for one frame's prefix embeddings [1, P, hidden]; nothing is computed yet."""
@@ -166,6 +182,30 @@ class PagedLanguageModel:
         return self.request.get_tensor("logits").data[:, 0].copy()
 
 
+@dataclass
+class HeldBlocks:
+    """The blocks a session holds in the pool, apart from the session, so they can go back when it is dropped."""
+
+    prefix: list[int] = field(default_factory=list)  # empty: the prefix is not cached
+    rows: list[tuple[list[int], int]] = field(default_factory=list)  # per row: its blocks, its length
+
+    def past_prefix(self, blocks: list[int]) -> list[int]:
+        """A row's blocks that are not the prefix's."""
+        return [block for block in blocks if block not in self.prefix]
+
+    def drop_rows(self, pool: BlockPool) -> None:
+        """Give back the blocks of the last round's answers (never the prefix's)."""
+        for blocks, _ in self.rows:
+            pool.give_back(self.past_prefix(blocks))
+        self.rows = []
+
+    def release(self, pool: BlockPool) -> None:
+        """Give back every block."""
+        self.drop_rows(pool)
+        pool.give_back(self.prefix)
+        self.prefix = []
+
+
 class PagedSession:
     """One frame's prefix in the pool's blocks, and the blocks of the answers of its last round (a
     `session.LanguageSession`): row i is question i of the last round, or `rows[i]` of the last step.
@@ -175,24 +215,35 @@ class PagedSession:
         self._model = model
         self._prefix = prefix[0]  # [P, hidden]
         self.prefix_len = len(self._prefix)
-        self._prefix_blocks: list[int] = []  # empty: the prefix is not cached
-        self._rows: list[tuple[list[int], int]] = []  # per row: its blocks, its length (prefix included)
+        self._held = HeldBlocks()
+        weakref.finalize(self, self._held.release, model.pool).atexit = False
 
     @property
     def _pool(self) -> BlockPool:
         return self._model.pool
 
+    @property
+    def _prefix_blocks(self) -> list[int]:
+        return self._held.prefix
+
+    @property
+    def _rows(self) -> list[tuple[list[int], int]]:
+        return self._held.rows
+
+    @property
+    def prefix_cached(self) -> bool:
+        """Whether the prefix is in the pool (the next questions need not prefill it)."""
+        return bool(self._held.prefix)
+
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again, with the first of them."""
         self._take_over_cache()
-        self._drop_rows()
-        self._pool.give_back(self._prefix_blocks)
-        self._prefix_blocks = []
+        self._held.release(self._pool)
 
     def prefill_prefix(self) -> None:
         """Cache the prefix on its own, now (the first question would otherwise bring it along)."""
         self.restart()
-        self._prefix_blocks = self._pool.take(self._pool.blocks_for(self.prefix_len))
+        self._held.prefix = self._pool.take(self._pool.blocks_for(self.prefix_len))
         self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
 
     def prefill_questions(
@@ -211,7 +262,7 @@ class PagedSession:
         """
         reduce = reduce or (lambda index, logits: logits)
         self._take_over_cache()
-        self._drop_rows()
+        self._held.drop_rows(self._pool)
         first_branch_of_row: dict[int, int] = {}  # question row -> its first branch, riding in its sequence
         for index, (row, _) in enumerate(branches):
             first_branch_of_row.setdefault(row, index)
@@ -226,7 +277,7 @@ class PagedSession:
         results += self._run_each(later)
         sequences += later
         for job, sequence in zip(jobs, sequences):
-            self._rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
+            self._held.rows.append((sequence.blocks, self.prefix_len + len(questions[job.row])))
         branch_scores = {
             job.branch: reduce(job.branch, result[1:]) for job, result in zip(jobs, results) if job.branch is not None
         }
@@ -273,8 +324,8 @@ class PagedSession:
         kept = {int(row) for row in rows}
         for row, (blocks, _) in enumerate(self._rows):
             if row not in kept:
-                self._pool.give_back(self._blocks_past_prefix(blocks))
-        self._rows = [self._rows[row] for row in rows]
+                self._pool.give_back(self._held.past_prefix(blocks))
+        self._held.rows = [self._rows[row] for row in rows]
         sequences = []
         for index, (blocks, length) in enumerate(self._rows):
             if length == len(blocks) * self._pool.block_size:
@@ -286,18 +337,18 @@ class PagedSession:
     # -- bookkeeping -------------------------------------------------------------------------------------
 
     def _take_over_cache(self) -> None:
-        """Make the pool this session's; if another session has used it since, our cached prefix is gone."""
-        if self._model.cache_owner is not self:
+        """Take the turn: the session before gives back its last round's rows; every prefix stays cached."""
+        owner = self._model.cache_owner
+        if owner is not self:
+            if owner is not None:
+                owner._held.drop_rows(self._pool)
             self._model.cache_owner = self
-            self._pool.reset()
-            self._prefix_blocks = []
-            self._rows = []
 
     def _with_prefix(self, tokens: np.ndarray, logits_at: list[int]) -> Sequence:
         """The prefix with `tokens` (the first question, and its riding branch) after it, as one sequence: the
         prefix's blocks, the first question's row continuing in the last of them."""
         blocks = self._pool.take(self._pool.blocks_for(self.prefix_len + len(tokens)))
-        self._prefix_blocks = blocks[: self._pool.blocks_for(self.prefix_len)]
+        self._held.prefix = blocks[: self._pool.blocks_for(self.prefix_len)]
         return Sequence(np.concatenate([self._prefix, tokens]), 0, blocks, 0, [self.prefix_len + i for i in logits_at])
 
     def _run_each(self, sequences: list[Sequence]) -> list[np.ndarray]:
@@ -314,16 +365,6 @@ class PagedSession:
         if full < len(self._prefix_blocks):  # the prefix's partly filled last block: each sequence its own copy
             self._pool.copy(self._prefix_blocks[full], own[:1])
         return Sequence(tokens, self.prefix_len, self._prefix_blocks[:full] + own, self.prefix_len, logits_at)
-
-    def _blocks_past_prefix(self, blocks: list[int]) -> list[int]:
-        """A row's blocks that are not the prefix's."""
-        return [block for block in blocks if block not in self._prefix_blocks]
-
-    def _drop_rows(self) -> None:
-        """Give back the blocks of the last round's answers (never the prefix's)."""
-        for blocks, _ in self._rows:
-            self._pool.give_back(self._blocks_past_prefix(blocks))
-        self._rows = []
 
 
 def load_language_model(
