@@ -164,6 +164,24 @@ def test_an_ask_from_the_page_is_answered_with_its_image_and_rate_limited_like_m
     assert limited >= 1
 
 
+def test_live_updates_stream_the_snapshot_as_server_sent_events(page_agent):
+    agent, _ = page_agent
+    head = f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{agent.web_port}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", agent.web_port), timeout=RESPONSE_TIMEOUT_S) as connection:
+        connection.sendall(head.encode())
+        received = b""
+        while received.count(b"\n\n") < 2:  # the end of the headers and of the first event
+            received += connection.recv(65536)
+    headers, _, events = received.partition(b"\r\n\r\n")
+    assert b"Content-Type: text/event-stream" in headers
+    event, data = events.split(b"\n")[:2]
+    assert event == b"event: state"
+    snapshot = json.loads(data.removeprefix(b"data: "))
+    assert [question["id"] for question in snapshot["questions"]] == ["door_open", "people", "cup", "scene"]
+    assert snapshot["mqtt"]["connected"] is True and snapshot["cameras"][0]["id"] == "camera"
+    assert "csrf_token" not in snapshot
+
+
 def test_the_region_endpoint_gives_a_checked_line_for_config_yaml(page_agent):
     agent, _ = page_agent
     port = agent.web_port
@@ -216,7 +234,7 @@ bodies = (
     ),
 )
 def test_no_request_to_any_endpoint_earns_a_server_error_or_a_traceback(
-    page_agent, caplog, method, path, body, with_token, extra
+    page_agent, caplog, capfd, method, path, body, with_token, extra
 ):
     agent, running = page_agent
     port = agent.web_port
@@ -226,6 +244,7 @@ def test_no_request_to_any_endpoint_earns_a_server_error_or_a_traceback(
         status, reply = request(port, method, path, body, extra_clean)
     assert status != 0 and status < 500 or status in (501, 503), (status, reply)
     assert not [record for record in caplog.records if record.exc_info], "a traceback in the log"
+    assert "Traceback" not in capfd.readouterr().err
     assert running.running
 
 

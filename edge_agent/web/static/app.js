@@ -50,7 +50,7 @@ function setImage(img, url) {
 
 function render(snapshot) {
   $("agent").textContent = `edge-agent · ${snapshot.agent.id}`;
-  $("model").textContent = `${snapshot.agent.model} on ${snapshot.agent.device}`;
+  $("model").textContent = `model ${snapshot.agent.model} on ${snapshot.agent.device} ·`;
   const mqtt = snapshot.mqtt;
   $("mqtt").textContent = `MQTT ${mqtt.connected ? "connected" : "disconnected"} · ${mqtt.queued} queued`;
   $("mqtt").className = `pill ${mqtt.connected ? "ok" : "bad"}`;
