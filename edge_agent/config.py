@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -252,6 +253,16 @@ def listen_address(value: str) -> str | None:
     if not value or split_host_port(value):
         return None
     return "must be host:port (e.g. 127.0.0.1:9464), or empty to disable"
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1); a host name is taken as not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # Secrets -----------------------------------------------------------------------------------------
@@ -740,6 +751,34 @@ class EvidenceSettings(Settings):
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WebSettings(Settings):
+    """The status page the agent serves: what it sees and answered, asks, switches and the region helper."""
+
+    enabled: bool = setting(True, "Serve the status page.")
+    listen: str = setting(
+        "127.0.0.1:8470",
+        "host:port of the status page; an address beyond loopback needs password_file.",
+        check=all_of(not_blank, listen_address),
+    )
+    password_file: Optional[str] = setting(
+        None,
+        "File holding the page's password (HTTP Basic, any user name); relative paths resolve in "
+        "$CREDENTIALS_DIRECTORY under systemd; null = no password (loopback only).",
+        check=not_blank,
+    )
+
+    def check_together(self) -> None:
+        host, _ = split_host_port(self.listen)
+        if self.enabled and not self.password_file and not is_loopback(host):
+            reason = f"{self.listen} is reachable from the network: set web.password_file too (or listen on 127.0.0.1)"
+            raise InvalidValue("listen", reason)
+
+    def password(self) -> str | None:
+        """The page's password read from `password_file`, or None without one; never kept in the section."""
+        return read_secret(self.password_file, "web.password_file") if self.password_file else None
+
+
 DIAGNOSTIC_ENTITY_IDS = ("camera_connected", "answer_latency")
 """The ids of the agent's diagnostic entities in Home Assistant (`mqtt.discovery.diagnostic_configs`), which
 share the namespace of question ids (config topic, unique id): no question may take them."""
@@ -779,6 +818,7 @@ class Config(Settings):
         check=not_blank,
     )
     evidence: EvidenceSettings = setting_from(EvidenceSettings, "The image behind each answer: what the model saw.")
+    web: WebSettings = setting_from(WebSettings, "The status page served by the agent.")
 
     def check_together(self) -> None:
         ids = [question.id for question in self.questions]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from collections.abc import Mapping
@@ -10,6 +9,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
+from edge_agent.config import is_loopback
 from edge_agent.errors import UserError
 from edge_agent.mqtt.ask import ASK_RESULTS
 
@@ -126,13 +126,3 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not colon or not host or not port.isdigit() or int(port) > 65535 or ("[" in host or "]" in host):
         raise UserError(f"metrics.listen {listen!r}: expected host:port such as {DEFAULT_LISTEN} or [::1]:9464")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1); a host name is taken as not loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -47,6 +47,8 @@ from .mqtt.commands import CHECK, Command
 from .questions import build_prompt, kind_of, parse_answer, state_string
 from .scene import Scene, View, views_of
 from .stable import StableState
+from .status import CAMERA, StatusBoard
+from .web import PageReply, StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ class Agent:
         self.watchdog = systemd.Watchdog.from_environment()
         self._engine = engine
         self.metrics_port: int | None = None  # where the metrics endpoint listens, once started
+        self.web_port: int | None = None  # where the status page listens, once started
+        self.board = StatusBoard(config, self.metrics)
+        self._web: StatusServer | None = None
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
         self._commands: queue.Queue[Command] = queue.Queue(maxsize=COMMAND_QUEUE_LIMIT)
@@ -154,8 +159,11 @@ class Agent:
         self._link.set_entities([entity_spec(q) for q in self.config.questions], evidence=self.config.evidence.enabled)
         for question_id, enabled in self._controls.states.items():
             self._link.publish_enabled(question_id, enabled)
+            self.board.enabled(question_id, enabled)
         self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
+        self.board.started(self._engine.name, cameras={CAMERA: self._reader.latest})
         self._reader.start()
+        self._start_web()
         for loop in ("capture", "inference"):
             self.watchdog.register(loop)
         self.watchdog.start()
@@ -169,6 +177,21 @@ class Agent:
             len([view for view in self._views.values() if view.schedule.questions]),
         )
         return True
+
+    def _start_web(self) -> None:
+        """Serve the status page, whose asks and commands take the same paths as MQTT's."""
+        if not self.config.web.enabled:
+            return
+        self._web = StatusServer(
+            self.config.web,
+            self.board,
+            self.config.mqtt,
+            frozenset(question.id for question in self.config.questions),
+            on_ask=self._enqueue_ask,
+            on_command=self._enqueue_command,
+            on_refused=self._count_refusal,
+        )
+        self.web_port = self._web.start()
 
     def _load_controls(self) -> None:
         """Which questions are enabled, as saved in the state directory (all, without a saved state)."""
@@ -209,6 +232,8 @@ class Agent:
         self.watchdog.stop()
         if self._reader is not None:
             self._reader.stop(timeout=CAMERA_STOP_WAIT_S)
+        if self._web is not None:
+            self._web.stop()
         if self._link is not None:
             self._link.stop()
         self.metrics.stop()
@@ -319,6 +344,7 @@ class Agent:
                 scene.answers[question.id], scene_changed=question in fresh, **answer_times(scene.frame_ts)
             )
             self._link.publish_answer(message, force=question in forced)
+            self.board.answer(message)
             self.metrics.answers_published.inc()
             view.schedule.mark_answered(question.id, now)
 
@@ -346,13 +372,14 @@ class Agent:
             jpeg = evidence_jpeg(view, self.config.evidence)
             if jpeg is not None:
                 self._link.publish_evidence(question_id, jpeg)
+                self.board.evidence(question_id, jpeg)
 
     def _ask_evidence(self, request: AskRequest, scene: Scene) -> str | None:
         """Publish the image an ask was answered on, if it asked for one and evidence is on; return its topic."""
         if not (request.evidence and self.config.evidence.enabled):
             return None
         jpeg = evidence_jpeg(scene.image, self.config.evidence)
-        return None if jpeg is None else self._link.publish_ask_evidence(request, jpeg)
+        return None if jpeg is None else self._reply_channel(request).publish_ask_evidence(request, jpeg)
 
     def _ask_engine(self, context: FrameContext, questions: list[Question]) -> list[Answer]:
         default = self.config.model.max_new_tokens
@@ -416,6 +443,7 @@ class Agent:
             log.info("question %s %s by its switch", question_id, "enabled" if enabled else "disabled")
             self._view_of[question_id].schedule.set_enabled(question_id, enabled)
             self._link.publish_enabled(question_id, enabled)
+            self.board.enabled(question_id, enabled)
         pressed = {command.question_id for command in commands if command.kind == CHECK}
         enabled = [question for view in self._views.values() for question in view.schedule.enabled]
         return [question for question in enabled if None in pressed or question.id in pressed]
@@ -467,7 +495,7 @@ class Agent:
         answer = self._engine.answer(scene.context, [engine_prompt(question, limit)])[0]
         typed = parse_answer(question, answer.text)
         self.metrics.ask_requests.labels(result=ANSWERED).inc()
-        self._link.reply(
+        self._reply_channel(request).reply(
             request,
             AskReply(
                 question=request.question,
@@ -484,7 +512,11 @@ class Agent:
     def _refuse_ask(self, request: AskRequest, refusal: AskRefusal) -> None:
         """Count the refusal by its reason and tell the requester why."""
         self._count_refusal(refusal.reason)
-        self._link.reply(request, refusal)
+        self._reply_channel(request).reply(request, refusal)
+
+    def _reply_channel(self, request: AskRequest) -> AgentLink | PageReply:
+        """Where an ask's answer and image go: back to the status page that asked, else over MQTT."""
+        return request.reply if isinstance(request.reply, PageReply) else self._link
 
     def _count_refusal(self, reason: Refusal) -> None:
         """Count a refused ask, the service's or the link's (then on the MQTT network thread)."""
@@ -494,6 +526,7 @@ class Agent:
 
     def _on_camera_status(self, online: bool) -> None:
         self.metrics.camera_up.set(1 if online else 0)
+        self.board.camera_status(CAMERA, online)
         if self._link is not None:
             self._link.publish_camera(online)
         if online:

@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-# The broker, test videos, systemd-analyze for the unit file, openssl for test certificates, and GStreamer's RTSP server for a test camera.
+# The broker, test videos, systemd-analyze for the unit file, openssl for test certificates, GStreamer's RTSP server for
+# a test camera, and headless Chromium with its WebDriver for the status page's browser tests.
 DEBIAN_PACKAGES=(mosquitto ffmpeg systemd openssl gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base
-                 gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)
+                 gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly chromium chromium-driver)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

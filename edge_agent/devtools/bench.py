@@ -270,6 +270,7 @@ def startup_config(settings: BenchSettings, video: Path, broker: BrokerAddress, 
         "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol, "discovery": False},
         "questions": [{"id": "first", "question": standing_questions(1)[0], "type": "text"}],
         "metrics": {"listen": None},
+        "web": {"enabled": False},
     }
 
 

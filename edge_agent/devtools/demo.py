@@ -77,6 +77,7 @@ def demo_config(model: pathlib.Path, video: pathlib.Path, broker: BrokerAddress)
         "scene_gate": {"threshold": 0.02, "max_unchanged_s": 0},
         "questions": [dict(q, every=1.0) for q in DEMO_QUESTIONS],
         "metrics": {"listen": None},
+        "web": {"enabled": False},
     }
 
 

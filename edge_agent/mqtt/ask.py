@@ -223,22 +223,13 @@ class ReceivedAsk:
         try:
             if self._reply_problem is not None:
                 raise BadRequest(self._reply_problem)
-            fields = self._fields
-            return AskRequest(
-                question=_question(fields),
-                reply=self.reply,
-                max_new_tokens=_max_new_tokens(fields),
-                type=_optional_str(fields, "type"),
-                options=_options(fields),
-                evidence=_evidence(fields),
-                region=_region(fields),
-            )
+            return request_from(self._fields, self.reply)
         except BadRequest as error:
             raise BadRequest(error.reason, self.reply) from None
 
     @functools.cached_property
     def _fields(self) -> dict:
-        return _json_object(self._payload)
+        return json_object(self._payload)
 
     def _find_reply(self) -> ReplyAddress | None:
         try:
@@ -267,6 +258,33 @@ def parse_ask(payload: bytes, properties: Properties | None) -> AskRequest:
     return ReceivedAsk(payload, properties).request()
 
 
+def request_from(fields: dict, reply: ReplyAddress) -> AskRequest:
+    """The question a request's JSON object asks, answered to `reply`; `BadRequest` naming the first problem.
+    The status page's asks are checked by it too (`edge_agent.web`), as they arrive over HTTP."""
+    return AskRequest(
+        question=_question(fields),
+        reply=reply,
+        max_new_tokens=_max_new_tokens(fields),
+        type=_optional_str(fields, "type"),
+        options=_options(fields),
+        evidence=_evidence(fields),
+        region=region_field(fields),
+    )
+
+
+def json_object(payload: bytes) -> dict:
+    """The request's JSON object; `BadRequest` when it is too large, not JSON or not an object."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
+    try:
+        fields = json.loads(payload)
+    except (ValueError, RecursionError):  # not UTF-8 or JSON, an integer over 4,300 digits, nesting too deep
+        raise BadRequest("request is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise BadRequest("request must be a JSON object")
+    return fields
+
+
 def request_message(question: str, reply_topic: str) -> tuple[bytes, Properties]:
     """The requester's side: a request payload and its MQTT 5 properties, with a fresh correlation id.
 
@@ -290,18 +308,6 @@ def reply_message(reply: ReplyAddress, message: AskReply | AskRefusal) -> tuple[
     if reply.echoed_id is not None:
         body["correlation_id"] = reply.echoed_id
     return strict_json(body).encode(), properties
-
-
-def _json_object(payload: bytes) -> dict:
-    if len(payload) > MAX_REQUEST_BYTES:
-        raise BadRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
-    try:
-        fields = json.loads(payload)
-    except (ValueError, RecursionError):  # not UTF-8 or JSON, an integer over 4,300 digits, nesting too deep
-        raise BadRequest("request is not valid JSON") from None
-    if not isinstance(fields, dict):
-        raise BadRequest("request must be a JSON object")
-    return fields
 
 
 def _reply_topic(topic: object, source: str) -> str:
@@ -371,7 +377,7 @@ def _evidence(fields: dict) -> bool:
     return value
 
 
-def _region(fields: dict) -> Region | None:
+def region_field(fields: dict) -> Region | None:
     """The request's region, checked as a config question's is (`config.region_problem`)."""
     value = fields.get("region")
     if value is None:

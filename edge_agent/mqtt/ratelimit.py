@@ -52,6 +52,10 @@ class RequestRateLimit:
         bucket.tokens -= 1
         return True
 
+    def exhausted(self, requester: str) -> bool:
+        """Whether `requester`'s bucket is empty now (taking nothing from it)."""
+        return self._bucket(requester).tokens < 1
+
     def _bucket(self, requester: str) -> _Bucket:
         now = self._clock()
         bucket = self._buckets.pop(requester, None)

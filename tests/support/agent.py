@@ -67,6 +67,7 @@ def agent_config(model, broker, video, **overrides) -> dict:
         "mqtt": {"host": broker.host, "port": broker.port},
         "questions": QUESTIONS,
         "metrics": {"listen": "127.0.0.1:0"},
+        "web": {"listen": "127.0.0.1:0"},
     }
     for section, values in overrides.items():
         config[section] = {**config[section], **values} if isinstance(values, dict) else values

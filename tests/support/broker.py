@@ -218,6 +218,15 @@ def broker(make_broker) -> Broker:
     return make_broker()
 
 
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory) -> Broker:
+    """One broker for a module's tests that share one running agent (started once: a model load is slow)."""
+    broker = Broker(tmp_path_factory.mktemp("mosquitto"), persistence=False)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture
 def subscriber():
     subscribers: list[Subscriber] = []
