@@ -12,6 +12,8 @@ import json
 import logging
 import socket
 
+import cv2
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +23,7 @@ from edge_agent.errors import UserError
 from edge_agent.web.server import MAX_BODY_BYTES
 from tests.support.agent import RunningAgent, agent_config, topic
 from tests.support.broker import wait_until
+from tests.support.videos import FRAME_SIZE
 
 PASSWORD = "correct horse battery staple"
 ENDPOINTS = ("/", "/static/app.js", "/api/state", "/api/frame/camera.jpg", "/api/evidence/door_open.jpg")
@@ -152,12 +155,15 @@ def test_an_ask_from_the_page_is_answered_with_its_image_and_rate_limited_like_m
     agent, _ = page_agent
     port = agent.web_port
     headers = action_headers(port, csrf_token(port))
-    ask = json.dumps({"question": "Is the door open?", "type": "yes_no", "region": [0, 0, 0.5, 0.5]}).encode()
+    ask = json.dumps({"question": "Is the door open?", "type": "yes_no", "region": [0, 0, 0.5, 1]}).encode()
     status, body = request(port, "POST", "/api/ask", ask, headers)
     reply = json.loads(body)
     assert status == 200, reply
     assert reply["type"] == "yes_no" and reply["value"] in (True, False) and reply["answer"]
     assert reply["evidence"].startswith("data:image/jpeg;base64,")
+    jpeg = base64.b64decode(reply["evidence"].removeprefix("data:image/jpeg;base64,"))
+    shown = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert shown.shape[:2] == (FRAME_SIZE[1], FRAME_SIZE[0] // 2)  # the region's crop: the left half
     statuses = [request(port, "POST", "/api/ask", ask, headers)[0] for _ in range(agent.config.mqtt.ask_burst + 1)]
     assert statuses[-1] == 429
     limited = agent.metrics.registry.get_sample_value("edge_agent_ask_requests_total", {"result": "rate_limited"})
