@@ -289,3 +289,28 @@ def test_turning_evidence_off_empties_the_retained_images_of_the_questions(broke
     later = subscriber(broker, image)
     time.sleep(1.0)  # a retained image would arrive at once on subscribing
     assert later.on(image) == []
+
+
+def test_the_retained_image_of_a_question_removed_from_the_config_is_emptied_and_the_others_stay(
+    broker, subscriber, make_link
+):
+    door = EntitySpec("door_open", "Is the door open?", "yes_no", "door")
+    light = EntitySpec("light", "Is the light on?", "yes_no", None)
+    images = "edge-agent/kitchen/evidence/#"
+    first_run = make_link(broker)
+    first_run.set_entities([door, light], evidence=True)
+    first_run.publish_camera(True)
+    for entity in (door, light):
+        first_run.publish_evidence(entity.question_id, evidence_jpeg(scene(DARK), EvidenceSettings()))
+    listener = subscriber(broker, images)
+    wait_until(lambda: len(listener.messages) == 2, timeout=10, what="both retained images")
+    first_run.stop()
+
+    second_run = make_link(broker)
+    second_run.set_entities([door], evidence=True)
+    second_run.publish_camera(True)
+
+    assert listener.next("edge-agent/kitchen/evidence/light").payload  # the retained image, as it was
+    assert listener.next("edge-agent/kitchen/evidence/light").payload == b""
+    time.sleep(0.5)
+    assert [m.payload for m in listener.on("edge-agent/kitchen/evidence/door_open") if not m.payload] == []

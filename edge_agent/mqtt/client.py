@@ -58,6 +58,7 @@ from edge_agent.mqtt.discovery import (
     config_topic,
     diagnostic_configs,
     evidence_configs,
+    evidence_question,
     read_announced,
     status_topic,
 )
@@ -402,10 +403,15 @@ class AgentLink:
         self._publish_announced()
 
     def _forget_gone_entities(self) -> None:
+        """Empty the configs of entities announced before and not now, and the retained image of a question that
+        is gone (a camera image would otherwise stay readable on the broker with nothing showing it)."""
         why = "its question or control is gone" if self._settings.discovery else "discovery is off"
         for topic in sorted(self._announced - self._configs.keys()):
             logger.info("MQTT discovery: removing %s (%s)", topic, why)
             self._publish(topic, b"")
+            question_id = evidence_question(self._settings.discovery_prefix, self._topics.agent_id, topic)
+            if question_id is not None and question_id not in self._question_ids:
+                self._publish(self._topics.evidence(question_id), b"")
         self._announced = set(self._configs)
 
     def _publish_announced(self) -> None:

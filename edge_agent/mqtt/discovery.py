@@ -210,6 +210,14 @@ def evidence_configs(prefix: str, topics: AgentTopics, model_name: str, entities
     return configs
 
 
+def evidence_question(prefix: str, agent_id: str, config_topic: str) -> str | None:
+    """The question whose image entity `config_topic` announces (`evidence_configs`), or None for other topics."""
+    head, tail = f"{prefix}/{EVIDENCE_COMPONENT}/{agent_id}_", f"{EVIDENCE_SUFFIX}/config"
+    if not (config_topic.startswith(head) and config_topic.endswith(tail)):
+        return None
+    return config_topic[len(head) : -len(tail)] or None
+
+
 def default_entity_id(component_name: str, topics: AgentTopics, object_id: str) -> str:
     """The entity id Home Assistant (2025.10 and later) gives a new entity: short and stable
     (`binary_sensor.<agent>_<object_id>`), where older releases derive it from the entity's name. Written as
