@@ -23,6 +23,7 @@ from edge_agent.devtools.loopback import BrokerAddress
 from edge_agent.devtools.scenes import Moment, SyntheticScene, render, scene_timeline
 from edge_agent.devtools.scenes import write_video as write_story
 from edge_agent.errors import UserError
+from edge_agent.mqtt.ask import request_message
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config, answered_since, write_video
 from tests.support.broker import wait_until
 
@@ -141,6 +142,40 @@ def test_each_camera_is_a_home_assistant_device_linked_to_the_agent_and_availabl
     assert listener.on(f"edge-agent/{AGENT}/camera/hall")[0].payload == b"online"
     assert not listener.on(f"edge-agent/{AGENT}/camera")  # the single form's topic: not with cameras:
     assert not listener.on(f"homeassistant/binary_sensor/{AGENT}_camera_connected/config")
+
+
+def test_an_ask_naming_a_camera_is_answered_on_that_cameras_frame_and_an_unknown_camera_is_refused(
+    broker, subscriber, tiny_llava_int8, tiny_engine, tmp_path
+):
+    reply_topic = "cameras-test/reply"
+    cameras = []
+    for name, grey in (("dark", 30), ("light", 220)):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((96, 128, 3), grey, np.uint8))
+        question = question_about(name, QUESTIONS[0])
+        cameras.append({"id": name, "source": str(tmp_path / f"{name}.png"), "fps": 2, "questions": [question]})
+    listener = subscriber(broker, reply_topic, f"{reply_topic}/evidence", f"edge-agent/{AGENT}/answers/#")
+
+    def ask(**fields) -> dict:
+        payload, properties = request_message("Is it lit?", reply_topic)
+        request = {**json.loads(payload), "evidence": True, **fields}
+        listener.publish(f"edge-agent/{AGENT}/ask", json.dumps(request).encode(), properties=properties)
+        return json.loads(listener.next(reply_topic, timeout=30).payload)
+
+    with RunningAgent(cameras_config(tiny_llava_int8, broker, cameras), engine=tiny_engine) as agent:
+        wait_until(lambda: listener.on(f"edge-agent/{AGENT}/answers/light_door_open"), timeout=30, what="answers")
+        answered = ask(camera="light")
+        image = cv2.imdecode(
+            np.frombuffer(listener.next(f"{reply_topic}/evidence").payload, np.uint8), cv2.IMREAD_GRAYSCALE
+        )
+        refused = ask(camera="attic")
+        latency_count = agent.metrics.registry.get_sample_value(
+            "edge_agent_answer_latency_seconds_count", {"camera": "dark"}
+        )
+        waits = agent.metrics.registry.get_sample_value("edge_agent_queue_wait_seconds_count", {"camera": "light"})
+
+    assert "answer" in answered and abs(float(image.mean()) - 220) < 10
+    assert refused == {**refused, "error": "'camera' must be one of dark, light"}
+    assert latency_count >= 1 and waits >= 1
 
 
 def test_a_hung_camera_goes_offline_alone_and_the_other_cameras_answers_go_on(
