@@ -147,8 +147,8 @@ def format_rows(model: pathlib.Path, rows: list[dict], seconds: float) -> str:
     for row in rows:
         one, each = row["one_agent"], row["agents"]
         lines.append(
-            f"| {row['cameras']} | {one['scenes_per_s']:.1f} | {one['peak_rss_mib']:.0f} | "
-            f"{each['scenes_per_s']:.1f} | {each['peak_rss_mib']:.0f} |"
+            f"| {row['cameras']} | {one['scenes_per_s']:.2f} | {one['peak_rss_mib']:.0f} | "
+            f"{each['scenes_per_s']:.2f} | {each['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -23,9 +23,10 @@ from edge_agent.devtools.loopback import BrokerAddress
 from edge_agent.devtools.scenes import Moment, SyntheticScene, render, scene_timeline
 from edge_agent.devtools.scenes import write_video as write_story
 from edge_agent.errors import UserError
+from edge_agent.mqtt import EntitySpec
 from edge_agent.mqtt.ask import request_message
 from tests.support.agent import AGENT, QUESTIONS, RunningAgent, agent_config, answered_since, write_video
-from tests.support.broker import wait_until
+from tests.support.broker import answer, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -353,3 +354,38 @@ def test_three_cameras_of_three_kinds_on_one_demo_model_each_follow_their_own_tr
                 template["id"],
             )
     assert len({answer["frame_ts"] for answer in street_answers}) >= 3, "the RTSP camera was answered frame after frame"
+
+
+def test_home_assistant_groups_each_cameras_entities_on_its_device_via_the_agent_and_makes_them_unavailable_alone(
+    home_assistant, home_assistant_broker, make_link
+):
+    agent_id = "ha-cameras"
+    log_start = len(home_assistant.log())
+    hall, yard = (
+        EntitySpec(f"{name}_door", "Is the door open?", "yes_no", "door", camera=name) for name in ("hall", "yard")
+    )
+    link = make_link(home_assistant_broker, agent_id=agent_id)
+    link.set_entities([hall, yard], cameras=("hall", "yard"))
+    for name in ("hall", "yard"):
+        link.publish_camera(True, name)
+    for entity in (hall, yard):
+        link.publish_answer(answer(entity.question_id, value=True, state="ON"))
+    unique_ids = [f"edge_agent_{agent_id}_{object_id}" for object_id in ("hall_door", "yard_door", "answer_latency")]
+    registered = home_assistant.wait_for_entities(unique_ids)
+    hall_entity, yard_entity = registered[unique_ids[0]], registered[unique_ids[1]]
+    for entity_id in (hall_entity, yard_entity):
+        home_assistant.wait_for_state(entity_id, lambda state: state["state"] == "on")
+
+    agent_device = home_assistant.device(f"edge_agent_{agent_id}")
+    camera_devices = [home_assistant.device(f"edge_agent_{agent_id}_{name}") for name in ("hall", "yard")]
+    assert [device["name"] for device in camera_devices] == [
+        f"edge-agent {agent_id} hall",
+        f"edge-agent {agent_id} yard",
+    ]
+    assert all(device["via_device_id"] == agent_device["id"] for device in camera_devices)
+
+    link.publish_camera(False, "yard")
+
+    home_assistant.wait_for_state(yard_entity, lambda state: state["state"] == "unavailable")
+    assert home_assistant.state(hall_entity)["state"] == "on"
+    assert home_assistant.problems(log_start) == []

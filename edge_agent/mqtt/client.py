@@ -258,10 +258,12 @@ class AgentLink:
         for entity in entities:
             check_id("question id", entity.question_id)
         prefix, topics = self._settings.discovery_prefix, self._topics
-        configs = {
-            config_topic(prefix, topics.agent_id, e): config_payload(e, topics, self._model_name) for e in entities
-        }
-        configs.update(diagnostic_configs(prefix, topics, self._model_name, cameras))
+        # The agent's own entities first: Home Assistant links a camera's device to the agent's (`via_device`)
+        # only if the agent's device exists when the camera's is created.
+        configs = diagnostic_configs(prefix, topics, self._model_name, cameras)
+        configs.update(
+            {config_topic(prefix, topics.agent_id, e): config_payload(e, topics, self._model_name) for e in entities}
+        )
         configs.update(self._controls_of(entities))
         if evidence:
             configs.update(evidence_configs(prefix, topics, self._model_name, entities))

@@ -176,11 +176,11 @@ def diagnostic_configs(
         "state_class": "measurement",
         "value_template": _UNKNOWN_AS_NONE,
     }
-    entities = [
+    entities = [("sensor", ANSWER_LATENCY, "Answer latency", None, latency)]  # on the agent's device: first
+    entities += [
         ("binary_sensor", _camera_connected_id(camera), "Camera connected", camera, _connected(topics, camera))
         for camera in cameras
     ]
-    entities.append(("sensor", ANSWER_LATENCY, "Answer latency", None, latency))
     return {
         _config_topic(prefix, component_name, topics.agent_id, object_id): json.dumps(
             {
