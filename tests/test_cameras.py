@@ -145,6 +145,29 @@ def test_each_camera_is_a_home_assistant_device_linked_to_the_agent_and_availabl
     assert not listener.on(f"homeassistant/binary_sensor/{AGENT}_camera_connected/config")
 
 
+def test_the_status_page_shows_every_camera_with_its_frame_and_which_camera_each_question_looks_at(
+    broker, tiny_llava_int8, tiny_engine, static_video, moving_video
+):
+    cameras = [
+        {"id": "hall", "source": str(static_video), "loop": True, "fps": 5, "questions": [QUESTIONS[0]]},
+        {"id": "yard", "source": str(moving_video), "loop": True, "fps": 5, "questions": [QUESTIONS[1]]},
+    ]
+    with RunningAgent(cameras_config(tiny_llava_int8, broker, cameras), engine=tiny_engine) as agent:
+        wait_until(
+            lambda: all(camera["frame"] and camera["online"] for camera in agent.board.snapshot()["cameras"]),
+            timeout=30,
+            what="both cameras' frames on the page",
+        )
+        snapshot = agent.board.snapshot()
+
+    assert [camera["id"] for camera in snapshot["cameras"]] == ["hall", "yard"]
+    assert {question["id"]: question["camera"] for question in snapshot["questions"]} == {
+        "door_open": "hall",
+        "people": "yard",
+    }
+    assert agent.board.frame_jpeg("yard") is not None
+
+
 def test_an_ask_naming_a_camera_is_answered_on_that_cameras_frame_and_an_unknown_camera_is_refused(
     broker, subscriber, tiny_llava_int8, tiny_engine, tmp_path
 ):
