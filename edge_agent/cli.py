@@ -96,7 +96,7 @@ def _config_check(args) -> int:
     from .config import load_config
 
     config = load_config(args.config)
-    print(f"{args.config}: valid ({len(config.questions)} questions, agent_id {config.agent_id})")
+    print(f"{args.config}: valid ({len(config.all_questions)} questions, agent_id {config.agent_id})")
     return 0
 
 

@@ -627,6 +627,12 @@ class ModelSettings(Settings):
         check=not_blank,
     )
     max_new_tokens: int = setting(16, "Default answer length limit in tokens for each question.", check=positive)
+    max_contexts: int = setting(
+        0,
+        "Most encoded views (frame contexts: image features and prompt prefix) kept in memory, over all cameras and "
+        "regions; the least recently used is dropped and encoded again when next needed; 0 = no limit.",
+        check=zero_or_more,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -707,6 +713,26 @@ class SceneGateSettings(Settings):
     max_unchanged_s: float = setting(
         300.0, "Encode at least this often in seconds even without a change; 0 = never.", check=zero_or_more
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CameraEntry(CameraSettings):
+    """One camera of an agent's `cameras:`: the settings of `camera:`, and the camera's own id, scene gate and
+    questions."""
+
+    id: str = setting(
+        REQUIRED,
+        "Unique name of the camera in topics, Home Assistant ids and metrics (letters, digits, '_', '-').",
+        check=topic_safe,
+    )
+    scene_gate: SceneGateSettings = setting_from(SceneGateSettings, "This camera's scene gate, as scene_gate.")
+    questions: tuple[Question, ...] = setting(
+        (), "The standing questions about this camera's frames; question ids are unique in the whole agent."
+    )
+
+
+SINGLE_CAMERA_ID = "camera"
+"""The id of the camera of the single `camera:` form (status page, metrics label)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -810,6 +836,11 @@ class Config(Settings):
         QuestionDefaults, "Defaults of every question's confirm and min_confidence: states that do not flap."
     )
     questions: tuple[Question, ...] = setting((), "The standing questions answered about each new scene.")
+    cameras: tuple[CameraEntry, ...] = setting(
+        (),
+        "Several cameras, each with its id, the settings of camera, its scene_gate and its questions; "
+        "replaces camera, scene_gate and questions.",
+    )
     metrics: MetricsSettings = setting_from(MetricsSettings, "The Prometheus metrics endpoint.")
     state_dir: Optional[str] = setting_from(
         default_state_dir,
@@ -821,16 +852,70 @@ class Config(Settings):
     web: WebSettings = setting_from(WebSettings, "The status page served by the agent.")
 
     def check_together(self) -> None:
-        ids = [question.id for question in self.questions]
-        taken = next((index for index, id in enumerate(ids) if id in DIAGNOSTIC_ENTITY_IDS), None)
+        if self.cameras:
+            self._check_cameras_alone()
+        keys = self._question_keys()
+        ids = [question.id for question in self.all_questions]
+        reserved = set(DIAGNOSTIC_ENTITY_IDS) | {camera_connected_id(camera.id) for camera in self.cameras}
+        taken = next((index for index, id in enumerate(ids) if id in reserved), None)
         if taken is not None:
             reason = f"{ids[taken]!r} is the id of one of the agent's own Home Assistant entities; choose another"
-            raise InvalidValue(f"questions[{taken}].id", reason)
+            raise InvalidValue(f"{keys[taken]}.id", reason)
         duplicate = first_duplicate(ids)
         if duplicate is not None:
             first = ids.index(ids[duplicate])
-            reason = f"duplicate id {ids[duplicate]!r} (also questions[{first}])"
-            raise InvalidValue(f"questions[{duplicate}].id", reason)
+            reason = f"duplicate id {ids[duplicate]!r} (also {keys[first]})"
+            raise InvalidValue(f"{keys[duplicate]}.id", reason)
+        camera_ids = [camera.id for camera in self.cameras]
+        duplicate = first_duplicate(camera_ids)
+        if duplicate is not None:
+            raise InvalidValue(f"cameras[{duplicate}].id", f"duplicate id {camera_ids[duplicate]!r}")
+
+    def _check_cameras_alone(self) -> None:
+        """`cameras:` replaces `camera:`, `scene_gate:` and `questions:`: a config using both forms is refused
+        (a `camera:` or `scene_gate:` section that only repeats the defaults is not noticed)."""
+        for key, single, default in (
+            ("questions", self.questions, ()),
+            ("camera", self.camera, CameraSettings()),
+            ("scene_gate", self.scene_gate, SceneGateSettings()),
+        ):
+            if single != default:
+                raise InvalidValue(key, "cannot be used with cameras: give each camera its own in cameras[...]")
+
+    def _question_keys(self) -> list[str]:
+        """The config key of each question of `all_questions`, in the same order."""
+        if not self.cameras:
+            return [f"questions[{index}]" for index in range(len(self.questions))]
+        return [
+            f"cameras[{number}].questions[{index}]"
+            for number, camera in enumerate(self.cameras)
+            for index in range(len(camera.questions))
+        ]
+
+    @property
+    def all_cameras(self) -> tuple[CameraEntry, ...]:
+        """The agent's cameras: those of `cameras:`, or the camera of the single form (`camera:`, `scene_gate:`
+        and `questions:`) with the id `SINGLE_CAMERA_ID`."""
+        if self.cameras:
+            return self.cameras
+        capture = {field.name: getattr(self.camera, field.name) for field in dataclasses.fields(CameraSettings)}
+        return (CameraEntry(id=SINGLE_CAMERA_ID, scene_gate=self.scene_gate, questions=self.questions, **capture),)
+
+    @property
+    def all_questions(self) -> tuple[Question, ...]:
+        """Every standing question of the agent, camera after camera."""
+        return tuple(question for camera in self.all_cameras for question in camera.questions)
+
+    @property
+    def several_cameras(self) -> bool:
+        """Whether the config lists `cameras:` (its topics and entities name each camera), rather than the single
+        `camera:` of old, whose topics and entities stay as they were."""
+        return bool(self.cameras)
+
+
+def camera_connected_id(camera_id: str) -> str:
+    """The object id of a listed camera's "camera connected" entity in Home Assistant."""
+    return f"{camera_id}_{DIAGNOSTIC_ENTITY_IDS[0]}"
 
 
 def first_duplicate(items: list) -> int | None:

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the agent and the HTTP endpoint that serves them (loopback by default)."""
+"""Prometheus metrics of the agent and the HTTP endpoint that serves them (loopback by default).
+
+The agent's totals (`edge_agent_frames_total`, `edge_agent_scene_changes_total`, `edge_agent_encodes_total`,
+`edge_agent_camera_up`) keep their names and count over all cameras; the `edge_agent_camera_*` series and the
+latency histograms have a `camera` label: the camera's id, `camera` for the single `camera:` form.
+"""
 
 from __future__ import annotations
 
@@ -79,12 +84,79 @@ class Metrics:
             "Answers dropped since start because the offline queue was full.",
             registry=self.registry,
         )
+        self.camera_frames = Counter(
+            "edge_agent_camera_frames", "Frames read, per camera.", ["camera"], registry=self.registry
+        )
+        self.camera_scene_changes = Counter(
+            "edge_agent_camera_scene_changes",
+            "Views the scene gate found changed and that were encoded, per camera.",
+            ["camera"],
+            registry=self.registry,
+        )
+        self.camera_encodes = Counter(
+            "edge_agent_camera_encodes", "Views encoded, per camera.", ["camera"], registry=self.registry
+        )
+        self.camera_online = Gauge(
+            "edge_agent_camera_online",
+            "1 while the camera delivers frames, else 0.",
+            ["camera"],
+            registry=self.registry,
+        )
+        self.answer_latency = Histogram(
+            "edge_agent_answer_latency_seconds",
+            "Seconds from the capture of the frame an answer was computed on to its publishing, per camera.",
+            ["camera"],
+            buckets=STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "edge_agent_queue_wait_seconds",
+            "Seconds from the capture of a frame to the start of its encode (waiting for the inference loop), "
+            "per camera.",
+            ["camera"],
+            buckets=STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._cameras_online: dict[str, bool] = {}
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
         for result in ASK_RESULTS:
             self.ask_requests.labels(result=result)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def add_cameras(self, camera_ids: list[str]) -> None:
+        """Show every camera's series from the start (at 0), so a camera that never delivers is visible."""
+        for camera_id in camera_ids:
+            for labelled in (self.camera_frames, self.camera_scene_changes, self.camera_encodes, self.camera_online):
+                labelled.labels(camera=camera_id)
+            self.answer_latency.labels(camera=camera_id)
+            self.queue_wait.labels(camera=camera_id)
+
+    def frame(self, camera_id: str) -> None:
+        """A camera delivered a new frame to the inference loop."""
+        self.frames.inc()
+        self.camera_frames.labels(camera=camera_id).inc()
+
+    def encode(self, camera_id: str, scene_change: bool, waited_s: float) -> None:
+        """A view of the camera was encoded, `waited_s` after its frame was captured."""
+        self.encodes.inc()
+        self.camera_encodes.labels(camera=camera_id).inc()
+        self.queue_wait.labels(camera=camera_id).observe(max(0.0, waited_s))
+        if scene_change:
+            self.scene_changes.inc()
+            self.camera_scene_changes.labels(camera=camera_id).inc()
+
+    def answered(self, camera_id: str, latency_s: float) -> None:
+        """An answer about the camera's view was published, `latency_s` after its frame was captured."""
+        self.answers_published.inc()
+        self.answer_latency.labels(camera=camera_id).observe(max(0.0, latency_s))
+
+    def camera_status(self, camera_id: str, online: bool) -> None:
+        """A camera went online or offline: `edge_agent_camera_up` is 1 while every camera delivers frames."""
+        self.camera_online.labels(camera=camera_id).set(1 if online else 0)
+        self._cameras_online[camera_id] = online
+        self.camera_up.set(1 if all(self._cameras_online.values()) else 0)
 
     def observe_stages(self, seconds_by_stage: Mapping[str, float]) -> None:
         """Record one frame's stage timings, e.g. `{"vision": 0.9, "decode": 1.0, "total": 3.1}`."""

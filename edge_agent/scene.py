@@ -25,7 +25,7 @@ from edge_agent.questions import Schedule
 class Scene:
     """The frame context answers are computed on, and the answers it already gave."""
 
-    context: FrameContext
+    context: FrameContext | None  # None once dropped for the context budget (`View.drop_context`)
     frame_ts: float  # newest frame known to show this scene (in this view)
     seq: int  # the number of the frame encoded
     image: np.ndarray  # the view encoded (the crop of the frame): every answer on this context was given on it
@@ -43,14 +43,28 @@ class View:
         self.unencoded: Frame | None = None  # the newest frame, while the gate finds this view changed in it
 
     def look(self, frame: Frame, now: float) -> list[Question]:
-        """Gate this view of the new frame against its encoded scene; return its standing questions due on it."""
+        """Gate this view of the new frame against its encoded scene; return its standing questions due on it.
+
+        A scene whose context was dropped (`drop_context`) is no change: its questions are not due for it, but
+        the newest frame is `unencoded`, to be encoded when something must be answered on the view."""
         changed = self.scene is None or self._gate.changed(self.cut(frame), frame.ts)
-        if changed:
+        if changed or self.scene.context is None:
             self.unencoded = frame
         else:  # the newest frame shows the encoded scene (a changed frame seen before it no longer counts)
             self.unencoded = None
+        if not changed:
             self.scene.frame_ts = frame.ts
         return self.schedule.due(now, changed)
+
+    @property
+    def has_context(self) -> bool:
+        """Whether the view's scene is encoded and its context kept."""
+        return self.scene is not None and self.scene.context is not None
+
+    def drop_context(self) -> None:
+        """Let the engine's memory of this view go (the context budget): the scene and its answers stay known,
+        and the view is encoded again when something must be answered on it."""
+        self.scene.context = None
 
     def cut(self, frame: Frame) -> np.ndarray:
         """This view of `frame`."""

@@ -33,7 +33,7 @@ import typing
 from . import systemd
 from .capture import CameraReader, DeviceMissing, validate_source
 from .capture.reader import Frame
-from .config import Config, InvalidValue, Question, usable_cache_dir, usable_state_dir
+from .config import CameraEntry, Config, InvalidValue, Question, usable_cache_dir, usable_state_dir
 from .controls import Controls
 from .engine import Answer, Engine, FrameContext, Prompt
 from .engine.engine import in_background
@@ -47,7 +47,7 @@ from .mqtt.commands import CHECK, Command
 from .questions import build_prompt, kind_of, parse_answer, state_string
 from .scene import Scene, View, views_of
 from .stable import StableState
-from .status import CAMERA, StatusBoard
+from .status import StatusBoard
 from .web import PageReply, StatusServer
 
 log = logging.getLogger(__name__)
@@ -69,31 +69,55 @@ COMMAND_QUEUE_LIMIT = 32
 """Switch flips and presses waiting for the next turn; more are dropped (the link's rate limit on commands
 keeps them far fewer)."""
 FRAME_WAIT_S = 0.2
-"""How long the loop waits for a new frame before it looks at pending ad hoc questions again."""
+"""How long the loop waits for a new frame of any camera before it looks at pending ad hoc questions again."""
 LOAD_WAIT_S = 0.1
 """How often a start waiting for the model load checks whether it was asked to stop."""
 CAMERA_STOP_WAIT_S = 1.0
-"""How long a shutdown waits for the camera reader to let go of its source. A reader stuck in a camera
+"""How long a shutdown waits for each camera reader to let go of its source. A reader stuck in a camera
 open or read (up to `open_timeout_s` or `read_timeout_s`) is left behind: it is a daemon thread."""
 
 
 def load_engine(config: Config) -> Engine:
-    """The configured model, its vision encoder compiled for batches of views when the questions name regions."""
+    """The configured model, its vision encoder compiled for batches of views when the questions name regions or
+    the agent has several cameras."""
     model = config.model
+    regions = any(question.region is not None for question in config.all_questions)
     return Engine.load(
         model.path,
         device=model.device,
         vision_device=model.vision_device,
         language_device=model.language_device,
         cache_dir=usable_cache_dir(model.cache_dir),
-        batch_views=any(question.region is not None for question in config.questions),
+        batch_views=regions or config.several_cameras,
     )
+
+
+class CameraFeed:
+    """One camera of the agent: its reader thread, the views its questions name, and the last frame the loop took.
+
+    Each reader runs on its own thread, so an offline or hung camera delays no other; every new frame wakes
+    the loop through `wake`, which the loop waits on once for all cameras."""
+
+    def __init__(self, entry: CameraEntry, wake: threading.Event, on_status: typing.Callable[[str, bool], None]):
+        self.id = entry.id
+        self.entry = entry
+        self.views = views_of(entry.questions, entry.scene_gate)
+        self.reader = CameraReader(entry, on_status=lambda online: on_status(self.id, online), on_frame=wake.set)
+        self.last_seq = -1
+
+    def take_frame(self) -> Frame | None:
+        """The camera's newest frame if the loop has not taken it yet (never waits)."""
+        frame = self.reader.latest(after_seq=self.last_seq)
+        if frame is not None:
+            self.last_seq = frame.seq
+        return frame
 
 
 @dataclasses.dataclass
 class ViewTurn:
     """What one turn does in one view: `decide`'s turn, and what it answers there."""
 
+    feed: CameraFeed
     view: View
     turn: Turn
     due: list[Question]  # standing questions to answer: due, pressed (check now) and re-checked
@@ -116,15 +140,17 @@ class Agent:
         self._stopped = threading.Event()
         self._asks: queue.Queue[AskRequest] = queue.Queue(maxsize=ASK_QUEUE_LIMIT)
         self._commands: queue.Queue[Command] = queue.Queue(maxsize=COMMAND_QUEUE_LIMIT)
-        self._views = views_of(config.questions, config.scene_gate)
-        self._view_of = {q.id: view for view in self._views.values() for q in view.schedule.questions}
-        self._stable = {q.id: StableState.for_question(q, config.question_defaults) for q in config.questions}
-        self._controls = Controls(question.id for question in config.questions)
+        self._frame_arrived = threading.Event()
+        self._feeds = [CameraFeed(entry, self._frame_arrived, self._on_camera_status) for entry in config.all_cameras]
+        self._views = [view for feed in self._feeds for view in feed.views.values()]
+        self._view_of = {q.id: view for view in self._views for q in view.schedule.questions}
+        self._stable = {q.id: StableState.for_question(q, config.question_defaults) for q in config.all_questions}
+        self._controls = Controls(question.id for question in config.all_questions)
         self._evidence_log = EvidenceLog()
         self._evidence_pacer = EvidencePacer(config.evidence.min_interval_s)
-        self._last_seq = -1
+        self._contexts = ContextBudget(config.model.max_contexts, self._views)
+        self._round = 0  # turns taken: which camera goes first in the next one
         self._link: AgentLink | None = None
-        self._reader: CameraReader | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -134,17 +160,18 @@ class Agent:
         Returns False, having announced nothing (no `online`, no READY), when `stop()` is called while the
         model loads; the load then still runs on its thread, which nothing can interrupt (see `run_agent`).
         """
-        try:
-            validate_source(self.config.camera)
-        except DeviceMissing as missing:  # unplugged at boot: run offline and keep retrying
-            log.warning("%s; starting with the camera offline", missing)
+        for feed in self._feeds:
+            try:
+                validate_source(feed.entry)
+            except DeviceMissing as missing:  # unplugged at boot: run offline and keep retrying
+                log.warning("%s; starting with the %s offline", missing, self._camera_name(feed.id))
         self._load_controls()
         systemd.status("loading model")
         if self._engine is None:
             self._engine = self._load_engine()
             if self._engine is None:
                 return False
-        check_prompt_lengths(self._engine, self.config.questions)
+        check_prompt_lengths(self._engine, self.config)
         if self.config.metrics.listen:
             self.metrics_port = self.metrics.serve(self.config.metrics.listen)
         self._link = AgentLink(
@@ -156,25 +183,31 @@ class Agent:
             on_command=self._enqueue_command,
         )
         self._link.start()
-        self._link.set_entities([entity_spec(q) for q in self.config.questions], evidence=self.config.evidence.enabled)
+        self._link.set_entities(
+            [entity_spec(q, self._camera_label(feed)) for feed in self._feeds for q in feed.entry.questions],
+            evidence=self.config.evidence.enabled,
+            cameras=tuple(self._camera_label(feed) for feed in self._feeds),
+        )
         for question_id, enabled in self._controls.states.items():
             self._link.publish_enabled(question_id, enabled)
             self.board.enabled(question_id, enabled)
-        self._reader = CameraReader(self.config.camera, on_status=self._on_camera_status)
-        self.board.started(self._engine.name, cameras={CAMERA: self._reader.latest})
-        self._reader.start()
+        self.metrics.add_cameras([feed.id for feed in self._feeds])
+        self.board.started(self._engine.name, cameras={feed.id: feed.reader.latest for feed in self._feeds})
+        for feed in self._feeds:
+            feed.reader.start()
         self._start_web()
         for loop in ("capture", "inference"):
             self.watchdog.register(loop)
         self.watchdog.start()
         systemd.ready()
-        systemd.status(f"answering {len(self.config.questions)} questions")
+        systemd.status(f"answering {len(self.config.all_questions)} questions")
         log.info(
-            "agent %s started: model %s, %d questions in %d views",
+            "agent %s started: model %s, %d questions in %d views of %d cameras",
             self.config.agent_id,
             self._engine.name,
-            len(self.config.questions),
-            len([view for view in self._views.values() if view.schedule.questions]),
+            len(self.config.all_questions),
+            len([view for view in self._views if view.schedule.questions]),
+            len(self._feeds),
         )
         return True
 
@@ -186,7 +219,7 @@ class Agent:
             self.config.web,
             self.board,
             self.config.mqtt,
-            frozenset(question.id for question in self.config.questions),
+            frozenset(question.id for question in self.config.all_questions),
             on_ask=self._enqueue_ask,
             on_command=self._enqueue_command,
             on_refused=self._count_refusal,
@@ -195,7 +228,7 @@ class Agent:
 
     def _load_controls(self) -> None:
         """Which questions are enabled, as saved in the state directory (all, without a saved state)."""
-        question_ids = [question.id for question in self.config.questions]
+        question_ids = [question.id for question in self.config.all_questions]
         self._controls = Controls.load(question_ids, usable_state_dir(self.config.state_dir))
         for question_id, enabled in self._controls.states.items():
             self._view_of[question_id].schedule.set_enabled(question_id, enabled)
@@ -230,8 +263,8 @@ class Agent:
     def shutdown(self) -> None:
         systemd.stopping()
         self.watchdog.stop()
-        if self._reader is not None:
-            self._reader.stop(timeout=CAMERA_STOP_WAIT_S)
+        for feed in self._feeds:
+            feed.reader.stop(timeout=CAMERA_STOP_WAIT_S)
         if self._web is not None:
             self._web.stop()
         if self._link is not None:
@@ -242,50 +275,89 @@ class Agent:
     # -- one turn of the loop ----------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One turn: look at the newest frame in every view, `decide` what each view needs, and do that."""
+        """One turn: take every camera's new frame, look at it in each of the camera's views, `decide` what each
+        view needs, encode the views that need it in one batch, and answer.
+
+        Every turn serves every camera, so a camera whose scene changes all the time adds its own views to
+        each batch but never delays another camera's answers by more than that one turn; the cameras take
+        turns at going first."""
         self.watchdog.idle("inference")
         pressed = self._apply_commands()
-        frame = self._reader.latest(after_seq=self._last_seq, timeout=FRAME_WAIT_S)
-        if frame is None and self._reader.ended:  # `latest` no longer waits: pace the turns that serve asks
-            self._stopped.wait(FRAME_WAIT_S)
+        frames = self._new_frames()
         self.watchdog.progress("inference")
-        self._report_capture_health(frame)
-        if frame is not None:
-            self._last_seq = frame.seq
-            self.metrics.frames.inc()
-        asks = self._take_asks(self._asks.qsize())
-        turns = [self._plan(view, frame, pressed, asks) for view in self._views_asked(asks)]
-        self._encode(frame, [turn for turn in turns if turn.turn is Turn.ENCODE])
+        self._report_capture_health(frames)
+        asks = self._asks_by_camera(self._take_asks(self._asks.qsize()))
+        turns = [
+            self._plan(feed, view, frames[feed.id], pressed, asks[feed.id])
+            for feed in self._camera_order()
+            for view in self._views_asked(feed, asks[feed.id])
+        ]
+        self._encode([turn for turn in turns if turn.turn is Turn.ENCODE])
         for turn in turns:
             self._take_turn(turn)
+        self._contexts.trim()
         self._publish_evidence()
         self._update_link_metrics()
 
-    def _views_asked(self, asks: list[AskRequest]) -> list[View]:
-        """The standing views, and a view of its own for each region asks name that no question does (it has
-        no scene yet: the newest frame is encoded for it, if there is one)."""
-        extra = dict.fromkeys(request.region for request in asks if request.region not in self._views)
-        for region in extra:
-            extra[region] = View(region, [], self.config.scene_gate)
-            extra[region].unencoded = self._reader.latest()
-        return [*self._views.values(), *extra.values()]
+    def _new_frames(self) -> dict[str, Frame | None]:
+        """Camera id -> its frame the loop has not seen yet, or None; waits (once, for all cameras) up to
+        `FRAME_WAIT_S` for the first new frame of any camera."""
+        self._frame_arrived.wait(FRAME_WAIT_S)
+        self._frame_arrived.clear()
+        frames = {feed.id: feed.take_frame() for feed in self._feeds}
+        for feed in self._feeds:
+            if frames[feed.id] is not None:
+                self.metrics.frame(feed.id)
+        return frames
 
-    def _plan(self, view: View, frame: Frame | None, pressed: list[Question], asks: list[AskRequest]) -> ViewTurn:
-        """Gate the view of the new frame (if one came), and `decide` what the turn does in it."""
+    def _camera_order(self) -> list[CameraFeed]:
+        """The cameras, starting one further each turn (round robin)."""
+        self._round += 1
+        start = self._round % len(self._feeds)
+        return self._feeds[start:] + self._feeds[:start]
+
+    def _asks_by_camera(self, asks: list[AskRequest]) -> dict[str, list[AskRequest]]:
+        """Camera id -> the asks it answers (those naming no camera go to the first); asks naming a camera the
+        agent does not have are refused."""
+        by_camera: dict[str, list[AskRequest]] = {feed.id: [] for feed in self._feeds}
+        for request in asks:
+            camera = request.camera or self._feeds[0].id
+            if camera in by_camera:
+                by_camera[camera].append(request)
+            else:
+                known = ", ".join(by_camera)
+                self._refuse_ask(request, AskRefusal(Refusal.INVALID, f"'camera' must be one of {known}"))
+        return by_camera
+
+    def _views_asked(self, feed: CameraFeed, asks: list[AskRequest]) -> list[View]:
+        """The camera's standing views, and a view of its own for each region asks name that no question does
+        (it has no scene yet: the newest frame is encoded for it, if there is one)."""
+        extra = dict.fromkeys(request.region for request in asks if request.region not in feed.views)
+        for region in extra:
+            extra[region] = View(region, [], feed.entry.scene_gate)
+            extra[region].unencoded = feed.reader.latest()
+        return [*feed.views.values(), *extra.values()]
+
+    def _plan(
+        self, feed: CameraFeed, view: View, frame: Frame | None, pressed: list[Question], asks: list[AskRequest]
+    ) -> ViewTurn:
+        """Gate the view of the camera's new frame (if one came), and `decide` what the turn does in it."""
         due = view.look(frame, time.monotonic()) if frame is not None else []
+        if view.scene is not None and not view.has_context and view.unencoded is None:
+            view.unencoded = feed.reader.latest()  # its context was dropped: encode the newest frame if needed
         own_pressed = [question for question in pressed if question in view.schedule.questions]
         due += [question for question in own_pressed if question not in due]
         rechecks = self._rechecks(view, due) if frame is not None else []
         own_asks = [request for request in asks if request.region == view.region]
         turn = decide(
             changed=view.unencoded is not None,
-            have_context=view.scene is not None,
+            have_context=view.has_context,
             due=len(due),
             pending_asks=len(own_asks),
             rechecks=len(rechecks),
             forced=bool(own_pressed),
         )
-        return ViewTurn(view, turn, due + rechecks, own_asks, own_pressed)
+        return ViewTurn(feed, view, turn, due + rechecks, own_asks, own_pressed)
 
     def _rechecks(self, view: View, due: list[Question]) -> list[Question]:
         """The view's enabled questions not due whose change is pending: each new frame answers them again until
@@ -303,26 +375,29 @@ class Agent:
                 log.info("check now: no camera frame yet")
             return
         if turn.turn is not Turn.SKIP:
+            self._contexts.used(turn.view)
             self._answer_asks(turn.view.scene, turn.asks)
-            self._answer_standing(turn.view, turn.due, forced=turn.pressed)
+            self._answer_standing(turn, turn.due, forced=turn.pressed)
 
-    def _encode(self, frame: Frame | None, turns: list[ViewTurn]) -> None:
-        """Encode the views `turns` need, as one batch: each the view of the frame its gate found changed, else of
-        this turn's new frame (a re-check), else of the newest frame the reader has (a check-now between frames).
-        A frame the gate found unchanged is no scene change, but an encode all the same."""
+    def _encode(self, turns: list[ViewTurn]) -> None:
+        """Encode the views `turns` need, of every camera, as one batch: each the view of the frame its gate found
+        changed, else of the camera's newest frame (a re-check, or a check-now between frames). A frame the gate
+        found unchanged, or a scene encoded again after its context was dropped, is no scene change, but an
+        encode all the same."""
         if not turns:
             return
-        frames = [turn.view.unencoded or frame or self._reader.latest() for turn in turns]
+        frames = [turn.view.unencoded or turn.feed.reader.latest() for turn in turns]
+        started = time.time()
         contexts = self._engine.encode_views([turn.view.cut(chosen) for turn, chosen in zip(turns, frames)])
         for turn, chosen, context in zip(turns, frames, contexts):
-            if chosen is turn.view.unencoded:
-                self.metrics.scene_changes.inc()
-            self.metrics.encodes.inc()
+            scene_change = chosen is turn.view.unencoded and (turn.view.scene is None or turn.view.has_context)
+            self.metrics.encode(turn.feed.id, scene_change, waited_s=started - chosen.ts)
             turn.view.encoded(chosen, context)
+            self._contexts.used(turn.view)
         timings = contexts[0].timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
-    def _answer_standing(self, view: View, due: list[Question], forced: list[Question]) -> None:
+    def _answer_standing(self, turn: ViewTurn, due: list[Question], forced: list[Question]) -> None:
         """Publish an answer to each due question, stamped with the newest frame known to show the view's scene.
 
         A question is answered on the scene's context once (`scene_changed`: its previous answer, if any, was
@@ -331,6 +406,7 @@ class Agent:
         answers of `forced` questions (a check-now) are published even when unchanged. The image of a state
         that changed goes out before the state (`_offer_evidence`).
         """
+        view = turn.view
         scene = view.scene
         fresh = [q for q in due if q.id not in scene.answers]
         if fresh:
@@ -345,7 +421,7 @@ class Agent:
             )
             self._link.publish_answer(message, force=question in forced)
             self.board.answer(message)
-            self.metrics.answers_published.inc()
+            self.metrics.answered(turn.feed.id, message.latency_ms / 1000)
             view.schedule.mark_answered(question.id, now)
 
     def _settled(self, message: AnswerMessage, frame: int) -> AnswerMessage:
@@ -445,7 +521,7 @@ class Agent:
             self._link.publish_enabled(question_id, enabled)
             self.board.enabled(question_id, enabled)
         pressed = {command.question_id for command in commands if command.kind == CHECK}
-        enabled = [question for view in self._views.values() for question in view.schedule.enabled]
+        enabled = [question for view in self._views for question in view.schedule.enabled]
         return [question for question in enabled if None in pressed or question.id in pressed]
 
     # -- ad hoc questions --------------------------------------------------------------------------------
@@ -524,21 +600,30 @@ class Agent:
 
     # -- health ------------------------------------------------------------------------------------------
 
-    def _on_camera_status(self, online: bool) -> None:
-        self.metrics.camera_up.set(1 if online else 0)
-        self.board.camera_status(CAMERA, online)
+    def _on_camera_status(self, camera_id: str, online: bool) -> None:
+        """Runs on the camera's reader thread."""
+        self.metrics.camera_status(camera_id, online)
+        self.board.camera_status(camera_id, online)
         if self._link is not None:
-            self._link.publish_camera(online)
+            self._link.publish_camera(online, None if not self.config.several_cameras else camera_id)
         if online:
-            log.info("camera online")
+            log.info("%s online", self._camera_name(camera_id))
         else:
-            log.warning("camera offline")
+            log.warning("%s offline", self._camera_name(camera_id))
 
-    def _report_capture_health(self, frame: Frame | None) -> None:
-        """The capture loop is healthy while frames arrive, or while it is (re)opening an offline source."""
-        if frame is not None:
+    def _camera_name(self, camera_id: str) -> str:
+        """The camera as log lines name it: `camera`, or `camera <id>` with `cameras:`."""
+        return f"camera {camera_id}" if self.config.several_cameras else "camera"
+
+    def _camera_label(self, feed: CameraFeed) -> str | None:
+        """How topics and Home Assistant name the camera: by its id, or not at all in the single form."""
+        return feed.id if self.config.several_cameras else None
+
+    def _report_capture_health(self, frames: dict[str, Frame | None]) -> None:
+        """Capture is healthy while frames arrive, or while a camera is (re)opening an offline source."""
+        if any(frame is not None for frame in frames.values()):
             self.watchdog.progress("capture")
-        elif not self._reader.online:
+        elif not all(feed.reader.online for feed in self._feeds):
             self.watchdog.idle("capture")
 
     def _update_link_metrics(self) -> None:
@@ -587,26 +672,58 @@ def prompt_too_long(engine: Engine, question: Question) -> InvalidValue | None:
     return None
 
 
-def check_prompt_lengths(engine: Engine, questions: tuple[Question, ...]) -> None:
+def check_prompt_lengths(engine: Engine, config: Config) -> None:
     """Refuse, as one line, a standing question whose prompt the model's tokenizer makes too long.
 
     The config loader checks option counts and characters; tokens need the model, so this runs once it
     is loaded, before the agent connects and announces anything.
     """
-    for index, question in enumerate(questions):
-        problem = prompt_too_long(engine, question)
-        if problem is not None:
-            raise problem.under(f"questions[{index}]")
+    for number, camera in enumerate(config.all_cameras):
+        for index, question in enumerate(camera.questions):
+            problem = prompt_too_long(engine, question)
+            if problem is not None:
+                where = f"cameras[{number}].questions[{index}]" if config.several_cameras else f"questions[{index}]"
+                raise problem.under(where)
 
 
-def entity_spec(question: Question) -> EntitySpec:
+def entity_spec(question: Question, camera: str | None = None) -> EntitySpec:
+    """The question as Home Assistant sees it; `camera` names the device it is on (None: the agent's)."""
     return EntitySpec(
         question_id=question.id,
         name=question.question,
         type=question.type,
         device_class=question.device_class,
         options=tuple(question.options or ()),
+        camera=camera,
     )
+
+
+class ContextBudget:
+    """Keeps at most `limit` views' contexts (0: all), dropping the least recently used view's first.
+
+    A context is the engine's memory of one encoded view (image features and prompt prefix in the paged
+    cache pool): the only memory a camera or region adds to the agent. A dropped view keeps its scene and
+    answers and is encoded again when something must be answered on it. Only the standing `views` count: the
+    view of an ask's own region lives for one turn."""
+
+    def __init__(self, limit: int, views: list[View]) -> None:
+        self._limit = limit
+        self._standing = {id(view) for view in views}
+        self._views: dict[int, View] = {}  # id(view) -> view, least recently used first
+
+    def used(self, view: View) -> None:
+        """The view's context was just encoded or answered on."""
+        if id(view) in self._standing:
+            self._views.pop(id(view), None)
+            self._views[id(view)] = view
+
+    def trim(self) -> None:
+        """Drop the least recently used contexts beyond the limit (after a turn: none is dropped mid-turn)."""
+        alive = {key: view for key, view in self._views.items() if view.has_context}
+        self._views = alive
+        while self._limit and len(self._views) > self._limit:
+            oldest = next(iter(self._views))
+            self._views.pop(oldest).drop_context()
 
 
 def ad_hoc_question(request: AskRequest) -> Question:

@@ -22,8 +22,6 @@ from edge_agent.evidence import evidence_jpeg
 from edge_agent.metrics import STAGES, Metrics
 from edge_agent.mqtt import AnswerMessage
 
-CAMERA = "camera"
-"""The id of the agent's one camera (several cameras will each have their own)."""
 FRAME_INTERVAL_S = 1.0
 """Least seconds between two encodings of a camera's frame for the page."""
 FRAME_JPEG = EvidenceSettings(max_side=640, quality=70)
@@ -71,7 +69,8 @@ class StatusBoard:
         self._lock = threading.Lock()
         self._model = ""
         self._cameras: dict[str, CameraStatus] = {}
-        self._questions = {question.id: QuestionStatus() for question in config.questions}
+        self._questions = {question.id: QuestionStatus() for question in config.all_questions}
+        self._camera_of = {q.id: camera.id for camera in config.all_cameras for q in camera.questions}
 
     # -- the service's side ------------------------------------------------------------------------------
 
@@ -141,7 +140,7 @@ class StatusBoard:
                 "agent": {"id": self._config.agent_id, "model": self._model, "device": self._config.model.device},
                 "mqtt": self._mqtt(),
                 "cameras": [self._camera(camera_id, camera) for camera_id, camera in self._cameras.items()],
-                "questions": [self._question(question) for question in self._config.questions],
+                "questions": [self._question(question) for question in self._config.all_questions],
                 "latency_ms": self._latency_ms(),
                 "counts": self._counts(),
             }
@@ -159,6 +158,7 @@ class StatusBoard:
         status = self._questions[question.id]
         return {
             "id": question.id,
+            "camera": self._camera_of[question.id],
             "question": question.question,
             "type": question.type,
             "options": list(question.options),

@@ -144,8 +144,8 @@ def test_entity_ids_are_short_and_stable_and_never_set_by_the_deprecated_object_
 
     assert [config["default_entity_id"] for config in configs] == [
         "binary_sensor.kitchen_2_door_open",
-        "binary_sensor.kitchen_2_camera_connected",
         "sensor.kitchen_2_answer_latency",
+        "binary_sensor.kitchen_2_camera_connected",
     ]
     assert not any("object_id" in config for config in configs)
 

@@ -164,7 +164,7 @@ def test_after_a_video_file_played_to_its_end_the_loop_waits_instead_of_spinning
     config = agent_config(tiny_llava_int8, broker, static_video, camera={"loop": False, "fps": 10})
     running = RunningAgent(config, engine=tiny_engine)
     with running as agent:
-        wait_until(lambda: agent._reader is not None and agent._reader.ended, timeout=30, what="the video ended")
+        wait_until(lambda: agent._feeds[0].reader.ended, timeout=30, what="the video ended")
         clock = time.pthread_getcpuclockid(running._thread.ident)
         before = time.clock_gettime(clock)
         time.sleep(2.0)

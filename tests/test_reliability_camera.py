@@ -112,7 +112,7 @@ def test_the_agent_starts_with_an_unplugged_camera_device_offline_and_keeps_tryi
         wait_until(
             lambda: [m.payload for m in listener.on(topic("camera"))][-1:] == [b"offline"], what="camera offline"
         )
-        wait_until(lambda: agent._reader.reopen_count >= 1, what="a reopen attempt")
+        wait_until(lambda: agent._feeds[0].reader.reopen_count >= 1, what="a reopen attempt")
         assert listener.on(topic("availability"))[-1].payload == b"online"
     assert (
         "camera device /dev/video99 does not exist (is the camera plugged in?); starting with the camera "

@@ -303,8 +303,12 @@ def play_door_video(broker, subscriber, video, confirm: int) -> tuple[list[str],
     door = {"id": "door_open", "question": "Is the door open?", "type": "yes_no", "trigger": "change", "every": 0.1}
     config["questions"] = [door]
     with RunningAgent(config) as agent:
-        wait_until(lambda: agent._reader is not None and agent._reader.ended, timeout=60, what="the video ended")
-        wait_until(lambda: agent._last_seq == agent._reader.frames_read, timeout=10, what="the last frame seen")
+        wait_until(lambda: agent._feeds[0].reader.ended, timeout=60, what="the video ended")
+        wait_until(
+            lambda: agent._feeds[0].last_seq == agent._feeds[0].reader.frames_read,
+            timeout=10,
+            what="the last frame seen",
+        )
     states = [m.payload.decode() for m in listener.on(state_topic)]
     return states, [json.loads(m.payload) for m in listener.on(answers_topic)]
 

@@ -92,13 +92,20 @@ class CameraReader:
     """Reads one source on a background thread; `latest()` hands out its newest frame.
 
     `on_status(online)` is called from the reader thread whenever the source goes online or offline
-    (the first call says whether the first open worked).
+    (the first call says whether the first open worked). `on_frame()`, from the same thread, follows every
+    frame kept: one loop can wait for the first new frame of any of several readers.
     """
 
-    def __init__(self, settings: CameraSettings, on_status: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: CameraSettings,
+        on_status: Callable[[bool], None] | None = None,
+        on_frame: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._name = redact_url(settings.source_text)
         self._on_status = on_status
+        self._on_frame = on_frame
         self._stopped = threading.Event()
         self._finished = threading.Event()
         self._slot_changed = threading.Condition()
@@ -197,6 +204,8 @@ class CameraReader:
             self.frames_read += 1
             self._latest = Frame(image=bgr, ts=ts, seq=self.frames_read)
             self._slot_changed.notify_all()
+        if self._on_frame is not None:
+            self._on_frame()
         self._backoff.reset()
         self._set_online(True)
         return True

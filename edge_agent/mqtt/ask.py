@@ -7,6 +7,7 @@ A request is a JSON object:
      "type": "yes_no", "options": [...],       optional: parse the answer like a standing question
      "evidence": true,                         optional: also publish the image answered on (see below)
      "region": [0.6, 0.2, 0.9, 0.5],           optional: answer on this part of the frame (fractions)
+     "camera": "entrance",                     optional: the camera (of `cameras:`) to answer on; default the first
      "reply_to": "...", "correlation_id": ...}  MQTT 3.1.1 only: where to reply, and the id to echo
 
 With MQTT 5 the reply address is the `ResponseTopic` property and the id the `CorrelationData`
@@ -113,6 +114,8 @@ class AskRequest:
     """Whether the requester wants the image the answer was given on (`evidence_topic`)."""
     region: Region | None = None
     """The part of the frame to answer on (`capture.views`), or None for the whole frame."""
+    camera: str | None = None
+    """The id of the camera to answer on, or None for the agent's first camera."""
 
 
 class Refusal(str, enum.Enum):
@@ -269,6 +272,7 @@ def request_from(fields: dict, reply: ReplyAddress) -> AskRequest:
         options=_options(fields),
         evidence=_evidence(fields),
         region=region_field(fields),
+        camera=_optional_str(fields, "camera"),
     )
 
 

@@ -169,7 +169,7 @@ class AgentLink:
         self._pending: deque[AnswerMessage] = deque()
         self._dropped = 0
         self._dropped_offline = 0
-        self._camera_online: bool | None = None
+        self._camera_online: dict[str | None, bool] = {}  # camera id (None: the single form's) -> online
         self._configs: dict[str, bytes] | None = None
         self._question_ids: frozenset[str] = frozenset()
         self._enabled: dict[str, bool] = {}
@@ -244,9 +244,12 @@ class AgentLink:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def set_entities(self, entities: list[EntitySpec], evidence: bool = False) -> None:
-        """Announce these entities (and only these) and the diagnostic ones to Home Assistant, now or on the
-        next connect; with discovery off, announce none.
+    def set_entities(
+        self, entities: list[EntitySpec], evidence: bool = False, cameras: tuple[str | None, ...] = (None,)
+    ) -> None:
+        """Announce these entities (and only these) and the diagnostic ones of the agent and of its `cameras` (ids
+        of `cameras:`, or None for the single form's camera) to Home Assistant, now or on the next connect; with
+        discovery off, announce none.
 
         Entities announced earlier, by this run or a previous one (remembered in the retained
         `<base>/<agent>/discovery` topic), that are not announced now get an empty retained config: those of
@@ -256,10 +259,12 @@ class AgentLink:
         for entity in entities:
             check_id("question id", entity.question_id)
         prefix, topics = self._settings.discovery_prefix, self._topics
-        configs = {
-            config_topic(prefix, topics.agent_id, e): config_payload(e, topics, self._model_name) for e in entities
-        }
-        configs.update(diagnostic_configs(prefix, topics, self._model_name))
+        # The agent's own entities first: Home Assistant links a camera's device to the agent's (`via_device`)
+        # only if the agent's device exists when the camera's is created.
+        configs = diagnostic_configs(prefix, topics, self._model_name, cameras)
+        configs.update(
+            {config_topic(prefix, topics.agent_id, e): config_payload(e, topics, self._model_name) for e in entities}
+        )
         configs.update(self._controls_of(entities))
         if evidence:
             configs.update(evidence_configs(prefix, topics, self._model_name, entities))
@@ -310,12 +315,13 @@ class AgentLink:
             self._publish(topic, jpeg, retain=False)
         return topic
 
-    def publish_camera(self, online: bool) -> None:
-        """Publish whether frames are arriving (retained, and again after every reconnect)."""
+    def publish_camera(self, online: bool, camera: str | None = None) -> None:
+        """Publish whether frames are arriving from a camera (retained, and again after every reconnect): one of
+        `cameras:` by its id, or the single form's camera (None)."""
         with self._lock:
-            self._camera_online = online
+            self._camera_online[camera] = online
             if self._connected:
-                self._send_camera()
+                self._send_camera(camera)
 
     def publish_enabled(self, question_id: str, enabled: bool) -> None:
         """Publish whether a question is enabled (retained, and again after every reconnect)."""
@@ -383,8 +389,8 @@ class AgentLink:
     def _send_evidence(self, question_id: str) -> None:
         self._publish(self._topics.evidence(question_id), self._evidence[question_id])
 
-    def _send_camera(self) -> None:
-        self._publish(self._topics.camera, ONLINE if self._camera_online else OFFLINE)
+    def _send_camera(self, camera: str | None) -> None:
+        self._publish(self._topics.camera_status(camera), ONLINE if self._camera_online[camera] else OFFLINE)
 
     def _send_enabled(self, question_id: str) -> None:
         self._publish(enabled_topic(self._topics, question_id), ON if self._enabled[question_id] else OFF)
@@ -432,8 +438,8 @@ class AgentLink:
         for question_id in self._evidence:
             self._send_evidence(question_id)
         self._empty_images_when_off()
-        if self._camera_online is not None:
-            self._send_camera()
+        for camera in self._camera_online:
+            self._send_camera(camera)
         for question_id in self._enabled:
             self._send_enabled(question_id)
 

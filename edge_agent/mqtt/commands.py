@@ -106,7 +106,7 @@ def _configured(question_id: str, question_ids: frozenset[str]) -> str:
 def control_configs(entity: EntitySpec, topics: AgentTopics, prefix: str, model_name: str) -> dict[str, bytes]:
     """Config topic -> retained discovery config of a question's switch and button."""
     question_id = entity.question_id
-    switch = entity_fields(topics, model_name, f"{question_id}.{ENABLED}", f"Ask: {entity.name}")
+    switch = entity_fields(topics, model_name, f"{question_id}.{ENABLED}", f"Ask: {entity.name}", entity.camera)
     switch.update(
         command_topic=switch_topic(topics, question_id),
         state_topic=enabled_topic(topics, question_id),
@@ -114,7 +114,7 @@ def control_configs(entity: EntitySpec, topics: AgentTopics, prefix: str, model_
         payload_off=OFF,
         entity_category="config",
     )
-    button = entity_fields(topics, model_name, f"{question_id}.{CHECK}", f"Check now: {entity.name}")
+    button = entity_fields(topics, model_name, f"{question_id}.{CHECK}", f"Check now: {entity.name}", entity.camera)
     button.update(command_topic=check_topic(topics, question_id), payload_press=PRESS)
     return {
         control_config_topic(prefix, "switch", topics.agent_id, question_id): _json(switch),

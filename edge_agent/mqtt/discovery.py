@@ -1,5 +1,10 @@
 """Home Assistant MQTT discovery: one entity per standing question, and two diagnostic entities of the agent.
 
+With `cameras:` each camera is a device of its own, linked to the agent's device with `via_device`: its
+questions' entities (answer, image, switch, button) and its "camera connected" entity are on it, and a
+question's answer entity is available while the agent is online and that camera delivers frames. The agent's
+device keeps the answer latency and the check-all button.
+
 Each question kind names its component and the fields it needs (`questions.KINDS`): a yes/no question
 becomes a `binary_sensor`, every other kind a `sensor`. An answer entity is available while the agent is
 online and the camera delivers frames; the diagnostic entities (camera connected, latency of the latest
@@ -22,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from edge_agent import __version__
-from edge_agent.config import DIAGNOSTIC_ENTITY_IDS
+from edge_agent.config import DIAGNOSTIC_ENTITY_IDS, camera_connected_id
 from edge_agent.errors import UserError
 from edge_agent.mqtt.topics import OFFLINE, ONLINE, AgentTopics, check_id
 from edge_agent.questions import KINDS, Component
@@ -45,6 +50,9 @@ class EntitySpec:
     """A Home Assistant device class (`occupancy`, `door`, ...), or None."""
     options: tuple[str, ...] = ()
     """For a question with fixed options: the possible states (an `enum` sensor)."""
+    camera: str | None = None
+    """The id of the camera (of `cameras:`) the question looks at: its entities are on that camera's device and
+    available while that camera delivers frames; None for the single `camera:` form (the agent's device)."""
 
 
 def component(entity: EntitySpec) -> Component:
@@ -142,8 +150,8 @@ CAMERA_CONNECTED, ANSWER_LATENCY = DIAGNOSTIC_ENTITY_IDS
 def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> bytes:
     """The retained discovery config of one question's entity: available while the agent is online and the
     camera delivers frames (an answer about a camera that shows nothing would be stale)."""
-    config = entity_fields(topics, model_name, entity.question_id, entity.name)
-    config["availability"].append(_online(topics.camera))
+    config = entity_fields(topics, model_name, entity.question_id, entity.name, entity.camera)
+    config["availability"].append(_online(topics.camera_status(entity.camera)))
     config.update(
         availability_mode="all",
         default_entity_id=default_entity_id(component(entity).name, topics, entity.question_id),
@@ -154,16 +162,13 @@ def config_payload(entity: EntitySpec, topics: AgentTopics, model_name: str) -> 
     return json.dumps(config).encode()
 
 
-def diagnostic_configs(prefix: str, topics: AgentTopics, model_name: str) -> dict[str, bytes]:
-    """Config topic -> retained config of each diagnostic entity: whether the camera delivers frames, and the
-    latency of the latest answer published (ms from the frame to the answer). Both are available while the
-    agent is online."""
-    camera = {
-        "state_topic": topics.camera,
-        "payload_on": ONLINE,
-        "payload_off": OFFLINE,
-        "device_class": "connectivity",
-    }
+def diagnostic_configs(
+    prefix: str, topics: AgentTopics, model_name: str, cameras: tuple[str | None, ...] = (None,)
+) -> dict[str, bytes]:
+    """Config topic -> retained config of each diagnostic entity: whether each camera delivers frames (the
+    single form's camera for None, on the agent's device; a listed camera's on its own device), and the latency
+    of the latest answer published (ms from the frame to the answer). All are available while the agent is
+    online."""
     latency = {
         "state_topic": topics.latency,
         "unit_of_measurement": "ms",
@@ -171,20 +176,35 @@ def diagnostic_configs(prefix: str, topics: AgentTopics, model_name: str) -> dic
         "state_class": "measurement",
         "value_template": _UNKNOWN_AS_NONE,
     }
-    entities = [
-        ("binary_sensor", CAMERA_CONNECTED, "Camera connected", camera),
-        ("sensor", ANSWER_LATENCY, "Answer latency", latency),
+    entities = [("sensor", ANSWER_LATENCY, "Answer latency", None, latency)]  # on the agent's device: first
+    entities += [
+        ("binary_sensor", _camera_connected_id(camera), "Camera connected", camera, _connected(topics, camera))
+        for camera in cameras
     ]
     return {
         _config_topic(prefix, component_name, topics.agent_id, object_id): json.dumps(
             {
-                **entity_fields(topics, model_name, object_id, name),
+                **entity_fields(topics, model_name, object_id, name, camera),
                 "default_entity_id": default_entity_id(component_name, topics, object_id),
                 "entity_category": "diagnostic",
                 **fields,
             }
         ).encode()
-        for component_name, object_id, name, fields in entities
+        for component_name, object_id, name, camera, fields in entities
+    }
+
+
+def _camera_connected_id(camera_id: str | None) -> str:
+    return CAMERA_CONNECTED if camera_id is None else camera_connected_id(camera_id)
+
+
+def _connected(topics: AgentTopics, camera_id: str | None) -> dict[str, str]:
+    """The fields of a camera's "camera connected" entity."""
+    return {
+        "state_topic": topics.camera_status(camera_id),
+        "payload_on": ONLINE,
+        "payload_off": OFFLINE,
+        "device_class": "connectivity",
     }
 
 
@@ -201,7 +221,7 @@ def evidence_configs(prefix: str, topics: AgentTopics, model_name: str, entities
     for entity in entities:
         object_id = entity.question_id + EVIDENCE_SUFFIX
         config = {
-            **entity_fields(topics, model_name, object_id, f"{entity.name} (image)"),
+            **entity_fields(topics, model_name, object_id, f"{entity.name} (image)", entity.camera),
             "default_entity_id": default_entity_id(EVIDENCE_COMPONENT, topics, object_id),
             "image_topic": topics.evidence(entity.question_id),
             "content_type": "image/jpeg",
@@ -231,24 +251,44 @@ def _online(topic: str) -> dict[str, str]:
     return {"topic": topic, "payload_available": ONLINE, "payload_not_available": OFFLINE}
 
 
-def entity_fields(topics: AgentTopics, model_name: str, object_id: str, name: str) -> dict[str, object]:
-    """What every entity of this agent's device carries: its name and unique id, availability (a list: the
-    agent's own; an entity may add more with `availability_mode`), the device (one per agent) and the origin.
-    `object_id` is unique among the agent's entities (a question id, or the name of a control or diagnostic
-    entity); the caller adds `default_entity_id`, which needs the component."""
+def entity_fields(
+    topics: AgentTopics, model_name: str, object_id: str, name: str, camera: str | None = None
+) -> dict[str, object]:
+    """What every entity of this agent carries: its name and unique id, availability (a list: the agent's own;
+    an entity may add more with `availability_mode`), its device and the origin. `object_id` is unique among
+    the agent's entities (a question id, or the name of a control or diagnostic entity); the caller adds
+    `default_entity_id`, which needs the component. The device is the agent's, or for an entity of a camera of
+    `cameras:` that camera's, linked to the agent's (`via_device`) so that Home Assistant groups the entities
+    by camera under the agent."""
     agent_id = topics.agent_id
     return {
         "name": name,
         "unique_id": f"edge_agent_{agent_id}_{object_id}",
         "availability": [_online(topics.availability)],
-        "device": {
-            "identifiers": [f"edge_agent_{agent_id}"],
-            "name": f"edge-agent {agent_id}",
-            "model": model_name,
-            "manufacturer": "edge-agent",
-            "sw_version": __version__,
-        },
+        "device": device(topics, model_name) if camera is None else camera_device(topics, model_name, camera),
         "origin": {"name": "edge-agent", "sw": __version__},
+    }
+
+
+def device(topics: AgentTopics, model_name: str) -> dict[str, object]:
+    """The agent's device in Home Assistant."""
+    return {
+        "identifiers": [f"edge_agent_{topics.agent_id}"],
+        "name": f"edge-agent {topics.agent_id}",
+        "model": model_name,
+        "manufacturer": "edge-agent",
+        "sw_version": __version__,
+    }
+
+
+def camera_device(topics: AgentTopics, model_name: str, camera_id: str) -> dict[str, object]:
+    """The device of one camera of `cameras:`, reached through the agent's device."""
+    agent = device(topics, model_name)
+    return {
+        **agent,
+        "identifiers": [f"edge_agent_{topics.agent_id}_{camera_id}"],
+        "name": f"edge-agent {topics.agent_id} {camera_id}",
+        "via_device": agent["identifiers"][0],
     }
 
 

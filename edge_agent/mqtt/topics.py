@@ -5,7 +5,8 @@
 | topic | retained | payload |
 | --- | --- | --- |
 | `<base>/<agent>/availability` | yes | `online` / `offline`; `offline` is also the last will |
-| `<base>/<agent>/camera` | yes | `online` / `offline`: whether frames are arriving |
+| `<base>/<agent>/camera` | yes | `online` / `offline`: whether frames are arriving (the single `camera:` form) |
+| `<base>/<agent>/camera/<camera_id>` | yes | `online` / `offline`: frames arrive from that camera (`cameras:`) |
 | `<base>/<agent>/latency_ms` | yes | milliseconds from frame to answer of the latest answer published |
 | `<base>/<agent>/answers/<question_id>` | yes | JSON `AnswerMessage` without `state` (strict JSON) |
 | `<base>/<agent>/state/<question_id>` | yes | the plain Home Assistant state (at most 255 characters) |
@@ -15,6 +16,9 @@
 | `<base>/<agent>/enabled/<question_id>` | yes | `ON` / `OFF`: whether the question is asked (`mqtt/commands.py`) |
 | `<base>/<agent>/enabled/<question_id>/set` | no | command: `ON` / `OFF` enables or disables the question |
 | `<base>/<agent>/check/<question_id>`, `<base>/<agent>/check` | no | command: `PRESS` answers the question (all) now |
+
+Question ids are unique in the agent, so a question's topics are the same whichever camera it looks at, and
+with `cameras:` only the camera status topics name the camera.
 
 Answers and states use the configured QoS (default 1). An answer is published when its value, its latest
 answer or its pending change changes, and again every `mqtt.heartbeat_s` seconds. The `discovery` topic is
@@ -188,6 +192,11 @@ class AgentTopics:
     @property
     def camera(self) -> str:
         return f"{self.root}/camera"
+
+    def camera_status(self, camera_id: str | None) -> str:
+        """Whether frames arrive from a camera of `cameras:` (`<root>/camera/<camera_id>`), or from the camera of
+        the single `camera:` form (None: `<root>/camera`)."""
+        return self.camera if camera_id is None else f"{self.camera}/{camera_id}"
 
     @property
     def latency(self) -> str:
