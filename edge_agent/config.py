@@ -627,10 +627,10 @@ class ModelSettings(Settings):
         check=not_blank,
     )
     max_new_tokens: int = setting(16, "Default answer length limit in tokens for each question.", check=positive)
-    max_contexts: int = setting(
+    context_budget_mb: float = setting(
         0,
-        "Most encoded views (frame contexts: image features and prompt prefix) kept in memory, over all cameras and "
-        "regions; the least recently used is dropped and encoded again when next needed; 0 = no limit.",
+        "MiB of encoded views (frame contexts: image features and the prompt prefix's cache) kept in memory over all "
+        "cameras and regions; the least recently used are dropped and encoded again when next needed; 0 = no limit.",
         check=zero_or_more,
     )
 

@@ -52,6 +52,7 @@ from .web import PageReply, StatusServer
 
 log = logging.getLogger(__name__)
 
+MIB = 1024 * 1024
 ASK_QUEUE_LIMIT = 16
 """Ad hoc questions waiting to be answered; more are refused as `Refusal.BUSY`."""
 ASK_QUESTION_TOKEN_LIMIT = 160
@@ -148,7 +149,7 @@ class Agent:
         self._controls = Controls(question.id for question in config.all_questions)
         self._evidence_log = EvidenceLog()
         self._evidence_pacer = EvidencePacer(config.evidence.min_interval_s)
-        self._contexts = ContextBudget(config.model.max_contexts, self._views)
+        self._contexts = ContextBudget(int(config.model.context_budget_mb * MIB), self._views)
         self._round = 0  # turns taken: which camera goes first in the next one
         self._link: AgentLink | None = None
 
@@ -699,7 +700,7 @@ def entity_spec(question: Question, camera: str | None = None) -> EntitySpec:
 
 
 class ContextBudget:
-    """Keeps at most `limit` views' contexts (0: all), dropping the least recently used view's first.
+    """Keeps the views' contexts within `limit` bytes (0: no limit), dropping the least recently used view's first.
 
     A context is the engine's memory of one encoded view (image features and prompt prefix in the paged
     cache pool): the only memory a camera or region adds to the agent. A dropped view keeps its scene and
@@ -707,7 +708,7 @@ class ContextBudget:
     view of an ask's own region lives for one turn."""
 
     def __init__(self, limit: int, views: list[View]) -> None:
-        self._limit = limit
+        self._limit = limit  # bytes
         self._standing = {id(view) for view in views}
         self._views: dict[int, View] = {}  # id(view) -> view, least recently used first
 
@@ -719,11 +720,12 @@ class ContextBudget:
 
     def trim(self) -> None:
         """Drop the least recently used contexts beyond the limit (after a turn: none is dropped mid-turn)."""
-        alive = {key: view for key, view in self._views.items() if view.has_context}
-        self._views = alive
-        while self._limit and len(self._views) > self._limit:
-            oldest = next(iter(self._views))
-            self._views.pop(oldest).drop_context()
+        self._views = {key: view for key, view in self._views.items() if view.has_context}
+        held = sum(view.scene.context.nbytes for view in self._views.values())
+        while self._limit and held > self._limit:
+            oldest = self._views.pop(next(iter(self._views)))
+            held -= oldest.scene.context.nbytes
+            oldest.drop_context()
 
 
 def ad_hoc_question(request: AskRequest) -> Question:

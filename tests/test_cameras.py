@@ -22,6 +22,7 @@ from edge_agent.devtools.demo import DEMO_MODEL, DEMO_QUESTIONS, truth_of
 from edge_agent.devtools.loopback import BrokerAddress
 from edge_agent.devtools.scenes import Moment, SyntheticScene, render, scene_timeline
 from edge_agent.devtools.scenes import write_video as write_story
+from edge_agent.engine import Prompt
 from edge_agent.errors import UserError
 from edge_agent.mqtt import EntitySpec
 from edge_agent.mqtt.ask import request_message
@@ -264,7 +265,11 @@ def test_a_camera_whose_scene_always_changes_does_not_starve_the_others(
 def test_the_context_budget_drops_the_least_recently_used_contexts_and_they_are_encoded_again(
     broker, tiny_llava_int8, tiny_engine, static_video
 ):
-    def run(max_contexts: int) -> dict[str, tuple[float, float]]:
+    context = tiny_engine.encode(np.zeros((48, 64, 3), np.uint8))
+    tiny_engine.answer(context, [Prompt("Is it lit?", 1)])  # the prefix is cached with the first answer
+    one_context_mb = context.nbytes / 2**20
+
+    def run(budget_mb: float) -> dict[str, tuple[float, float]]:
         """camera -> (scene changes, encodes) after each camera answered a few times; the contexts kept."""
         cameras = [
             {
@@ -277,7 +282,7 @@ def test_the_context_budget_drops_the_least_recently_used_contexts_and_they_are_
             for name in ("one", "two")
         ]
         config = cameras_config(tiny_llava_int8, broker, cameras)
-        config["model"]["max_contexts"] = max_contexts
+        config["model"]["context_budget_mb"] = budget_mb
         with RunningAgent(config, engine=tiny_engine) as agent:
             published = agent.metrics.answers_published
             wait_until(lambda: published._value.get() >= 8, timeout=60, what="8 answers")
@@ -291,8 +296,8 @@ def test_the_context_budget_drops_the_least_recently_used_contexts_and_they_are_
             kept = [view for view in agent._views if view.has_context]
         return counts, len(kept)
 
-    unbounded, kept_unbounded = run(max_contexts=0)
-    bounded, kept_bounded = run(max_contexts=1)
+    unbounded, kept_unbounded = run(budget_mb=0)
+    bounded, kept_bounded = run(budget_mb=1.5 * one_context_mb)  # room for one view's context, not two
 
     assert unbounded == {"one": (1, 1), "two": (1, 1)} and kept_unbounded == 2
     assert all(changes == 1 and encodes >= 2 for changes, encodes in bounded.values()), bounded

@@ -104,6 +104,11 @@ class FrameContext:
     session: LanguageSession = field(repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def nbytes(self) -> int:
+        """The memory this context holds: its prefix embeddings and the prefix's own cache (`cached_bytes`)."""
+        return self.prefix_embeds.nbytes + self.session.cached_bytes
+
 
 def in_background(function, *args) -> concurrent.futures.Future:
     """Run `function(*args)` on a thread of its own, which ends with it; its result or exception in the future."""

@@ -208,6 +208,11 @@ class StatefulSession:
         self.kv_len = 0
 
     @property
+    def cached_bytes(self) -> int:
+        """Nothing: the one cache is the request's, and a session that finds another's there starts again."""
+        return 0
+
+    @property
     def leftover_positions(self) -> int:
         """Cache positions past the prefix left over from earlier rounds."""
         return max(self.kv_len - self.prefix_len, 0) if self._model.cache_owner is self else 0

@@ -93,6 +93,15 @@ class BlockPool:
     def free_blocks(self) -> int:
         return len(self._free)
 
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes over every layer's keys and values."""
+        return sum(
+            port.get_element_type().size
+            * int(np.prod([dim.get_length() for dim in list(port.get_partial_shape())[1:]]))
+            for port in self._ports
+        )
+
     def give_back(self, blocks: list[int]) -> None:
         with self._lock:
             self._free.extend(blocks)
@@ -234,6 +243,10 @@ class PagedSession:
     def prefix_cached(self) -> bool:
         """Whether the prefix is in the pool (the next questions need not prefill it)."""
         return bool(self._held.prefix)
+
+    @property
+    def cached_bytes(self) -> int:
+        return len(self._held.prefix) * self._pool.bytes_per_block
 
     def restart(self) -> None:
         """Drop the cache; the next questions prefill the prefix again, with the first of them."""

@@ -40,6 +40,10 @@ class LanguageSession(Protocol):
         """One decode step for `rows` (indices into the last call's rows), embeds [len(rows), 1, hidden]: the
         next-token logits [len(rows), vocab]; afterwards row i is `rows[i]`."""
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of KV cache this session alone keeps while other sessions take their turns (its prefix's)."""
+
 
 @runtime_checkable
 class LanguageModel(Protocol):
