@@ -55,6 +55,8 @@ function render(snapshot) {
   $("mqtt").textContent = `MQTT ${mqtt.connected ? "connected" : "disconnected"} · ${mqtt.queued} queued`;
   $("mqtt").className = `pill ${mqtt.connected ? "ok" : "bad"}`;
   snapshot.cameras.forEach(renderCamera);
+  page.severalCameras = snapshot.cameras.length > 1;
+  $("ask-camera").hidden = !page.severalCameras;
   snapshot.questions.forEach(renderQuestion);
   renderFigures(snapshot);
 }
@@ -66,7 +68,8 @@ function renderCamera(camera) {
     view.dataset.camera = camera.id;
     $("cameras").append(view);
     page.cameras.set(camera.id, view);
-    regionHelper(view);
+    regionHelper(view, camera.id);
+    $("ask-camera").append(new Option(camera.id, camera.id));
   }
   const online = camera.online === false ? "offline" : camera.online ? "online" : "starting";
   view.querySelector(".camera-title").textContent = `${camera.id} · ${online} · frame ${ago(camera.frame_ts)}`;
@@ -91,8 +94,9 @@ function renderQuestion(question) {
   view.querySelector(".value").textContent = question.answered_ts == null ? "…" : shown(question.value, question.state);
   const confidence = question.confidence == null ? "" : ` · confidence ${(question.confidence * 100).toFixed(0)}%`;
   const region = question.region ? ` · region [${question.region.join(", ")}]` : "";
-  view.querySelector(".detail").textContent =
-    `${question.type}${confidence} · changed ${ago(question.changed_ts)} · answered ${ago(question.answered_ts)}${region}`;
+  const camera = page.severalCameras && question.camera ? ` · camera ${question.camera}` : "";
+  view.querySelector(".detail").textContent = `${question.type}${confidence} · changed ${ago(question.changed_ts)}` +
+    ` · answered ${ago(question.answered_ts)}${camera}${region}`;
   view.querySelector(".raw").textContent = question.raw == null ? "" : `model said: ${question.raw}`;
   setImage(view.querySelector(".evidence"), question.evidence);
   const history = view.querySelector(".history");
@@ -134,6 +138,7 @@ async function ask(event) {
   const type = $("ask-type").value;
   if (type) body.type = type;
   if (type === "choice") body.options = $("ask-options").value.split(",").map((o) => o.trim()).filter(Boolean);
+  if (page.severalCameras) body.camera = $("ask-camera").value;
   if ($("ask-region").checked && page.region) body.region = page.region;
   $("ask-button").disabled = true;
   $("ask-error").hidden = true;
@@ -163,7 +168,7 @@ function regionProblem(region) {
   return null;
 }
 
-function regionHelper(view) {
+function regionHelper(view, cameraId) {
   const canvas = view.querySelector(".frame-draw");
   let anchor = null;
   const fraction = (event) => {
@@ -199,6 +204,7 @@ function regionHelper(view) {
     try {
       const checked = await post("/api/region", { region });
       page.region = checked.region;
+      $("ask-camera").value = cameraId;  // an ask on the drawn region asks the camera it was drawn on
       view.querySelector(".region-line").textContent = checked.line;
       view.querySelector(".region-line-row").hidden = false;
     } catch (failure) {
