@@ -21,11 +21,14 @@ SERVER_SCRIPT = pathlib.Path(__file__).with_name("_rtsp_server.py")
 
 
 class RtspCamera:
-    """An IP camera at `url` streaming a moving ball as H.264 over RTSP, 10 frames a second."""
+    """An IP camera at `url` streaming H.264 over RTSP, 10 frames a second: a moving ball, or the still `image`
+    at `size` (width, height)."""
 
-    def __init__(self) -> None:
+    def __init__(self, image: pathlib.Path | None = None, size: tuple[int, int] = (160, 120)) -> None:
         self.port = free_port()
         self._process: subprocess.Popen | None = None
+        self._shows = ["--image", str(image)] if image else []
+        self._size = ["--width", str(size[0]), "--height", str(size[1])]
 
     @property
     def url(self) -> str:
@@ -34,7 +37,7 @@ class RtspCamera:
     def start(self) -> None:
         """Serve (again) on the same port; returns once the server listens."""
         self._process = subprocess.Popen(
-            [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port)],
+            [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port), *self._shows, *self._size],
             stdout=subprocess.PIPE,
             text=True,
         )
