@@ -10,6 +10,12 @@ counts as right when `edge_agent.questions.parse_answer` gives the true typed va
 Three variants are measured: FP32 (an fp32 export run at f32 precision, equal to the checkpoint's greedy
 answers), the shipped INT8 export, and an INT4 export (language model at 4 bits, group 128), to show how
 much accuracy quantization keeps. The table gives each accuracy with its 95% Wilson interval.
+
+A second table shows what a region is worth (`region:` in the config): each held-out frame is a wide
+1280x720 camera over a 4 x 4 grid of rooms (`scenes.render_grid`, 320x180 each), and the questions ask about
+one of them, answered by the INT8 export once on the whole frame and once on that room's region, cut by the
+agent's own `capture.views.crop`. On the whole frame the room is 16 x 16 of the model's 64 x 64 input pixels
+(its cup about one pixel); on the region, all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from edge_agent.capture.views import crop  # noqa: E402
 from edge_agent.devtools import scenes  # noqa: E402
 from edge_agent.questions import build_prompt, parse_answer  # noqa: E402
 
@@ -72,6 +79,33 @@ def held_out(count: int) -> list[tuple[np.ndarray, list[scenes.Asked]]]:
     return cases
 
 
+GRID = 4
+"""Rooms per side of a region table frame."""
+ROOM_SIZE = (320, 180)
+"""(width, height) of each room of a region table frame: 1280x720 in all."""
+
+
+def held_out_grids(count: int) -> list[tuple[np.ndarray, tuple[float, ...], list[scenes.Asked]]]:
+    """`count` held-out wide frames of GRID x GRID rooms, each with one room's region and questions about it."""
+    cases = []
+    for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + count):
+        rng = np.random.default_rng(seed)
+        rooms = [scenes.random_scene(rng) for _ in range(GRID * GRID)]
+        frame = scenes.render_grid(rooms, GRID, *ROOM_SIZE, rng)
+        asked_about = int(rng.integers(len(rooms)))
+        region = scenes.grid_region(asked_about, GRID, GRID)
+        cases.append((frame, region, scenes.questions_for(rooms[asked_about], rng)))
+    return cases
+
+
+def measure_regions(engine, cases) -> dict[str, Tally]:
+    """The questions of `cases` answered on the whole frame and on their room's region."""
+    return {
+        "whole frame": measure(engine, [(frame, asked) for frame, _, asked in cases]),
+        "region": measure(engine, [(crop(frame, region), asked) for frame, region, asked in cases]),
+    }
+
+
 def measure(engine, cases) -> Tally:
     """Ask `engine` every question of `cases` (one encode per frame, its questions as one batch)."""
     from edge_agent.engine import Prompt
@@ -114,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, (directory, precision) in variants.items():
             tallies[name] = measure(Engine.load(directory, inference_precision=precision), cases)
             print(f"{name} measured", file=sys.stderr, flush=True)
-    print_table(tallies, args.scenes)
+    print_table(tallies, f"{args.scenes} held-out scenes (seeds {HELD_OUT_SEED}..)")
+    regions = measure_regions(Engine.load(args.model / "openvino-int8"), held_out_grids(args.scenes))
+    print()
+    print_table(regions, f"{args.scenes} held-out {GRID}x{GRID} grids of rooms, one room asked about (INT8)")
 
 
-def print_table(tallies: dict[str, Tally], scene_count: int) -> None:
-    print(f"accuracy on {scene_count} held-out scenes (seeds {HELD_OUT_SEED}..), 95% Wilson interval")
+def print_table(tallies: dict[str, Tally], cases: str) -> None:
+    print(f"accuracy on {cases}, 95% Wilson interval")
     print(f"{'asked about':<14}{'asked':>7}" + "".join(f"{name:>22}" for name in tallies))
     for kind in QUESTION_TYPES + TOPICS:
         asked = next(iter(tallies.values())).asked[kind]

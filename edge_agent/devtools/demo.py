@@ -1,13 +1,17 @@
 """`edge-agent demo`: the whole agent on a generated video, with the answers shown as a subscriber sees them.
 
-It writes a short video of a synthetic kiosk room in which the door opens and people come and go
-(`edge_agent.scenes`), starts an MQTT broker on loopback (mosquitto where installed, else an embedded
-amqtt broker, which speaks MQTT 3.1.1 only) unless one is given, runs the agent with the shipped demo
-model on that video, and prints every answer published, next to the ground truth of the scene.
+It writes a short video from a wide camera over two synthetic kiosk rooms side by side: in the left one the
+door opens and people come and go, in the right one its own story runs (`edge_agent.devtools.scenes`). It
+starts an MQTT broker on loopback (mosquitto where installed, else an embedded amqtt broker, which speaks
+MQTT 3.1.1 only), runs the agent with the shipped demo model on that video, and prints every answer published,
+next to the ground truth of its room. Every question names its room's region: the demo model reads a room at
+its 64x64 input, which the whole wide frame squashes two rooms into. It also prints where the images behind
+the answers are published and where the status page listens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -20,13 +24,16 @@ from ..config import parse_config
 from ..errors import UserError
 from ..service import Agent
 from .loopback import BrokerAddress, local_broker
-from .scenes import Moment, SyntheticScene, scene_at, scene_timeline, write_video
+from .scenes import Moment, SyntheticScene, grid_region, scene_at, scene_timeline, write_video
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = pathlib.Path("models") / "demo-llava" / "openvino-int8"
-VIDEO_SIZE = (640, 480)
+ROOM_SIZE = (640, 480)
+"""(width, height) of each of the two rooms side by side: the video is 1280x480."""
 VIDEO_FPS = 10
+ROOMS = ("left room", "right room")
+RIGHT_ROOM_STORY_SEED = 1
 
 # The standing questions of the demo, phrased as the demo model was trained.
 DEMO_QUESTIONS = (
@@ -42,14 +49,49 @@ DEMO_QUESTIONS = (
 )
 
 
+RIGHT_ROOM_QUESTION = {
+    "id": "right_door_open",
+    "question": "Is the door open?",
+    "type": "yes_no",
+    "device_class": "door",
+}
+"""The question about the right room (the demo's others are about the left room)."""
+
+
+def demo_questions() -> list[dict]:
+    """The demo's standing questions, each on its room's region of the wide frame: DEMO_QUESTIONS about the left
+    room, RIGHT_ROOM_QUESTION about the right one."""
+    left, right = (list(grid_region(index, len(ROOMS))) for index in range(len(ROOMS)))
+    return [dict(q, every=1.0, region=left) for q in DEMO_QUESTIONS] + [
+        dict(RIGHT_ROOM_QUESTION, every=1.0, region=right)
+    ]
+
+
+def room_of(question_id: str) -> int:
+    """Which room (an index of ROOMS) a demo question is about."""
+    return 1 if question_id == RIGHT_ROOM_QUESTION["id"] else 0
+
+
 def truth_of(question_id: str, scene: SyntheticScene):
     """The right answer to a demo question in `scene`."""
     return {
         "door_open": scene.door_open,
+        "right_door_open": scene.door_open,
         "people": scene.people,
         "bag": scene.bag_present,
         "cup_colour": scene.cup_colour,
     }[question_id]
+
+
+def write_demo_video(path: pathlib.Path, seconds: float) -> tuple[pathlib.Path, list[list[Moment]]]:
+    """The demo's video: the two rooms side by side, each following its story; and the stories, by room."""
+    right = [  # another room, whose door is open while the left one's is closed
+        dataclasses.replace(moment, scene=dataclasses.replace(moment.scene, door_open=not moment.scene.door_open))
+        for moment in scene_timeline(seconds=seconds, seed=RIGHT_ROOM_STORY_SEED)
+    ]
+    stories = [scene_timeline(seconds=seconds), right]
+    video = write_video(path, stories[0], fps=VIDEO_FPS, size=ROOM_SIZE, seconds=seconds, beside=tuple(stories[1:]))
+    return video, stories
 
 
 def find_demo_model(explicit: str | None) -> pathlib.Path:
@@ -75,17 +117,17 @@ def demo_config(model: pathlib.Path, video: pathlib.Path, broker: BrokerAddress)
         "model": {"path": str(model), "max_new_tokens": 4},
         "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol, "discovery": True},
         "scene_gate": {"threshold": 0.02, "max_unchanged_s": 0},
-        "questions": [dict(q, every=1.0) for q in DEMO_QUESTIONS],
+        "questions": demo_questions(),
         "metrics": {"listen": None},
-        "web": {"enabled": False},
+        "web": {"listen": "127.0.0.1:0"},  # a free port: demos may run side by side
     }
 
 
 class AnswerPrinter:
-    """Subscribes to the agent's answers and prints each one beside the ground truth at its frame."""
+    """Subscribes to the agent's answers and prints each one beside the ground truth of its room at its frame."""
 
-    def __init__(self, broker: BrokerAddress, timeline: list[Moment], video_seconds: float, out=None):
-        self._timeline, self._video_seconds, self._out = timeline, video_seconds, out
+    def __init__(self, broker: BrokerAddress, stories: list[list[Moment]], video_seconds: float, out=None):
+        self._stories, self._video_seconds, self._out = stories, video_seconds, out
         self.started = time.time()
         self.received: list[dict] = []
         self._client = broker.client()
@@ -102,7 +144,8 @@ class AnswerPrinter:
         try:
             answer = json.loads(message.payload)
             answer["video_t"] = self.video_time(float(answer["frame_ts"]))
-            answer["truth"] = truth_of(answer["question_id"], scene_at(self._timeline, answer["video_t"]))
+            story = self._stories[room_of(answer["question_id"])]
+            answer["truth"] = truth_of(answer["question_id"], scene_at(story, answer["video_t"]))
         except (ValueError, KeyError, TypeError) as error:
             log.warning("unexpected answer message on %s (%r): %s", message.topic, message.payload[:80], error)
             return
@@ -113,8 +156,9 @@ class AnswerPrinter:
         value, truth = answer["value"], answer["truth"]
         mark = "ok" if value == truth else "  "
         confidence = f" ({answer['confidence']:.2f})" if answer.get("confidence") is not None else ""
+        asked = f"{answer['question']} ({ROOMS[room_of(answer['question_id'])]})"
         print(
-            f"[video {answer['video_t']:5.1f} s] {answer['question']:<34} {str(value):>6}{confidence:<7}"
+            f"[video {answer['video_t']:5.1f} s] {asked:<46} {str(value):>6}{confidence:<7}"
             f" truth {str(truth):>6} {mark}",
             file=self._out or sys.stdout,
             flush=True,
@@ -134,15 +178,22 @@ def run_demo(duration_s: float | None, model: str | None, video_seconds: float =
     model_dir = find_demo_model(model)
     with tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as workdir:
         workdir = pathlib.Path(workdir)
-        progress("writing a sample video (door opens, people come and go)")
-        timeline = scene_timeline(seconds=video_seconds)
-        video = write_video(workdir / "kiosk.mp4", timeline, fps=VIDEO_FPS, size=VIDEO_SIZE, seconds=video_seconds)
+        progress("writing a sample video: two rooms side by side (doors open, people come and go)")
+        video, stories = write_demo_video(workdir / "kiosk.mp4", video_seconds)
         with local_broker(workdir) as broker:
             progress(f"{broker.kind} listening on {broker.host}:{broker.port} (MQTT {broker.protocol})")
             progress(f"loading model {model_dir}")
             agent = Agent(parse_config(demo_config(model_dir, video, broker)))
             agent.start()
-            printer = AnswerPrinter(broker, timeline, video_seconds)
+            printer = AnswerPrinter(broker, stories, video_seconds)
+            progress(
+                "each question looks at its room's region: "
+                + ", ".join(f"{q['id']} {q['region']}" for q in demo_questions())
+            )
+            progress(
+                "the image behind each answer (its region, JPEG, retained): edge-agent/demo/evidence/<question_id>"
+            )
+            progress(f"status page: http://127.0.0.1:{agent.web_port}/")
             progress("answering; Ctrl-C stops" + (f" (or after {duration_s:g} s)" if duration_s else ""))
             runner = threading.Thread(target=agent.run, name="agent", daemon=True)
             runner.start()

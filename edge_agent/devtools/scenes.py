@@ -381,23 +381,52 @@ def scene_at(timeline: list[Moment], t: float) -> SyntheticScene:
 
 
 def write_video(
-    path, timeline: list[Moment], fps: float, size: tuple[int, int], seconds: float | None = None, seed: int = 0
+    path,
+    timeline: list[Moment],
+    fps: float,
+    size: tuple[int, int],
+    seconds: float | None = None,
+    seed: int = 0,
+    beside: tuple[list[Moment], ...] = (),
 ) -> pathlib.Path:
     """Write the timeline as an MPEG-4 (mp4v) file of `size` (width, height) at `fps`; returns the path.
 
     The video lasts `seconds`, by default until one interval after the last change. Each frame gets fresh
-    camera noise, as a real camera would, drawn from `seed`.
+    camera noise, as a real camera would, drawn from `seed`. With `beside`, the video shows several rooms in a
+    row, each `size` and following its own timeline (`render_grid`): room 0 is `timeline`.
     """
     if seconds is None:
         seconds = timeline[-1].start + (timeline[-1].start - timeline[0].start) / max(1, len(timeline) - 1)
+    timelines = (timeline, *beside)
     width, height = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width * len(timelines), height))
     if not writer.isOpened():
         raise OSError(f"cv2.VideoWriter cannot write {path}")
     rng = np.random.default_rng(seed)
     try:
         for index in range(round(seconds * fps)):
-            writer.write(render(scene_at(timeline, index / fps), width, height, rng))
+            rooms = [scene_at(room, index / fps) for room in timelines]
+            writer.write(render_grid(rooms, len(rooms), width, height, rng))
     finally:
         writer.release()
     return pathlib.Path(path)
+
+
+def render_grid(rooms: list[SyntheticScene], columns: int, width: int, height: int, rng) -> np.ndarray:
+    """The rooms in a grid of `columns` columns (left to right, then top to bottom), each `width` x `height`: what
+    one wide camera over several rooms, or a camera on a multiview monitor, shows. Room i is `grid_region(i, ...)`
+    of it; on the whole frame each room gets only its share of the model's input pixels."""
+    rows = -(-len(rooms) // columns)
+    frame = np.zeros((rows * height, columns * width, 3), np.uint8)
+    for index, room in enumerate(rooms):
+        row, column = divmod(index, columns)
+        frame[row * height : (row + 1) * height, column * width : (column + 1) * width] = render(
+            room, width, height, rng
+        )
+    return frame
+
+
+def grid_region(index: int, columns: int, rows: int = 1) -> tuple[float, float, float, float]:
+    """The region (`config.Region`) of room `index` of a `render_grid` frame of `columns` x `rows` rooms."""
+    row, column = divmod(index, columns)
+    return (column / columns, row / rows, (column + 1) / columns, (row + 1) / rows)
