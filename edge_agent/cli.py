@@ -350,9 +350,17 @@ def _add_model(commands) -> None:
     build.add_argument("--arch", choices=["llava", "llava_next"], default="llava")
     build.add_argument(
         "--preset",
-        choices=["tiny", "bench"],
+        choices=[
+            "tiny",
+            "tiny-qwen2-layout",
+            "bench",
+            "llava-1.5-7b",
+            "llava-next-mistral-7b",
+            "llava-interleave-qwen-0.5b",
+        ],
         default="tiny",
-        help="tiny: seconds to build, for unit tests; bench: realistic shapes (CLIP ViT-L/14-336, 0.4B Llama-style LM)",
+        help="tiny: seconds to build, for unit tests; bench: realistic shapes (CLIP ViT-L/14-336, 0.4B Llama-style "
+        "LM); the others: bench's tower with the named model's attention layout and MLP in fewer layers",
     )
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="replace a non-empty output directory")

@@ -38,7 +38,13 @@ def llava_next(tiny_llava_next_fp32) -> Engine:
     return Engine.load(tiny_llava_next_fp32, inference_precision="f32")
 
 
-@pytest.fixture(params=["llava", "llava_next"])
+@pytest.fixture(scope="module")
+def grouped_llava(tiny_grouped_llava_fp32) -> Engine:
+    """One layer of Qwen2-0.5B's attention layout: 7 query heads share each key/value head."""
+    return Engine.load(tiny_grouped_llava_fp32, inference_precision="f32")
+
+
+@pytest.fixture(params=["llava", "llava_next", "grouped_llava"])
 def engine_and_reference(request):
     return request.getfixturevalue(request.param), request.getfixturevalue(f"hf_{request.param}")
 

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge_agent.cli import build_parser
 from edge_agent.devtools.testmodels import (
     PRESETS,
     SPECIAL_TOKENS,
     build_test_model,
     image_tokens_per_tile,
+    language_config,
     train_tokenizer,
 )
 from edge_agent.errors import UserError
@@ -119,3 +121,35 @@ def test_bench_tokenizer_covers_the_whole_32000_token_vocabulary():
 def test_unknown_arch_or_preset_is_a_user_error(tmp_path, option, value):
     with pytest.raises(UserError, match=option):
         build_test_model(tmp_path / "model", **{option: value})
+
+
+DEPLOYED_LAYOUTS = {  # query heads, key/value heads, head size of the language models people deploy
+    "llava-1.5-7b": (32, 32, 128),
+    "llava-next-mistral-7b": (32, 8, 128),
+    "llava-interleave-qwen-0.5b": (14, 2, 64),
+}
+VISION_FIELDS = ("image_size", "patch_size", "vision_hidden", "vision_intermediate", "vision_layers", "vision_heads")
+
+
+@pytest.mark.parametrize("preset", DEPLOYED_LAYOUTS)
+def test_deployed_presets_have_the_real_attention_layout_and_the_bench_vision_tower(preset):
+    config = language_config(PRESETS[preset])
+    heads, kv_heads, head_size = DEPLOYED_LAYOUTS[preset]
+
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (heads, kv_heads, head_size)
+    assert config.hidden_size == heads * head_size
+    for field in VISION_FIELDS:
+        assert getattr(PRESETS[preset], field) == getattr(PRESETS["bench"], field), field
+
+
+def test_the_grouped_test_preset_writes_qwen2_heads_into_the_checkpoint(tiny_grouped_llava_checkpoint):
+    text = json.loads((tiny_grouped_llava_checkpoint / "config.json").read_text())["text_config"]
+    heads, kv_heads, head_size = DEPLOYED_LAYOUTS["llava-interleave-qwen-0.5b"]
+
+    assert (text["num_attention_heads"], text["num_key_value_heads"]) == (heads, kv_heads)
+    assert text["hidden_size"] // text["num_attention_heads"] == head_size
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_build_test_accepts_every_preset(preset):
+    assert build_parser().parse_args(["model", "build-test", "out", "--preset", preset]).preset == preset

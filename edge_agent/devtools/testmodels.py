@@ -132,6 +132,43 @@ PRESETS = {
 }
 
 
+def _deployed(heads: int, kv_heads: int, head_size: int, intermediate: int, layers: int) -> Shapes:
+    """`bench`'s CLIP ViT-L/14-336 tower with a language model whose layers have a deployed model's shapes.
+
+    Each layer is the real one: its query heads, key/value heads, head size (the width is heads x head
+    size), and MLP width, so a token costs per layer what it costs in the real model. Only the layer count
+    may be cut, so that a benchmark run stays short: the 7B models keep 2 of their 32 layers, which leaves
+    the cost per layer and per attention head as it is, while the whole model's weights (and a decode step's
+    bytes) shrink about 16-fold and the LM head weighs more among them. The vocabulary is `bench`'s 32,000
+    tokens (the tokenizer is trained here; Qwen2's real one has 151,936), and the attention has no biases
+    (Qwen2 has q/k/v biases, a negligible cost).
+    """
+    return dataclasses.replace(
+        PRESETS["bench"],
+        text_hidden=heads * head_size,
+        text_intermediate=intermediate,
+        text_layers=layers,
+        text_heads=heads,
+        text_kv_heads=kv_heads,
+    )
+
+
+# The attention layouts of the LLaVA models people deploy (the real query heads, key/value heads and head size):
+PRESETS |= {
+    # LLaVA-1.5-7B's Vicuna-7B: multi-head attention.
+    "llava-1.5-7b": _deployed(heads=32, kv_heads=32, head_size=128, intermediate=11008, layers=2),
+    # LLaVA-NeXT-Mistral-7B's Mistral-7B: 4 query heads per key/value head.
+    "llava-next-mistral-7b": _deployed(heads=32, kv_heads=8, head_size=128, intermediate=14336, layers=2),
+    # llava-interleave-qwen-0.5b's Qwen2-0.5B, every layer kept: 7 query heads per key/value head.
+    "llava-interleave-qwen-0.5b": _deployed(heads=14, kv_heads=2, head_size=64, intermediate=4864, layers=24),
+}
+# For unit tests: `tiny` with one language model layer of Qwen2-0.5B's attention layout (14 query heads, 2
+# key/value heads, head size 64), so the engine's grouped-query paths are checked against transformers.
+PRESETS["tiny-qwen2-layout"] = dataclasses.replace(
+    PRESETS["tiny"], text_hidden=14 * 64, text_intermediate=256, text_layers=1, text_heads=14, text_kv_heads=2
+)
+
+
 def build_test_model(
     out_dir, arch: str = "llava", preset: str = "tiny", seed: int = 0, overwrite: bool = False
 ) -> pathlib.Path:
@@ -140,7 +177,11 @@ def build_test_model(
         raise UserError(f"arch: unsupported {arch!r}; choose one of {', '.join(ARCHS)}")
     if preset not in PRESETS:
         raise UserError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESETS)}")
-    shapes = PRESETS[preset]
+    return build_checkpoint(out_dir, arch, PRESETS[preset], seed, overwrite)
+
+
+def build_checkpoint(out_dir, arch: str, shapes: Shapes, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """Write a random-weight `arch` checkpoint of any `shapes` (a preset, or one changed for a test)."""
     with staged_output_dir(out_dir, overwrite) as staging:
         tokenizer = train_tokenizer(shapes, seed)
         _processor(arch, shapes, tokenizer).save_pretrained(staging)
@@ -252,6 +293,23 @@ def _processor(arch: str, shapes: Shapes, tokenizer):
     )
 
 
+def language_config(shapes: Shapes, **special_ids):
+    """The transformers config of the Llama-style language model of `shapes` (head size: width / heads)."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        hidden_size=shapes.text_hidden,
+        intermediate_size=shapes.text_intermediate,
+        num_hidden_layers=shapes.text_layers,
+        num_attention_heads=shapes.text_heads,
+        num_key_value_heads=shapes.text_kv_heads,
+        vocab_size=shapes.vocab_size,
+        max_position_embeddings=shapes.max_positions,
+        initializer_range=shapes.init_std,
+        **special_ids,
+    )
+
+
 def _random_model(arch: str, shapes: Shapes, tokenizer, seed: int):
     import torch
     import transformers
@@ -271,17 +329,7 @@ def _random_model(arch: str, shapes: Shapes, tokenizer, seed: int):
         projection_dim=shapes.vision_hidden,
         initializer_range=shapes.init_std,
     )
-    text = transformers.LlamaConfig(
-        hidden_size=shapes.text_hidden,
-        intermediate_size=shapes.text_intermediate,
-        num_hidden_layers=shapes.text_layers,
-        num_attention_heads=shapes.text_heads,
-        num_key_value_heads=shapes.text_kv_heads,
-        vocab_size=shapes.vocab_size,
-        max_position_embeddings=shapes.max_positions,
-        initializer_range=shapes.init_std,
-        **special_ids,
-    )
+    text = language_config(shapes, **special_ids)
     classes = _ARCH_CLASSES[arch]
     config = getattr(transformers, classes.config)(
         vision_config=vision,

@@ -43,11 +43,13 @@ class ModelRecipe:
     """OpenVINO export weight format, or None for the Hugging Face checkpoint itself."""
     group_size: int | None = None
     """int4 only: channels per quantization scale (the tiny LM has 64 and 128 input channels)."""
+    preset: str = "tiny"
+    """`edge_agent.devtools.testmodels` preset of the random checkpoint."""
 
     @property
     def checkpoint(self) -> str:
         """Name of the checkpoint this model is exported from (itself, for a checkpoint)."""
-        return f"tiny-{self.arch}"
+        return f"{self.preset}-{self.arch}"
 
 
 RECIPES = {
@@ -57,6 +59,8 @@ RECIPES = {
     "tiny-llava_next-fp32": ModelRecipe("llava_next", "fp32"),
     "tiny-llava-int8": ModelRecipe("llava", "int8"),
     "tiny-llava-int4": ModelRecipe("llava", "int4", group_size=32),
+    "tiny-qwen2-layout-llava": ModelRecipe("llava", preset="tiny-qwen2-layout"),
+    "tiny-qwen2-layout-llava-fp32": ModelRecipe("llava", "fp32", preset="tiny-qwen2-layout"),
 }
 
 
@@ -99,7 +103,7 @@ def _ensure_locked(name: str) -> pathlib.Path:
         if recipe.weight_format is None:
             from edge_agent.devtools.testmodels import build_test_model
 
-            build_test_model(path, arch=recipe.arch, preset="tiny", seed=0)
+            build_test_model(path, arch=recipe.arch, preset=recipe.preset, seed=0)
         else:
             from edge_agent.export import export_model
 
@@ -148,6 +152,16 @@ tiny_llava_fp32 = _session_fixture(
 )
 tiny_llava_next_fp32 = _session_fixture(
     "tiny_llava_next_fp32", "tiny-llava_next-fp32", "tiny llava_next exported to OpenVINO with fp32 weights."
+)
+tiny_grouped_llava_checkpoint = _session_fixture(
+    "tiny_grouped_llava_checkpoint",
+    "tiny-qwen2-layout-llava",
+    "tiny llava with one language model layer of Qwen2-0.5B's grouped-query layout (14 heads, 2 key/value heads).",
+)
+tiny_grouped_llava_fp32 = _session_fixture(
+    "tiny_grouped_llava_fp32",
+    "tiny-qwen2-layout-llava-fp32",
+    "The grouped-query tiny llava exported with fp32 weights.",
 )
 tiny_llava_int8 = _session_fixture(
     "tiny_llava_int8", "tiny-llava-int8", "tiny llava exported with int8 weights everywhere."

@@ -66,3 +66,8 @@ def hf_llava(tiny_llava_checkpoint) -> HfReference:
 @pytest.fixture(scope="session")
 def hf_llava_next(tiny_llava_next_checkpoint) -> HfReference:
     return HfReference(tiny_llava_next_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def hf_grouped_llava(tiny_grouped_llava_checkpoint) -> HfReference:
+    return HfReference(tiny_grouped_llava_checkpoint)
