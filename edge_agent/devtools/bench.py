@@ -148,7 +148,8 @@ def time_new_frame(engine: Engine, frame: np.ndarray, prompts: list[Prompt]) -> 
     context = engine.encode(frame)
     answers = engine.answer(context, prompts)
     total_ms = (time.perf_counter() - started) * 1000.0
-    timings = answers[0].timings
+    timings, prefix_tokens = answers[0].timings, context.prefix_embeds.shape[1]
+    del context  # as the agent lets a view's old context go: its prefix's cache blocks return to the pool
     prefix_ms = engine.encode(frame, prefill=True).timings.prefix_ms
     stages = {
         "preprocess": timings.preprocess_ms,
@@ -161,7 +162,7 @@ def time_new_frame(engine: Engine, frame: np.ndarray, prompts: list[Prompt]) -> 
         "stages_ms": stages,
         "prefill_ms": timings.question_prefill_ms,
         "total_ms": total_ms,
-        "prefix_tokens": context.prefix_embeds.shape[1],
+        "prefix_tokens": prefix_tokens,
     }
 
 
