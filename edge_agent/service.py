@@ -721,8 +721,10 @@ class ContextBudget:
     def trim(self) -> None:
         """Drop the least recently used contexts beyond the limit (after a turn: none is dropped mid-turn)."""
         self._views = {key: view for key, view in self._views.items() if view.has_context}
+        if not self._limit:
+            return
         held = sum(view.scene.context.nbytes for view in self._views.values())
-        while self._limit and held > self._limit:
+        while held > self._limit:
             oldest = self._views.pop(next(iter(self._views)))
             held -= oldest.scene.context.nbytes
             oldest.drop_context()

@@ -201,10 +201,8 @@ def test_paged_contexts_keep_their_prefixes_side_by_side_until_dropped(llava, mo
     assert [a.token_ids for a in llava.answer(one, free(QUESTIONS))] == first
     assert first_round_tokens - sum(tokens) == one.session.prefix_len  # the prefix was not run again
     per_block = language.pool.bytes_per_block
-    assert (
-        one.nbytes == one.prefix_embeds.nbytes + len(one.session._prefix_blocks) * per_block > one.prefix_embeds.nbytes
-    )
-    prefix_blocks = len(one.session._prefix_blocks) + len(two.session._prefix_blocks)
+    assert one.nbytes == one.prefix_embeds.nbytes + len(one.session._held.prefix) * per_block > one.prefix_embeds.nbytes
+    prefix_blocks = len(one.session._held.prefix) + len(two.session._held.prefix)
     held = language.pool.capacity - language.pool.free_blocks
     del one, two
     gc.collect()

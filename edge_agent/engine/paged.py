@@ -81,6 +81,11 @@ class BlockPool:
         self.capacity = 0
         self._free: list[int] = []
         self._lock = threading.Lock()
+        self.bytes_per_block = sum(  # every layer's keys and values; only the block count is dynamic
+            port.get_element_type().size
+            * int(np.prod([dim.get_length() for dim in list(port.get_partial_shape())[1:]]))
+            for port in self._ports
+        )
 
     def take(self, count: int) -> list[int]:
         with self._lock:
@@ -92,15 +97,6 @@ class BlockPool:
     @property
     def free_blocks(self) -> int:
         return len(self._free)
-
-    @property
-    def bytes_per_block(self) -> int:
-        """Bytes one block takes over every layer's keys and values."""
-        return sum(
-            port.get_element_type().size
-            * int(np.prod([dim.get_length() for dim in list(port.get_partial_shape())[1:]]))
-            for port in self._ports
-        )
 
     def give_back(self, blocks: list[int]) -> None:
         with self._lock:
@@ -232,14 +228,6 @@ class PagedSession:
         return self._model.pool
 
     @property
-    def _prefix_blocks(self) -> list[int]:
-        return self._held.prefix
-
-    @property
-    def _rows(self) -> list[tuple[list[int], int]]:
-        return self._held.rows
-
-    @property
     def prefix_cached(self) -> bool:
         """Whether the prefix is in the pool (the next questions need not prefill it)."""
         return bool(self._held.prefix)
@@ -257,7 +245,7 @@ class PagedSession:
         """Cache the prefix on its own, now (the first question would otherwise bring it along)."""
         self.restart()
         self._held.prefix = self._pool.take(self._pool.blocks_for(self.prefix_len))
-        self._model.run([Sequence(self._prefix, 0, self._prefix_blocks, 0, [self.prefix_len - 1])])
+        self._model.run([Sequence(self._prefix, 0, self._held.prefix, 0, [self.prefix_len - 1])])
 
     def prefill_questions(
         self,
@@ -281,7 +269,7 @@ class PagedSession:
             first_branch_of_row.setdefault(row, index)
         jobs = [Job(row, first_branch_of_row.get(row)) for row in range(len(questions))]
         sequences, results = [], []  # per job: its sequence; the logits after its question and its branch tokens
-        if not self._prefix_blocks:
+        if not self._held.prefix:
             first = self._with_prefix(*self._tokens(jobs[0], questions, branches))
             results += self._run_each([first])
             sequences.append(first)
@@ -315,7 +303,7 @@ class PagedSession:
         """`tokens` after question `row`'s cached tokens, logits at each of them, and the blocks it owns: the
         row's full blocks are shared, its partly filled last block is copied (it may hold a rider's tokens
         past the row's end, which this sequence overwrites in its copy)."""
-        blocks, length = self._rows[row]
+        blocks, length = self._held.rows[row]
         full = length // self._pool.block_size
         own = self._pool.take(self._pool.blocks_for(length + len(tokens)) - full)
         if length % self._pool.block_size:
@@ -335,16 +323,16 @@ class PagedSession:
         Returns the next-token logits [len(rows), vocab]; afterwards row i is `rows[i]`.
         """
         kept = {int(row) for row in rows}
-        for row, (blocks, _) in enumerate(self._rows):
+        for row, (blocks, _) in enumerate(self._held.rows):
             if row not in kept:
                 self._pool.give_back(self._held.past_prefix(blocks))
-        self._held.rows = [self._rows[row] for row in rows]
+        self._held.rows = [self._held.rows[row] for row in rows]
         sequences = []
-        for index, (blocks, length) in enumerate(self._rows):
+        for index, (blocks, length) in enumerate(self._held.rows):
             if length == len(blocks) * self._pool.block_size:
                 blocks.append(self._pool.take(1)[0])
             sequences.append(Sequence(embeds[index], length, blocks, length, [0]))
-            self._rows[index] = (blocks, length + 1)
+            self._held.rows[index] = (blocks, length + 1)
         return self._model.run(sequences)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
@@ -375,9 +363,9 @@ class PagedSession:
         """A sequence of `tokens` after the cached prefix, in blocks of its own past the prefix's full ones."""
         full = self.prefix_len // self._pool.block_size
         own = self._pool.take(self._pool.blocks_for(self.prefix_len + len(tokens)) - full)
-        if full < len(self._prefix_blocks):  # the prefix's partly filled last block: each sequence its own copy
-            self._pool.copy(self._prefix_blocks[full], own[:1])
-        return Sequence(tokens, self.prefix_len, self._prefix_blocks[:full] + own, self.prefix_len, logits_at)
+        if full < len(self._held.prefix):  # the prefix's partly filled last block: each sequence its own copy
+            self._pool.copy(self._held.prefix[full], own[:1])
+        return Sequence(tokens, self.prefix_len, self._held.prefix[:full] + own, self.prefix_len, logits_at)
 
 
 def load_language_model(
