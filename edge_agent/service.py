@@ -332,20 +332,17 @@ class Agent:
 
     def _views_asked(self, feed: CameraFeed, asks: list[AskRequest]) -> list[View]:
         """The camera's standing views, and a view of its own for each region asks name that no question does
-        (it has no scene yet: the newest frame is encoded for it, if there is one)."""
-        extra = dict.fromkeys(request.region for request in asks if request.region not in feed.views)
-        for region in extra:
-            extra[region] = View(region, [], feed.entry.scene_gate)
-            extra[region].unencoded = feed.reader.latest()
-        return [*feed.views.values(), *extra.values()]
+        (it has no context yet: `_plan` has the newest frame encoded for it, if there is one)."""
+        regions = dict.fromkeys(request.region for request in asks if request.region not in feed.views)
+        return [*feed.views.values(), *(View(region, [], feed.entry.scene_gate) for region in regions)]
 
     def _plan(
         self, feed: CameraFeed, view: View, frame: Frame | None, pressed: list[Question], asks: list[AskRequest]
     ) -> ViewTurn:
         """Gate the view of the camera's new frame (if one came), and `decide` what the turn does in it."""
         due = view.look(frame, time.monotonic()) if frame is not None else []
-        if view.scene is not None and not view.has_context and view.unencoded is None:
-            view.unencoded = feed.reader.latest()  # its context was dropped: encode the newest frame if needed
+        if not view.has_context and view.unencoded is None:  # an ask's own view, or a dropped context
+            view.unencoded = feed.reader.latest()  # encode the newest frame if something is to be answered
         own_pressed = [question for question in pressed if question in view.schedule.questions]
         due += [question for question in own_pressed if question not in due]
         rechecks = self._rechecks(view, due) if frame is not None else []
