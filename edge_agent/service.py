@@ -391,7 +391,6 @@ class Agent:
             scene_change = chosen is turn.view.unencoded and (turn.view.scene is None or turn.view.has_context)
             self.metrics.encode(turn.feed.id, scene_change, waited_s=started - chosen.ts)
             turn.view.encoded(chosen, context)
-            self._contexts.used(turn.view)
         timings = contexts[0].timings
         self.metrics.observe_stages({"preprocess": timings.preprocess_ms / 1000, "vision": timings.vision_ms / 1000})
 
@@ -706,23 +705,24 @@ class ContextBudget:
 
     def __init__(self, limit: int, views: list[View]) -> None:
         self._limit = limit  # bytes
-        self._standing = {id(view) for view in views}
-        self._views: dict[int, View] = {}  # id(view) -> view, least recently used first
+        self._standing = set(views)
+        self._used: dict[View, None] = {}  # the views with a context, least recently used first
 
     def used(self, view: View) -> None:
         """The view's context was just encoded or answered on."""
-        if id(view) in self._standing:
-            self._views.pop(id(view), None)
-            self._views[id(view)] = view
+        if view in self._standing:
+            self._used.pop(view, None)
+            self._used[view] = None
 
     def trim(self) -> None:
         """Drop the least recently used contexts beyond the limit (after a turn: none is dropped mid-turn)."""
-        self._views = {key: view for key, view in self._views.items() if view.has_context}
+        self._used = {view: None for view in self._used if view.has_context}
         if not self._limit:
             return
-        held = sum(view.scene.context.nbytes for view in self._views.values())
+        held = sum(view.scene.context.nbytes for view in self._used)
         while held > self._limit:
-            oldest = self._views.pop(next(iter(self._views)))
+            oldest = next(iter(self._used))
+            del self._used[oldest]
             held -= oldest.scene.context.nbytes
             oldest.drop_context()
 
