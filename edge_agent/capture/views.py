@@ -32,8 +32,6 @@ def crop(image: np.ndarray, region: Region | None) -> np.ndarray:
     return image[top:bottom, left:right]
 
 
-def region_text(region: Region | None) -> str:
-    """How a region is written in config.yaml and in logs: `[0.6, 0.2, 0.9, 0.5]`, or `whole frame`."""
-    if region is None:
-        return "whole frame"
+def region_text(region: Region) -> str:
+    """How a region is written in config.yaml (the status page's `region:` line): `[0.6, 0.2, 0.9, 0.5]`."""
     return "[" + ", ".join(f"{edge:g}" for edge in region) + "]"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+from edge_agent.capture.views import region_text
 from edge_agent.mqtt.ask import AskRefusal, AskReply, AskRequest, BadRequest, ReplyAddress, region_field
 from edge_agent.mqtt.commands import CHECK, ENABLED, Command
 
@@ -72,4 +73,4 @@ def region_line(fields: dict) -> dict:
     if region is None:
         raise BadRequest("'region' must be a list of 4 numbers [x0, y0, x1, y1]")
     rounded = region_field({"region": [round(edge, REGION_DECIMALS) for edge in region]})
-    return {"region": list(rounded), "line": f"region: [{', '.join(f'{edge:g}' for edge in rounded)}]"}
+    return {"region": list(rounded), "line": f"region: {region_text(rounded)}"}
