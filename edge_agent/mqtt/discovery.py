@@ -100,11 +100,16 @@ def could_have_announced(prefix: str, agent_id: str, topic: object) -> bool:
         return False
     if topic == check_all_config_topic(prefix, agent_id):
         return True
-    for name in [*components(), EVIDENCE_COMPONENT]:
-        head, _, tail = _config_topic(prefix, name, agent_id, "\0").partition("\0")
-        if topic.startswith(head) and topic.endswith(tail) and _is_id(topic[len(head) : -len(tail)]):
-            return True
-    return False
+    return any(_is_id(_object_id(prefix, name, agent_id, topic) or "") for name in [*components(), EVIDENCE_COMPONENT])
+
+
+def _object_id(prefix: str, component_name: str, agent_id: str, config_topic: str) -> str | None:
+    """What stands for the object id in `config_topic` if it has the shape of this agent's config topics of
+    `component_name` (`_config_topic`), else None."""
+    head, _, tail = _config_topic(prefix, component_name, agent_id, "\0").partition("\0")
+    if config_topic.startswith(head) and config_topic.endswith(tail):
+        return config_topic[len(head) : -len(tail)]
+    return None
 
 
 def _is_id(text: str) -> bool:
@@ -232,10 +237,10 @@ def evidence_configs(prefix: str, topics: AgentTopics, model_name: str, entities
 
 def evidence_question(prefix: str, agent_id: str, config_topic: str) -> str | None:
     """The question whose image entity `config_topic` announces (`evidence_configs`), or None for other topics."""
-    head, tail = f"{prefix}/{EVIDENCE_COMPONENT}/{agent_id}_", f"{EVIDENCE_SUFFIX}/config"
-    if not (config_topic.startswith(head) and config_topic.endswith(tail)):
+    object_id = _object_id(prefix, EVIDENCE_COMPONENT, agent_id, config_topic)
+    if object_id is None or not object_id.endswith(EVIDENCE_SUFFIX):
         return None
-    return config_topic[len(head) : -len(tail)] or None
+    return object_id[: -len(EVIDENCE_SUFFIX)] or None
 
 
 def default_entity_id(component_name: str, topics: AgentTopics, object_id: str) -> str:
