@@ -37,6 +37,8 @@ SAMPLED_ROWS = (1, 4)
 SHORT_PREFIX = 16
 QUESTION_TOKENS = 16
 STEPS = 15
+MEASURABLE_MS = 0.5
+"""A row's cost below which a step's medians do not tell it from noise, so no ratio is taken against it."""
 ROUNDS = 4
 """Rounds of every (prefix, rows) configuration in turn; the first warms up and is dropped."""
 SAMPLING_S = 12.0
@@ -214,10 +216,8 @@ def prefix_attention_remark(extra_ms: float) -> str:
 def many_rows_remark(short: dict) -> str:
     """What a row costs from 8 to 16 rows against 1 to 4, after the short prefix."""
     few, many = (short[4] - short[1]) / 3, (short[16] - short[8]) / 8
-    return (
-        f" From 8 to 16 rows, after the {SHORT_PREFIX}-token prefix, a row adds {many:.1f} ms "
-        f"({many / few:.0%} of its cost from 1 to 4 rows)."
-    )
+    against_few = f" ({many / few:.0%} of its cost from 1 to 4 rows)" if few >= MEASURABLE_MS else ""
+    return f" From 8 to 16 rows, after the {SHORT_PREFIX}-token prefix, a row adds {many:.1f} ms{against_few}."
 
 
 def section(profile: dict) -> str:

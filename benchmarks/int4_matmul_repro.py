@@ -6,14 +6,16 @@ engine's CPU settings (`edge_agent.engine.devices.compile_properties`: int8 acti
 where the CPU has VNNI and no AMX). Its weight bytes over its time, with 1 and 4 rows, next to a numpy copy's
 bandwidth measured in the same process, tells whether a decode step's matmuls can reach the bandwidth
 roofline at all, and how much one call costs on top (a stack of `--calls` small matmuls with the same bytes
-as one large one):
+as one large one). Each is timed with one thread and with one per core: a kernel bound by the memory gains
+little from a second thread, one bound by its own arithmetic (decompressing the weights) nearly doubles:
 
-    python benchmarks/int4_matmul_repro.py [--shape 4096x14336] [--calls 169]
+    python benchmarks/int4_matmul_repro.py [--shape 4096x14336] [--calls 169] [--bits 8] [--group 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -87,13 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{weight_bytes / 1e6:.1f} MB in 1 or {args.calls} calls"
     )
     for label, graph in (("1 call", large), (f"{args.calls} calls", small)):
-        compiled = core.compile_model(graph, "CPU", compile_properties("CPU", None, graph))
-        for rows in (1, 4):
-            spent = seconds_per_call(compiled, rows, k)
-            print(
-                f"{label}, {rows} rows: {spent * 1000:.2f} ms, {weight_bytes / spent / 1e9:.1f} GB/s "
-                f"({weight_bytes / spent / 1e9 / bandwidth:.0%} of the copy bandwidth)"
-            )
+        for threads in sorted({1, os.cpu_count()}):
+            properties = {**compile_properties("CPU", None, graph), "INFERENCE_NUM_THREADS": threads}
+            compiled = core.compile_model(graph, "CPU", properties)
+            for rows in (1, 4):
+                spent = seconds_per_call(compiled, rows, k)
+                print(
+                    f"{label}, {threads} thread(s), {rows} rows: {spent * 1000:.2f} ms, "
+                    f"{weight_bytes / spent / 1e9:.1f} GB/s ({weight_bytes / spent / 1e9 / bandwidth:.0%} of the "
+                    "copy bandwidth)"
+                )
     return 0
 
 
