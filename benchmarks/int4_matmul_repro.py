@@ -3,8 +3,8 @@
 One compressed matmul as NNCF exports it (u4 weights, u4 zero points and f16 scales per group of 128 input
 channels, decompressed in the graph and fused by the plugin into one FullyConnected), compiled with the
 engine's CPU settings (`edge_agent.engine.devices.compile_properties`: int8 activations in groups of 128
-where the CPU has VNNI and no AMX). Its weight bytes over its time, with 1 and 4 rows, next to a numpy copy's
-bandwidth measured in the same process, tells whether a decode step's matmuls can reach the bandwidth
+where the CPU has VNNI and no AMX). Its weight bytes over its time, with 1, 2 and 4 rows, next to numpy's
+read bandwidth measured in the same process, tells whether a decode step's matmuls can reach the bandwidth
 roofline at all, and how much one call costs on top (a stack of `--calls` small matmuls with the same bytes
 as one large one). Each is timed with one thread and with one per core: a kernel bound by the memory gains
 little from a second thread, one bound by its own arithmetic (decompressing the weights) nearly doubles:
@@ -27,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GROUP = 128
-REPEATS = 30
+ROWS = (1, 2, 4)
+ROUNDS = 9
+CALLS_PER_ROUND = 10
 
 
 def compressed_matmuls(k: int, n: int, calls: int, bits: int = 4, group: int = GROUP):
@@ -53,22 +55,26 @@ def compressed_matmuls(k: int, n: int, calls: int, bits: int = 4, group: int = G
     return ov.Model([output], [rows])
 
 
-def seconds_per_call(compiled, rows: int, k: int) -> float:
-    request = compiled.create_infer_request()
-    data = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
-    request.infer([data])
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        request.infer([data])
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def interleaved_ms(requests: dict, k: int) -> dict:
+    """{(label, rows): median ms per call}: every request with every row count in turn, round after round,
+    so that a neighbour on the machine or a change of clock slows them alike."""
+    inputs = {rows: np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32) for rows in ROWS}
+    times = {(label, rows): [] for label in requests for rows in ROWS}
+    for _ in range(ROUNDS):
+        for label, request in requests.items():
+            for rows, data in inputs.items():
+                request.infer([data])
+                started = time.perf_counter()
+                for _ in range(CALLS_PER_ROUND):
+                    request.infer([data])
+                times[label, rows].append((time.perf_counter() - started) / CALLS_PER_ROUND * 1000)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     import openvino as ov
 
-    from benchmarks.run_benchmarks import copy_bandwidth_gbs
+    from benchmarks.run_benchmarks import copy_bandwidth_gbs, read_bandwidth_gbs
     from edge_agent.engine.devices import compile_properties
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,26 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     k, n = (int(side) for side in args.shape.split("x"))
     core = ov.Core()
-    large = compressed_matmuls(k, n, 1, args.bits, args.group)
     small_n = max(GROUP, n // args.calls // GROUP * GROUP)
-    small = compressed_matmuls(k, small_n, args.calls, args.bits, args.group)
-    weight_bytes = k * n * args.bits / 8
-    bandwidth = copy_bandwidth_gbs()
+    graphs = {
+        "1 call": compressed_matmuls(k, n, 1, args.bits, args.group),
+        f"{args.calls} calls": compressed_matmuls(k, small_n, args.calls, args.bits, args.group),
+    }
+    requests = {
+        f"{label}, {threads} thread(s)": core.compile_model(
+            graph, "CPU", {**compile_properties("CPU", None, graph), "INFERENCE_NUM_THREADS": threads}
+        ).create_infer_request()
+        for label, graph in graphs.items()
+        for threads in sorted({1, os.cpu_count()})
+    }
+    weight_mb = k * n * args.bits / 8 / 1e6
+    copy, read = copy_bandwidth_gbs(), read_bandwidth_gbs()
     print(
-        f"copy bandwidth {bandwidth:.1f} GB/s; {args.bits}-bit weights, groups of {args.group or k}: "
-        f"{weight_bytes / 1e6:.1f} MB in 1 or {args.calls} calls"
+        f"copy bandwidth {copy:.1f} GB/s (read + write), read bandwidth {read:.1f} GB/s; {args.bits}-bit "
+        f"weights, groups of {args.group or k}: {weight_mb:.1f} MB in 1 or {args.calls} calls; medians of "
+        f"{ROUNDS} interleaved rounds"
     )
-    for label, graph in (("1 call", large), (f"{args.calls} calls", small)):
-        for threads in sorted({1, os.cpu_count()}):
-            properties = {**compile_properties("CPU", None, graph), "INFERENCE_NUM_THREADS": threads}
-            compiled = core.compile_model(graph, "CPU", properties)
-            for rows in (1, 4):
-                spent = seconds_per_call(compiled, rows, k)
-                print(
-                    f"{label}, {threads} thread(s), {rows} rows: {spent * 1000:.2f} ms, "
-                    f"{weight_bytes / spent / 1e9:.1f} GB/s ({weight_bytes / spent / 1e9 / bandwidth:.0%} of the "
-                    "copy bandwidth)"
-                )
+    for (label, rows), ms in interleaved_ms(requests, k).items():
+        rate = weight_mb / ms
+        print(f"{label}, {rows} rows: {ms:.2f} ms, {rate:.1f} GB/s ({rate / read:.0%} of the read bandwidth)")
     return 0
 
 
