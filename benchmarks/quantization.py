@@ -96,13 +96,12 @@ def write_calibration_images(directory: Path) -> Path:
     """JPEG frames from the kiosk camera, as a user would collect them for `--calibration-images`."""
     import cv2
 
-    if directory.is_dir():
-        return directory
-    staging = directory.with_name(directory.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    for seed in range(CALIBRATION_SEED, CALIBRATION_SEED + CALIBRATION_FRAMES):
-        cv2.imwrite(str(staging / f"camera-{seed}.jpg"), kiosk_frame(seed)[0])
-    staging.rename(directory)
+    from edge_agent.export import staged_output_dir
+
+    if not directory.is_dir():
+        with staged_output_dir(directory, overwrite=False) as staging:
+            for seed in range(CALIBRATION_SEED, CALIBRATION_SEED + CALIBRATION_FRAMES):
+                cv2.imwrite(str(staging / f"camera-{seed}.jpg"), kiosk_frame(seed)[0])
     return directory
 
 

@@ -816,33 +816,46 @@ def peer_ratios(results: dict, count: int, which: Callable[[Peer], bool]) -> dic
     return ratios
 
 
-def strongest_genai(results: dict) -> str | None:
-    """The GenAI path whose 4-question frames came closest to edge-agent's in this run."""
-    ratios = peer_ratios(results, TARGET_QUESTIONS, lambda peer: peer.genai)
-    return min(ratios, key=ratios.get) if ratios else None
+def closest_peer(results: dict, count: int, which: Callable[[Peer], bool]) -> tuple[str, float] | None:
+    """Of the peers `which` picks, the one whose frames at `count` questions came closest to edge-agent's, and
+    its seconds per frame over edge-agent's; None if none of them ran."""
+    ratios = peer_ratios(results, count, which)
+    if not ratios:
+        return None
+    name = min(ratios, key=ratios.get)
+    return name, ratios[name]
+
+
+def is_genai(peer: Peer) -> bool:
+    return peer.genai
 
 
 def four_question_ceiling(results: dict) -> float | None:
     """The strongest GenAI path's 4-question frame over edge-agent's 1-question frame, in the same run: the
     most the 4-question ratio could reach if edge-agent's three further questions cost nothing, since its
     4-question frame does all its 1-question frame does (the same vision and prefix, more rows after)."""
-    name = strongest_genai(results)
-    if name is None or "1" not in results["ours_side_by_side"]["frame_s"]:
+    strongest = closest_peer(results, TARGET_QUESTIONS, is_genai)
+    if strongest is None or "1" not in results["ours_side_by_side"]["frame_s"]:
         return None
-    return results["peers"][name]["frame_s"][str(TARGET_QUESTIONS)] / ours_frame_s(results, 1)
+    return results["peers"][strongest[0]]["frame_s"][str(TARGET_QUESTIONS)] / ours_frame_s(results, 1)
+
+
+def short_label(name: str) -> str:
+    """A peer's letter: `(b)`."""
+    return PEERS[name].label.split(" ", 1)[0]
 
 
 def targets(results: dict) -> list[Target]:
     ours4 = results["ours"][TARGET_QUESTIONS]
     found = []
-    if name := strongest_genai(results):
-        label = PEERS[name].label.split(" ", 1)[0]
-        ratio = results["peers"][name]["frame_s"][str(TARGET_QUESTIONS)] / ours_frame_s(results, TARGET_QUESTIONS)
-        found.append(Target("4 q x 16 tokens: faster than the strongest GenAI path", ratio, 2, True, against=label))
-    if any_peer := peer_ratios(results, 1, lambda peer: peer.target):
-        name = min(any_peer, key=any_peer.get)
-        label = PEERS[name].label.split(" ", 1)[0]
-        found.append(Target("1 q x 16 tokens: not slower than any peer", any_peer[name], 1, True, against=label))
+    if strongest := closest_peer(results, TARGET_QUESTIONS, is_genai):
+        name, ratio = strongest
+        found.append(
+            Target("4 q x 16 tokens: faster than the strongest GenAI path", ratio, 2, True, against=short_label(name))
+        )
+    if fastest := closest_peer(results, 1, lambda peer: peer.target):
+        name, ratio = fastest
+        found.append(Target("1 q x 16 tokens: not slower than any peer", ratio, 1, True, against=short_label(name)))
     for name, bound in (("genai_anchor", 2), ("genai", 3), ("optimum", 10), ("transformers", 25)):
         peer_s = results["peers"].get(name, {}).get("frame_s", {}).get(str(TARGET_QUESTIONS))
         if peer_s is not None:
@@ -975,10 +988,8 @@ def pass_profile_section(results: dict) -> str:
 def startup_section(results: dict) -> str:
     ours = results["ours"][TARGET_QUESTIONS]
     start = ours["first_answer_s"]
-    loads = ", ".join(f"{PEERS[n].label.split(' ', 1)[0]} {p['load_s']:.1f} s" for n, p in results["peers"].items())
-    peers_rss = ", ".join(
-        f"{PEERS[n].label.split(' ', 1)[0]} {p['peak_rss_mib']:.0f} MiB" for n, p in results["peers"].items()
-    )
+    loads = ", ".join(f"{short_label(n)} {p['load_s']:.1f} s" for n, p in results["peers"].items())
+    peers_rss = ", ".join(f"{short_label(n)} {p['peak_rss_mib']:.0f} MiB" for n, p in results["peers"].items())
     return (
         "## Start-up and memory\n\n"
         f"- edge-agent: from `edge-agent run` starting to its first answer received on MQTT: "
@@ -1047,13 +1058,13 @@ def calibration_frames() -> Path:
     """Synthetic frames to calibrate the vision encoder on, none of them a frame the benchmark times."""
     import cv2
 
+    from edge_agent.export import staged_output_dir
+
     directory = CACHE / "calibration-frames"
     if not directory.is_dir():
-        staging = directory.with_name(directory.name + ".partial")
-        staging.mkdir(parents=True, exist_ok=True)
-        for seed in range(CALIBRATION_SEED, CALIBRATION_SEED + CALIBRATION_FRAMES):
-            cv2.imwrite(str(staging / f"frame-{seed}.png"), synthetic_frame(seed))
-        staging.rename(directory)
+        with staged_output_dir(directory, overwrite=False) as staging:
+            for seed in range(CALIBRATION_SEED, CALIBRATION_SEED + CALIBRATION_FRAMES):
+                cv2.imwrite(str(staging / f"frame-{seed}.png"), synthetic_frame(seed))
     return directory
 
 
